@@ -1,0 +1,10 @@
+"""EVL: Frozen CLIP Models are Efficient Video Learners (Lin et al., ECCV 2022).
+
+Public API: :func:`build_model` builds the model on a frozen open_clip ViT and
+:func:`load_checkpoint` loads this project's or the reference implementation's checkpoints.
+"""
+
+from .checkpoint import load_checkpoint
+from .model import EVLModel, build_model
+
+__all__ = ["build_model", "load_checkpoint", "EVLModel"]

@@ -1,0 +1,185 @@
+"""The trainable part of EVL: the decoder with its three temporal modules, and the head (spec §1.2-1.3).
+
+Module and parameter names follow the reference implementation (``decoder.decoder_layers.{i}``,
+``decoder.temporal_conv.{i}``, ``decoder.temporal_pos_embed.{i}``, ``decoder.cross_attention.{i}``,
+``proj.{0,2}``) so that its released checkpoints load by name; see ``evl.weights``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbone import BlockFeatures
+
+__all__ = ["QuickGELU", "DecoderLayer", "TemporalCrossAttention", "EVLDecoder", "EVLHead"]
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention with separate q/k/v/out projections (xavier weights, zero bias)."""
+
+    def __init__(self, dim: int, qkv_dim: int, num_heads: int):
+        super().__init__()
+        if qkv_dim % num_heads:
+            raise ValueError(f"decoder qkv dim {qkv_dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.q_proj = nn.Linear(dim, qkv_dim)
+        self.k_proj = nn.Linear(dim, qkv_dim)
+        self.v_proj = nn.Linear(dim, qkv_dim)
+        self.out_proj = nn.Linear(qkv_dim, dim)
+        for m in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = self.num_heads
+        q = self.q_proj(x).unflatten(-1, (h, -1)).transpose(1, 2)  # [B, heads, Lq, d]
+        k = self.k_proj(y).unflatten(-1, (h, -1)).transpose(1, 2)
+        v = self.v_proj(y).unflatten(-1, (h, -1)).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v)
+        return self.out_proj(o.transpose(1, 2).flatten(2))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-LN cross-attention layer: the query attends to all ``T*L`` frame tokens."""
+
+    def __init__(self, dim: int, qkv_dim: int, num_heads: int, mlp_factor: float, mlp_dropout: float):
+        super().__init__()
+        hidden = round(mlp_factor * dim)
+        self.attn = CrossAttention(dim, qkv_dim, num_heads)
+        self.mlp = nn.Sequential(OrderedDict([
+            ("fc1", nn.Linear(dim, hidden)),
+            ("act", QuickGELU()),
+            ("dropout", nn.Dropout(mlp_dropout)),
+            ("fc2", nn.Linear(hidden, dim)),
+        ]))
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+        for m in (self.mlp.fc1, self.mlp.fc2):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.normal_(m.bias, std=1e-6)
+
+    def forward(self, x: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        y = self.norm3(frames)
+        x = x + self.attn(self.norm1(x), y)
+        return x + self.mlp(self.norm2(x))
+
+
+def relative_position_index(grid: tuple[int, int]) -> torch.Tensor:
+    """``[hw, hw]`` row of the (2h-1)(2w-1) offset table for each (query patch, key patch)."""
+    h, w = grid
+    i, j = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    i, j = i.flatten(), j.flatten()
+    return (i[:, None] - i[None, :] + h - 1) * (2 * w - 1) + (j[:, None] - j[None, :] + w - 1)
+
+
+class TemporalCrossAttention(nn.Module):
+    """The local temporal module on attention maps between adjacent frames.
+
+    For each patch of frame t, the head-averaged attention of its query over the keys of frame
+    t-1 (and t+1) weights a learned vector per relative 2-D offset (``w1``, ``w2``): motion
+    shows up as where the attention mass lands. Values are never used.
+    """
+
+    def __init__(self, grid: tuple[int, int], dim: int):
+        super().__init__()
+        rows = (2 * grid[0] - 1) * (2 * grid[1] - 1)
+        self.grid = tuple(grid)
+        self.w1 = nn.Parameter(torch.zeros(rows, dim))
+        self.w2 = nn.Parameter(torch.zeros(rows, dim))
+        self.register_buffer("idx", relative_position_index(self.grid), persistent=False)
+
+    @staticmethod
+    def frame_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Head-averaged ``softmax(q_t . k_t' / sqrt(d))`` over patch tokens: ``[B, T', hw, hw]``."""
+        q, k = q[:, :, 1:], k[:, :, 1:]  # drop CLS
+        attn = torch.einsum("btqhd,btkhd->bthqk", q * q.shape[-1] ** -0.5, k)
+        return attn.softmax(dim=-1).mean(dim=2)
+
+    def _apply_w(self, attn: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("btqk,qkc->btqc", attn, w[self.idx])
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """q, k ``[B, T, L, heads, d]`` -> ``[B, T, L, C]`` to add to the frame tokens (zero on CLS)."""
+        b, t, length = q.shape[:3]
+        if length != 1 + self.grid[0] * self.grid[1]:
+            raise ValueError(f"cross-attention built for a {self.grid} patch grid got {length} tokens")
+        prev = self._apply_w(self.frame_attention(q[:, 1:], k[:, :-1]), self.w1)  # frames 1..T-1 look back
+        nxt = self._apply_w(self.frame_attention(q[:, :-1], k[:, 1:]), self.w2)  # frames 0..T-2 look ahead
+        zero = prev.new_zeros(b, 1, length - 1, prev.shape[-1])
+        patches = torch.cat([zero, prev], 1) + torch.cat([nxt, zero], 1)
+        return F.pad(patches, (0, 0, 1, 0))  # CLS gets nothing
+
+
+class EVLDecoder(nn.Module):
+    """A single learnable query passed through ``num_layers`` decoder layers (spec §1.2)."""
+
+    def __init__(
+        self,
+        *,
+        num_frames: int,
+        grid: tuple[int, int],
+        dim: int,
+        num_layers: int = 4,
+        qkv_dim: int | None = None,
+        num_heads: int | None = None,
+        mlp_factor: float = 4.0,
+        mlp_dropout: float = 0.5,
+        enable_temporal_conv: bool = True,
+        enable_temporal_pos_embed: bool = True,
+        enable_temporal_cross_attention: bool = True,
+    ):
+        super().__init__()
+        qkv_dim = qkv_dim or dim
+        num_heads = num_heads or max(qkv_dim // 64, 1)
+        self.num_frames = num_frames
+        self.num_layers = num_layers
+        self.decoder_layers = nn.ModuleList(
+            DecoderLayer(dim, qkv_dim, num_heads, mlp_factor, mlp_dropout) for _ in range(num_layers))
+        self.temporal_conv = nn.ModuleList(
+            nn.Conv1d(dim, dim, kernel_size=3, padding=1, groups=dim) for _ in range(num_layers)
+        ) if enable_temporal_conv else None
+        self.temporal_pos_embed = nn.ParameterList(
+            nn.Parameter(torch.zeros(num_frames, dim)) for _ in range(num_layers)
+        ) if enable_temporal_pos_embed else None
+        self.cross_attention = nn.ModuleList(
+            TemporalCrossAttention(grid, dim) for _ in range(num_layers)
+        ) if enable_temporal_cross_attention else None
+        self.cls_token = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, features: Sequence[BlockFeatures]) -> torch.Tensor:
+        """The last ``num_layers`` blocks' features -> the final query token ``[B, C]``."""
+        if len(features) != self.num_layers:
+            raise ValueError(f"decoder has {self.num_layers} layers but got features of {len(features)} blocks")
+        b, t, length, c = features[0].out.shape
+        if self.temporal_pos_embed is not None and t != self.num_frames:
+            raise ValueError(f"model was built for {self.num_frames} frames (temporal position embedding), "
+                             f"got clips of {t} frames")
+        x = self.cls_token.view(1, 1, c).expand(b, 1, c)
+        for i, feat in enumerate(features):
+            f = feat.out
+            if self.temporal_conv is not None:
+                # Depthwise conv over time at every token, on the raw block output.
+                conv = self.temporal_conv[i](f.permute(0, 2, 3, 1).reshape(b * length, c, t))
+                f = f + conv.view(b, length, c, t).permute(0, 3, 1, 2)
+            if self.temporal_pos_embed is not None:
+                f = f + self.temporal_pos_embed[i].view(1, t, 1, c)
+            if self.cross_attention is not None:
+                f = f + self.cross_attention[i](feat.q, feat.k)
+            x = self.decoder_layers[i](x, f.flatten(1, 2))
+        return x[:, 0]
+
+
+def EVLHead(dim: int, num_classes: int, dropout: float = 0.5) -> nn.Sequential:
+    """``LayerNorm -> Dropout -> Linear``; indices 0 and 2 carry the reference's ``proj.{0,2}`` names."""
+    return nn.Sequential(nn.LayerNorm(dim), nn.Dropout(dropout), nn.Linear(dim, num_classes))

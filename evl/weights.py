@@ -1,0 +1,138 @@
+"""Weight files: CLIP backbone weights in, reference-implementation key layout in and out (spec §3).
+
+CLIP weights come from OpenAI's TorchScript archives (``ViT-B-16.pt``), full CLIP state dicts
+in OpenAI/open_clip naming (possibly wrapped in ``{'state_dict': ...}`` with DDP prefixes), or
+visual-only state dicts; ``.safetensors`` files too. Nothing here unpickles arbitrary objects:
+plain files go through ``torch.load(weights_only=True)`` and TorchScript archives through
+``torch.jit.load``, whose constants are tensors and whose code only runs if the module is called
+(we only read its state dict).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import zipfile
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+__all__ = [
+    "WeightsError", "safe_load", "file_sha256", "read_clip_state_dict", "load_backbone_weights",
+    "strip_prefix", "to_reference_state_dict",
+]
+
+# Keys of CLIP's visual tower that EVL never uses; a file may or may not have them.
+UNUSED_VISUAL_KEYS = ("ln_post.weight", "ln_post.bias", "proj")
+
+
+class WeightsError(ValueError):
+    """A weights or checkpoint file that cannot be used, with the file named in the message."""
+
+
+def file_sha256(path: str, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _is_torchscript(path: str) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+
+
+def safe_load(path: str) -> Any:
+    """``torch.load(weights_only=True)`` on CPU with errors that name the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsError(f"{path}: refused: loading it would unpickle arbitrary objects "
+                           f"(only tensors, dicts, lists and numbers are accepted): {first}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise WeightsError(f"{path}: not a readable PyTorch file (truncated or corrupt?): {e}") from None
+
+
+def read_clip_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """The raw tensors of a CLIP weights file, as float32, whatever its container."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"CLIP weights file not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        sd: Any = load_file(path, device="cpu")
+    elif _is_torchscript(path):
+        try:
+            sd = torch.jit.load(path, map_location="cpu").state_dict()
+        except RuntimeError as e:
+            raise WeightsError(f"{path}: unreadable TorchScript archive: {e}") from None
+    else:
+        sd = safe_load(path)
+    for wrapper in ("state_dict", "model", "module"):
+        if isinstance(sd, Mapping) and isinstance(sd.get(wrapper), Mapping):
+            sd = sd[wrapper]
+    if not isinstance(sd, Mapping) or not sd:
+        raise WeightsError(f"{path}: expected a state dict of CLIP weights, found {type(sd).__name__}")
+    tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in tensors.items()}
+
+
+def strip_prefix(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Drop ``prefix`` from the keys that have it (DDP's ``module.``, CLIP's ``visual.``)."""
+    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in sd.items()}
+
+
+def _visual_part(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    sd = strip_prefix(sd, "module.")
+    if any(k.startswith("visual.") for k in sd):
+        return {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
+    return dict(sd)  # a visual-only state dict
+
+
+def describe_visual(sd: Mapping[str, torch.Tensor]) -> str:
+    """What ViT a visual state dict looks like, to make a mismatch error actionable."""
+    conv = sd.get("conv1.weight")
+    pos = sd.get("positional_embedding")
+    if conv is None or conv.dim() != 4 or pos is None:
+        return "not a CLIP ViT image tower (no conv1.weight / positional_embedding)"
+    blocks = {k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")}
+    grid = round((pos.shape[0] - 1) ** 0.5)
+    return (f"a ViT of width {conv.shape[0]}, {len(blocks)} blocks, patch {conv.shape[-1]}, "
+            f"{grid * conv.shape[-1]} px")
+
+
+def load_backbone_weights(visual: nn.Module, path: str, spec=None) -> str:
+    """Load CLIP weights into an open_clip visual tower, strictly; returns the file's sha256."""
+    src = _visual_part(read_clip_state_dict(path))
+    dst = visual.state_dict()
+    needed = {k for k in dst if k not in UNUSED_VISUAL_KEYS}
+    missing = sorted(needed - src.keys())
+    unexpected = sorted(k for k in src.keys() - dst.keys() if k not in UNUSED_VISUAL_KEYS)
+    shapes = sorted(f"{k}: file {list(src[k].shape)} vs model {list(dst[k].shape)}"
+                    for k in needed & src.keys() if src[k].shape != dst[k].shape)
+    if missing or unexpected or shapes:
+        what = spec.describe() if spec is not None else "the backbone"
+        parts = [f"{path} does not fit {what}; the file holds {describe_visual(src)}."]
+        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                            ("shape mismatches", shapes)):
+            if keys:
+                more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
+                parts.append(f"{label}: {', '.join(keys[:5])}{more}")
+        raise WeightsError(" ".join(parts))
+    with torch.no_grad():
+        for k in needed:
+            dst[k].copy_(src[k])
+    return file_sha256(path)
+
+
+def to_reference_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's trainable weights in the reference implementation's released layout."""
+    return {f"module.{k}": v for k, v in model.state_dict().items()}
