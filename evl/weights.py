@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import warnings
 import zipfile
 from typing import Any, Mapping
 
@@ -71,7 +72,9 @@ def read_clip_state_dict(path: str) -> dict[str, torch.Tensor]:
         sd: Any = load_file(path, device="cpu")
     elif _is_torchscript(path):
         try:
-            sd = torch.jit.load(path, map_location="cpu").state_dict()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # jit is deprecated; OpenAI's files are jit
+                sd = torch.jit.load(path, map_location="cpu").state_dict()
         except RuntimeError as e:
             raise WeightsError(f"{path}: unreadable TorchScript archive: {e}") from None
     else:
@@ -79,9 +82,10 @@ def read_clip_state_dict(path: str) -> dict[str, torch.Tensor]:
     for wrapper in ("state_dict", "model", "module"):
         if isinstance(sd, Mapping) and isinstance(sd.get(wrapper), Mapping):
             sd = sd[wrapper]
-    if not isinstance(sd, Mapping) or not sd:
-        raise WeightsError(f"{path}: expected a state dict of CLIP weights, found {type(sd).__name__}")
-    tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)} if isinstance(sd, Mapping) else {}
+    if not tensors:
+        raise WeightsError(f"{path}: expected a state dict of CLIP weights, found {type(sd).__name__} "
+                           "without tensors")
     return {k: (v.float() if v.is_floating_point() else v) for k, v in tensors.items()}
 
 
@@ -128,8 +132,9 @@ def load_backbone_weights(visual: nn.Module, path: str, spec=None) -> str:
                 parts.append(f"{label}: {', '.join(keys[:5])}{more}")
         raise WeightsError(" ".join(parts))
     with torch.no_grad():
-        for k in needed:
-            dst[k].copy_(src[k])
+        for k in dst.keys() & src.keys():
+            if dst[k].shape == src[k].shape:  # an unused ln_post/proj of another size is skipped
+                dst[k].copy_(src[k])
     return file_sha256(path)
 
 
