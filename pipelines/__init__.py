@@ -1,0 +1,48 @@
+"""Everything between a list file and a batch on the device.
+
+:func:`build_pipeline` is the one factory: it imports a backend only when it is asked for, so a
+machine without DALI or a GPU still imports everything else. See :mod:`pipelines.base` for
+what a pipeline yields.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .base import Batch, Pipeline, PipelineConfig, TooManyBadVideos
+
+# name -> (module, class); "cache" reads features written by `python -m evl.cache build`.
+BACKENDS = {
+    "pyav": ("pipelines.pyav", "PyAVPipeline"),
+    "dali": ("pipelines.dali", "DALIPipeline"),
+    "dummy": ("pipelines.dummy", "DummyPipeline"),
+    "cache": ("pipelines.cache", "CachePipeline"),
+}
+
+
+def available_backends() -> list[str]:
+    """Backends whose module imports here (DALI only where nvidia-dali is installed)."""
+    names = []
+    for name, (module, _) in BACKENDS.items():
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            continue
+        names.append(name)
+    return names
+
+
+def build_pipeline(name: str, cfg: PipelineConfig) -> Pipeline:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown pipeline {name!r}; choose from {', '.join(BACKENDS)}")
+    module, cls = BACKENDS[name]
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        hint = " (pip install '.[dali]', or use --pipeline pyav)" if name == "dali" else ""
+        raise ImportError(f"pipeline {name!r} is not available here: {e}{hint}") from e
+    return getattr(mod, cls)(cfg)
+
+
+__all__ = ["Batch", "Pipeline", "PipelineConfig", "TooManyBadVideos", "build_pipeline", "available_backends",
+           "BACKENDS"]

@@ -1,0 +1,81 @@
+"""The contract between data pipelines and the training loop.
+
+A pipeline is built once per split by :func:`pipelines.build_pipeline` from a
+:class:`PipelineConfig`. Iterating it yields :class:`Batch` es already on the training device:
+``clips`` float ``[B, 3, T, H, W]`` normalised with CLIP's mean and std (or, for the feature
+cache, the backbone ``features``), ``labels`` int64 ``[B]``, and for evaluation the sample
+``index`` and ``view`` of every row so that views of one video can be averaged. ``len()`` is
+the number of batches this process yields per epoch; ``set_epoch(epoch, skip_batches)``
+reseeds the sampler and lets a resumed run start mid-epoch without decoding what it skips.
+Sharding is by ``rank`` / ``world_size``: training shards are padded to equal length, evaluation
+shards hold every video exactly once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator, NamedTuple, Protocol, Sequence
+
+import torch
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class Batch(NamedTuple):
+    clips: torch.Tensor | None  # [B, 3, T, H, W] float, normalised; None when features are given
+    labels: torch.Tensor  # [B] int64
+    index: torch.Tensor  # [B] int64 sample index in the list
+    view: torch.Tensor  # [B] int64 view number (0 in training)
+    features: Sequence[Any] | None = None  # cached backbone features (pipelines.cache)
+
+
+@dataclass
+class PipelineConfig:
+    list_path: str | None
+    num_classes: int
+    num_frames: int = 8
+    sampling_rate: int = 16
+    sampling: str = "dense"  # or "segment" (TSN)
+    input_size: int = 224
+    batch_size: int = 32
+    train: bool = True
+    data_root: str | None = None
+    num_workers: int = 4
+    num_spatial_views: int = 1
+    num_temporal_views: int = 1
+    auto_augment: str | None = None  # e.g. "rand-m7-n4-mstd0.5-inc1"
+    hflip: float = 0.0
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    seed: int = 0
+    device: str = "cpu"
+    rank: int = 0
+    world_size: int = 1
+    max_bad_fraction: float = 0.01  # stop when more than this share of an epoch is unreadable
+    extra: dict = field(default_factory=dict)  # backend-specific options (e.g. feature_cache dir)
+
+
+class Pipeline(Protocol):
+    num_samples: int  # videos in the list (all ranks)
+
+    def __len__(self) -> int: ...
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None: ...
+
+    def __iter__(self) -> Iterator[Batch]: ...
+
+
+class TooManyBadVideos(RuntimeError):
+    """More unreadable videos in an epoch than ``max_bad_fraction`` allows."""
+
+
+def thwc_uint8_to_bcthw(clips: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``[B, T, H, W, 3]`` uint8 (as decoders produce) -> ``[B, 3, T, H, W]`` float normalised.
+
+    The uint8 batch travels to the device first: 4x less to copy than float.
+    """
+    x = clips.to(device, non_blocking=True).permute(0, 4, 1, 2, 3).float().div_(255)
+    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1, 1)
+    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1, 1)
+    return x.sub_(mean).div_(std)

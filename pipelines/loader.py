@@ -1,0 +1,214 @@
+"""DataLoader machinery for backends that decode on the CPU in worker processes (PyAV).
+
+The list is validated and probed once (frame counts and sizes, cached next to the list);
+unreadable files are excluded there with a report. A ``torch.utils.data.Sampler`` running in
+the main process hands each worker an ``(epoch, index)`` key, so the clip decided by the shared
+:class:`~pipelines.sampling.ClipSampler` depends only on (seed, epoch, index), never on which
+worker runs it or on persistent-worker state. A video that fails while training is replaced
+by another sample, counted and reported at the end of the epoch; past ``max_bad_fraction`` of
+an epoch the run stops with the list of files. In evaluation a failed video is skipped and
+reported, never duplicated, so metrics count every readable video exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .base import Batch, PipelineConfig, TooManyBadVideos, thwc_uint8_to_bcthw
+from .lists import VideoRecord, read_list
+from .sampling import ClipSampler, ClipSpec, epoch_permutation, shard_indices
+from .transforms import apply_spec
+
+if TYPE_CHECKING:  # the probe reads files with pipelines.pyav, which builds on this module
+    from .probe import VideoInfo
+
+log = logging.getLogger(__name__)
+
+ReadFrames = Callable[[str, Sequence[int]], np.ndarray]
+MAX_REPLACEMENTS = 10  # tries before a training sample gives up finding a readable video
+
+
+def probe_cache_path(list_path: str) -> str | None:
+    """The probe cache next to the list, or None where that directory is read-only."""
+    path = f"{list_path}.probe.json"
+    return path if os.access(os.path.dirname(os.path.abspath(path)), os.W_OK) else None
+
+
+def load_dataset(cfg: PipelineConfig) -> tuple[list[VideoRecord], list[VideoInfo]]:
+    """Read and validate the list, probe its videos, exclude (and report) unreadable ones."""
+    from .probe import check_videos, probe_videos
+
+    records = read_list(cfg.list_path, data_root=cfg.data_root, num_classes=cfg.num_classes)
+    infos, failures = probe_videos([r.path for r in records], probe_cache_path(cfg.list_path),
+                                   num_workers=min(cfg.num_workers, os.cpu_count() or 1),
+                                   progress=cfg.rank == 0 and len(records) > 200)
+    warnings = check_videos(infos, [r.path for r in records])
+    if warnings:  # one summary, not one line per file of a large dataset
+        more = f"\n  ... and {len(warnings) - 5} more" if len(warnings) > 5 else ""
+        log.warning("%s: %d video warning(s):\n  %s%s", cfg.list_path, len(warnings), "\n  ".join(warnings[:5]), more)
+    if failures:
+        shown = "\n".join(f"  {path}: {reason}" for path, reason in failures[:20])
+        more = f"\n  ... and {len(failures) - 20} more" if len(failures) > 20 else ""
+        msg = f"{cfg.list_path}: {len(failures)} of {len(records)} videos are unreadable:\n{shown}{more}"
+        if len(failures) > cfg.max_bad_fraction * len(records):
+            raise TooManyBadVideos(msg + f"\nthat is more than {cfg.max_bad_fraction:.1%}: fix or remove them")
+        log.warning(msg + "\nthey are excluded")
+    keep = [i for i, info in enumerate(infos) if info is not None]
+    return [records[i] for i in keep], [infos[i] for i in keep]
+
+
+def frame_range(record: VideoRecord, info: VideoInfo) -> tuple[int, int | None]:
+    """An untrimmed segment's [first, last) frames; the whole video for trimmed ones."""
+    if record.start_sec is None:
+        return 0, None
+    first = min(int(round(record.start_sec * info.fps)), info.num_frames - 1)
+    return first, max(first + 1, int(round(record.end_sec * info.fps)))
+
+
+def make_sampler(cfg: PipelineConfig) -> ClipSampler:
+    return ClipSampler(
+        num_frames=cfg.num_frames, sampling_rate=cfg.sampling_rate, size=cfg.input_size, mode=cfg.sampling,
+        scale=cfg.crop_scale, ratio=cfg.crop_ratio, hflip=cfg.hflip if cfg.train else 0.0,
+        num_temporal_views=1 if cfg.train else cfg.num_temporal_views,
+        num_spatial_views=1 if cfg.train else cfg.num_spatial_views, seed=cfg.seed)
+
+
+def clip_specs(sampler: ClipSampler, train: bool, key: tuple[int, int], record: VideoRecord,
+               info: VideoInfo) -> list[ClipSpec]:
+    """The specs of one item: one training clip, or every evaluation view of a video."""
+    epoch, index = key
+    first, last = frame_range(record, info)
+    geometry = dict(num_frames_in_video=info.num_frames, height=info.height, width=info.width,
+                    first_frame=first, last_frame=last)
+    if train:
+        return [sampler.train_clip(index, epoch, **geometry)]
+    return sampler.eval_clips(index, **geometry)
+
+
+class ClipDataset(torch.utils.data.Dataset):
+    """Map-style dataset keyed by ``(epoch, index)``; returns a dict per item (see ``collate``)."""
+
+    def __init__(self, records: Sequence[VideoRecord], infos: Sequence[VideoInfo], sampler: ClipSampler,
+                 read_frames: ReadFrames, *, train: bool, auto_augment: str | None = None):
+        self.records, self.infos = list(records), list(infos)
+        self.sampler, self.read_frames = sampler, read_frames
+        self.train, self.auto_augment = train, auto_augment
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load(self, key: tuple[int, int]) -> tuple[torch.Tensor, list[ClipSpec]]:
+        """Decode and transform one item: ``[V, T, S, S, 3]`` uint8 and its specs."""
+        record, info = self.records[key[1]], self.infos[key[1]]
+        specs = clip_specs(self.sampler, self.train, key, record, info)
+        # Views share frames (3 spatial crops of one temporal window): decode each frame once.
+        wanted = sorted({i for s in specs for i in s.frame_indices})
+        frames = self.read_frames(record.path, wanted)
+        row = {f: r for r, f in enumerate(wanted)}
+        size, aug = self.sampler.size, self.auto_augment if self.train else None
+        clips = [apply_spec(frames[[row[i] for i in s.frame_indices]], s, size, aug) for s in specs]
+        return torch.stack(clips), specs
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, index = key
+        failures = []
+        rng = np.random.default_rng([self.sampler.seed, epoch, index, 99])
+        for attempt in range(MAX_REPLACEMENTS if self.train else 1):
+            try:
+                clips, specs = self.load((epoch, index))
+                return {"clips": clips, "label": self.records[index].label, "index": [s.index for s in specs],
+                        "view": [s.view for s in specs], "failures": failures}
+            except Exception as e:  # noqa: BLE001 -- any decoder failure is a bad video, reported below
+                failures.append((self.records[index].path, f"{type(e).__name__}: {e}"))
+                index = int(rng.integers(len(self.records)))  # a deterministic replacement
+        return {"clips": None, "failures": failures}
+
+
+def collate(items: list[dict]) -> dict:
+    good = [it for it in items if it["clips"] is not None]
+    out = {"failures": [f for it in items for f in it["failures"]]}
+    if good:
+        out["clips"] = torch.cat([it["clips"] for it in good])
+        out["labels"] = torch.tensor([it["label"] for it in good for _ in it["index"]], dtype=torch.long)
+        out["index"] = torch.tensor([i for it in good for i in it["index"]], dtype=torch.long)
+        out["view"] = torch.tensor([v for it in good for v in it["view"]], dtype=torch.long)
+    return out
+
+
+class EpochKeys(torch.utils.data.Sampler):
+    """This rank's ``(epoch, index)`` keys: a shuffled padded shard (train) or an exact one (eval)."""
+
+    def __init__(self, num_samples: int, cfg: PipelineConfig):
+        self.n, self.cfg, self.epoch, self.skip = num_samples, cfg, 0, 0
+
+    def indices(self) -> list[int]:
+        cfg = self.cfg
+        if not cfg.train:
+            return shard_indices(self.n, cfg.rank, cfg.world_size, pad=False)
+        perm = epoch_permutation(self.n, cfg.seed, self.epoch)
+        return [int(perm[i]) for i in shard_indices(self.n, cfg.rank, cfg.world_size, pad=True)]
+
+    def __len__(self) -> int:
+        return len(self.indices()) - self.skip
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter([(self.epoch, i) for i in self.indices()[self.skip:]])
+
+
+class DecodingPipeline:
+    """A :class:`~pipelines.base.Pipeline` over a CPU ``read_frames`` function."""
+
+    def __init__(self, cfg: PipelineConfig, read_frames: ReadFrames):
+        self.cfg = cfg
+        records, infos = load_dataset(cfg)
+        self.records = records
+        self.num_samples = len(records)
+        self.dataset = ClipDataset(records, infos, make_sampler(cfg), read_frames, train=cfg.train,
+                                   auto_augment=cfg.auto_augment)
+        self.keys = EpochKeys(len(records), cfg)
+        self.batches_per_epoch = len(self.keys) // cfg.batch_size if cfg.train else -(-len(self.keys) // cfg.batch_size)
+        if cfg.train and len(self.keys) < cfg.batch_size:
+            raise ValueError(f"{cfg.list_path}: {len(self.keys)} videos per process is fewer than one batch "
+                             f"of {cfg.batch_size}")
+        self.loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=cfg.batch_size, sampler=self.keys, num_workers=cfg.num_workers,
+            collate_fn=collate, pin_memory=torch.device(cfg.device).type == "cuda", drop_last=cfg.train,
+            persistent_workers=cfg.num_workers > 0, prefetch_factor=4 if cfg.num_workers > 0 else None)
+        self.bad: list[tuple[str, str]] = []
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch  # a full epoch, whatever a resume skips
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Reseed for ``epoch``; a resumed run starts ``skip_batches`` into it without decoding them."""
+        self.keys.epoch, self.keys.skip = epoch, skip_batches * self.cfg.batch_size
+
+    def __iter__(self) -> Iterator[Batch]:
+        self.bad = []
+        limit = self.cfg.max_bad_fraction * len(self.keys)
+        for out in self.loader:
+            if out["failures"]:
+                for path, reason in out["failures"]:
+                    log.warning("unreadable video %s (%s): %s", path, reason,
+                                "replaced by another sample" if self.cfg.train else "skipped")
+                self.bad += out["failures"]
+                if len(self.bad) > limit:
+                    files = "\n".join(f"  {p}: {r}" for p, r in self.bad[:50])
+                    raise TooManyBadVideos(f"{len(self.bad)} unreadable videos in one epoch of {len(self.keys)} "
+                                           f"(limit {self.cfg.max_bad_fraction:.1%}):\n{files}")
+            if "clips" not in out:
+                continue
+            device = self.cfg.device
+            yield Batch(thwc_uint8_to_bcthw(out["clips"], device), out["labels"].to(device),
+                        out["index"].to(device), out["view"].to(device))
+        if self.bad:
+            log.warning("epoch %d: %d unreadable video(s) %s: %s", self.keys.epoch, len(self.bad),
+                        "replaced" if self.cfg.train else "skipped", ", ".join(sorted({p for p, _ in self.bad})))
+
+
+__all__ = ["DecodingPipeline", "ClipDataset", "EpochKeys", "collate", "load_dataset"]

@@ -1,0 +1,371 @@
+"""Frame-exact random access to video files with PyAV, the CPU decoding backend.
+
+``read_frames(path, indices)`` returns the requested frames, numbered in presentation order
+from the container's packets (``frame_index``), without decoding the whole file: it seeks to
+the right keyframe, matches decoded frames by pts and stops after the last requested one. The
+rules it follows, and why, are in docs/decoding-notes.md ("Numbering frames", "Seeking").
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+
+import av
+import numpy as np
+
+from .base import PipelineConfig
+from .loader import DecodingPipeline
+
+__all__ = ["FrameIndex", "VideoReadError", "frame_index", "read_frames"]
+
+NO_TS = np.iinfo(np.int64).min  # a packet without dts (mkv often omits it)
+INDEX_CACHE_SIZE = 4096  # entries of a few KB each: a few tens of MB per process at most
+
+
+class VideoReadError(RuntimeError):
+    """A video file that exists but cannot be read: corrupt, no video stream, no frames."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+@dataclass(frozen=True, eq=False)
+class FrameIndex:
+    """Where every frame of a file is, from one demux pass; frame k is the k-th pts.
+
+    Per-frame arrays (length ``num_frames``) are in presentation order. ``decode_pos`` is the
+    position of the frame's packet in demux (= decode) order. Without pts (raw ``.h264``) the
+    arrays are in demux order, ``pts`` and ``dts`` hold ``NO_TS`` and frames must be counted
+    from the start.
+    """
+
+    pts: np.ndarray  # int64, ascending
+    dts: np.ndarray  # int64, NO_TS where missing
+    decode_pos: np.ndarray  # int64
+    keyframe: np.ndarray  # bool
+    time_base: Fraction
+    fps: float
+    width: int
+    height: int
+    codec: str
+    stream_index: int
+    has_pts: bool = True
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.keyframe)
+
+    @functools.cached_property
+    def _keys_by_decode(self) -> tuple[np.ndarray, np.ndarray]:
+        """(presentation positions, decode positions) of the keyframes, in decode order."""
+        pos = np.flatnonzero(self.keyframe)
+        dec = self.decode_pos[pos]
+        order = np.argsort(dec, kind="stable")
+        return pos[order], dec[order]
+
+    def start_keyframes(self, first: int, min_decode_pos: int) -> np.ndarray:
+        """Keyframes to start decoding from to get every frame from ``first`` on, best first.
+
+        A start keyframe displays at or before ``first`` and decodes at or before every wanted
+        frame (``min_decode_pos``); the latest such keyframe in decode order decodes least.
+        An open-GOP keyframe does not qualify for its own leading frames (they display before
+        it), so for those the previous keyframe is chosen, from which they decode correctly.
+        """
+        pos, dec = self._keys_by_decode
+        ok = (pos <= first) & (dec <= min_decode_pos)
+        return pos[ok][::-1]
+
+
+def _video_stream(container: av.container.InputContainer, path: str) -> av.VideoStream:
+    for stream in container.streams.video:
+        # Cover art in mp4/mkv is a one-picture video stream; it is never the video.
+        if not stream.disposition & av.stream.Disposition.attached_pic:
+            return stream
+    raise VideoReadError(path, "no video stream")
+
+
+def _open(path: str) -> av.container.InputContainer:
+    try:
+        return av.open(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, "video file not found", path) from None
+    except (av.FFmpegError, OSError, ValueError) as e:
+        raise VideoReadError(path, f"cannot open: {e}") from e
+
+
+def _build_index(path: str) -> FrameIndex:
+    with _open(path) as container:
+        stream = _video_stream(container, path)
+        for other in container.streams:
+            if other.index != stream.index:
+                # Lets the demuxer skip audio etc. instead of returning it.
+                other.discard = av.stream.Discard.all
+        pts, dts, key = [], [], []
+        try:
+            for packet in container.demux(stream):
+                # Empty packets are flush markers; discarded ones are hidden by an edit list
+                # (mp4) and never displayed, so neither is a frame.
+                if packet.size == 0 or packet.is_discard:
+                    continue
+                pts.append(packet.pts)
+                dts.append(packet.dts)
+                key.append(packet.is_keyframe)
+        except av.FFmpegError as e:
+            raise VideoReadError(path, f"cannot demux: {e}") from e
+        if not key:
+            raise VideoReadError(path, "no video frames")
+        ctx = stream.codec_context
+        n = len(key)
+        has_pts = None not in pts
+        decode_pos = np.arange(n, dtype=np.int64)
+        dts_arr = np.array([NO_TS if d is None else d for d in dts], dtype=np.int64)
+        key_arr = np.array(key, dtype=bool)
+        if has_pts:
+            pts_arr = np.array(pts, dtype=np.int64)
+            order = np.argsort(pts_arr, kind="stable")
+            pts_arr, dts_arr, decode_pos, key_arr = (
+                pts_arr[order], dts_arr[order], decode_pos[order], key_arr[order])
+        else:
+            pts_arr = np.full(n, NO_TS, dtype=np.int64)
+        time_base = stream.time_base or Fraction(1, 1)
+        span = int(pts_arr[-1] - pts_arr[0]) if has_pts else 0
+        rate = stream.average_rate or stream.guessed_rate
+        fps = float(rate) if rate else 0.0
+        # The pts span is the truth; the declared rate wins only when it explains the span
+        # to within the one tick of rounding of coarse time bases (mkv: 1 ms at 30000/1001).
+        explained = rate and abs((n - 1) / rate - span * time_base) <= time_base
+        if n > 1 and span > 0 and not explained:
+            fps = float((n - 1) / (span * time_base))
+        for arr in (pts_arr, dts_arr, decode_pos, key_arr):
+            arr.flags.writeable = False  # shared by every reader of the cached index
+        return FrameIndex(
+            pts=pts_arr, dts=dts_arr, decode_pos=decode_pos, keyframe=key_arr,
+            time_base=time_base, fps=fps, width=ctx.width, height=ctx.height,
+            codec=ctx.name, stream_index=stream.index, has_pts=has_pts)
+
+
+@functools.lru_cache(maxsize=INDEX_CACHE_SIZE)
+def _cached_index(path: str, size: int, mtime_ns: int) -> FrameIndex:
+    return _build_index(path)
+
+
+def frame_index(path: str) -> FrameIndex:
+    """The file's frame index, cached in-process per (path, size, mtime)."""
+    path = os.path.abspath(os.fspath(path))
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, "video file not found", path) from None
+    return _cached_index(path, st.st_size, st.st_mtime_ns)
+
+
+def _decode_packet(stream: av.VideoStream, packet: av.Packet) -> list[av.VideoFrame]:
+    # One indirection so tests can count decoded frames.
+    return stream.decode(packet)
+
+
+class _ClipReader:
+    """Decodes one request: owns the open container and the output array."""
+
+    def __init__(self, path: str, index: FrameIndex, rows: dict[int, list[int]], num_rows: int):
+        self.path, self.index, self.rows, self.num_rows = path, index, rows, num_rows
+        self.out: np.ndarray | None = None
+        self.container: av.container.InputContainer | None = None
+        self.stream: av.VideoStream | None = None
+        self.fresh = False  # nothing demuxed yet: decoding from the start needs no seek
+
+    def close(self) -> None:
+        if self.container is not None:
+            self.container.close()
+            self.container = None
+
+    def reopen(self) -> None:
+        self.close()
+        self.container = _open(self.path)
+        self.stream = self.container.streams[self.index.stream_index]
+        self.stream.thread_type = "AUTO"
+        self.fresh = True
+
+    def _store(self, key: int, frame: av.VideoFrame) -> None:
+        rgb = frame.to_ndarray(format="rgb24")
+        if self.out is None:
+            self.out = np.empty((self.num_rows, *rgb.shape), dtype=np.uint8)
+        elif rgb.shape != self.out.shape[1:]:
+            raise VideoReadError(self.path, f"frame size changes mid-stream ({rgb.shape[:2]} "
+                                 f"after {self.out.shape[1:3]})")
+        rows = self.rows[key]
+        if len(rows) == 1:
+            self.out[rows[0]] = rgb
+        else:
+            self.out[rows] = rgb
+
+    def _landed_at_or_before(self, packet: av.Packet, key: int) -> bool:
+        index = self.index
+        if packet.pts is not None:
+            i = int(np.searchsorted(index.pts, packet.pts))
+            if i < index.num_frames and index.pts[i] == packet.pts:
+                return bool(index.decode_pos[i] <= index.decode_pos[key])
+        key_dts = int(index.dts[key])
+        return packet.dts is not None and key_dts != NO_TS and packet.dts <= key_dts
+
+    def _attempt(
+        self, want: set[int], last_pts: int, key: int | None, seek_ts: int | None
+    ) -> set[int] | None:
+        """Decodes from keyframe ``key`` (``seek_ts`` in stream time base) or from the start.
+
+        Returns the wanted pts that did not come out, or None when the seek landed after the
+        keyframe (the demuxer seeks by dts, or ignores keyframe flags: MPEG-TS).
+        """
+        if seek_ts is None and not self.fresh:
+            self.reopen()
+        stream = self.stream
+        if seek_ts is not None:
+            try:
+                self.container.seek(seek_ts, stream=stream, backward=True, any_frame=False)
+            except av.FFmpegError:
+                return None
+        self.fresh = False
+        missing = set(want)
+        check_landing = seek_ts is not None
+        # Demuxers may land a keyframe or more early (mp4 with an edit list does): demuxing is
+        # cheap, decoding is not, so packets before the chosen keyframe are skipped.
+        skip_to = int(self.index.pts[key]) if key is not None else None
+        for packet in self.container.demux(stream):
+            if check_landing and packet.size:
+                check_landing = False
+                if not self._landed_at_or_before(packet, key):
+                    return None
+            if skip_to is not None:
+                if packet.pts != skip_to:
+                    continue
+                skip_to = None
+            for frame in _decode_packet(stream, packet):
+                pts = frame.pts
+                if pts in missing:
+                    self._store(pts, frame)
+                    missing.discard(pts)
+                # Frames come out in presentation order: nothing wanted can follow this one.
+                if pts is not None and pts >= last_pts:
+                    return missing
+        return missing
+
+    def read_segment(self, frames: np.ndarray) -> None:
+        """Decodes the sorted unique presentation positions ``frames`` (one seek)."""
+        index = self.index
+        want = set(index.pts[frames].tolist())
+        last_pts = int(index.pts[frames[-1]])
+        keys = index.start_keyframes(int(frames[0]), int(index.decode_pos[frames].min()))
+        attempts: list[tuple[int | None, int | None]] = []
+        # The best keyframe, then one earlier (the first may not decode what we need), each by
+        # pts and, where the container has it, by dts; then the start of the file.
+        for key in keys[:2].tolist():
+            if index.decode_pos[key] == 0 and self.fresh:
+                break  # the first packet: decoding from the start is the same, without a seek
+            attempts.append((key, int(index.pts[key])))
+            if index.dts[key] != NO_TS and index.dts[key] != index.pts[key]:
+                attempts.append((key, int(index.dts[key])))
+        attempts.append((None, None))
+        failed_key = None
+        for key, seek_ts in attempts:
+            if key is not None and key == failed_key:
+                continue  # it landed right but frames were missing: another ts will not help
+            missing = self._attempt(want, last_pts, key, seek_ts)
+            if missing is None:
+                continue
+            if not missing:
+                return
+            failed_key = key
+        first_missing = sorted(missing)[0]
+        frame = int(np.searchsorted(index.pts, first_missing))
+        raise VideoReadError(self.path, f"frame {frame} (pts {first_missing}) could not be decoded "
+                             f"({len(missing)} of {len(want)} wanted frames missing)")
+
+    def read_counted(self, last: int) -> None:
+        """Decodes from the start, numbering frames by output order (files without pts)."""
+        n = -1
+        for packet in self.container.demux(self.stream):
+            for frame in _decode_packet(self.stream, packet):
+                n += 1
+                if n in self.rows:
+                    self._store(n, frame)
+                if n >= last:
+                    return
+        raise VideoReadError(self.path, f"only {n + 1} frames decoded, frame {last} requested")
+
+
+def _segments(index: FrameIndex, frames: np.ndarray) -> list[np.ndarray]:
+    """Splits sorted unique positions where seeking to a later keyframe skips decoding.
+
+    A new segment starts at a frame whose start keyframe decodes after every frame of the
+    current segment: continuing would decode the packets between them for nothing.
+    """
+    dec = index.decode_pos[frames]
+    suffix_min = np.minimum.accumulate(dec[::-1])[::-1]
+    # Only a frame with a keyframe shown since the previous wanted frame can start a segment;
+    # a dense read then costs one check per GOP, not per frame.
+    key_pos = np.flatnonzero(index.keyframe)
+    gop = np.searchsorted(key_pos, frames, side="right")
+    bounds = [0]
+    for j in np.flatnonzero(gop[1:] != gop[:-1]).tolist():
+        j += 1
+        seg_max_dec = dec[bounds[-1] : j].max()
+        keys = index.start_keyframes(int(frames[j]), int(suffix_min[j]))
+        if len(keys) and index.decode_pos[keys[0]] > seg_max_dec:
+            bounds.append(j)
+    bounds.append(len(frames))
+    return [frames[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def read_frames(path: str, frame_indices: Sequence[int]) -> np.ndarray:
+    """Frames ``frame_indices`` (presentation order, from 0) of ``path`` as uint8 [T, H, W, 3] RGB.
+
+    Rows follow ``frame_indices``: repeated and unsorted indices are allowed. Raises
+    FileNotFoundError for a missing file, IndexError for an index outside the video and
+    VideoReadError when the file cannot be read.
+    """
+    index = frame_index(path)
+    path = os.path.abspath(os.fspath(path))
+    positions = np.asarray(frame_indices, dtype=np.int64).reshape(-1)
+    n = index.num_frames
+    if len(positions) == 0:
+        return np.empty((0, index.height, index.width, 3), dtype=np.uint8)
+    bad = positions[(positions < 0) | (positions >= n)]
+    if len(bad):
+        raise IndexError(
+            f"{path}: frame index {int(bad[0])} out of range for a video of {n} frames")
+    frames = np.unique(positions)
+    # Output rows per decoded frame, keyed the way frames are matched: by pts, or by count.
+    keys = index.pts[positions] if index.has_pts else positions
+    rows: dict[int, list[int]] = {}
+    for row, key in enumerate(keys.tolist()):
+        rows.setdefault(key, []).append(row)
+    reader = _ClipReader(path, index, rows, len(positions))
+    try:
+        reader.reopen()
+        if index.has_pts:
+            for segment in _segments(index, frames):
+                reader.read_segment(segment)
+        else:
+            reader.read_counted(int(frames[-1]))
+    except av.FFmpegError as e:
+        raise VideoReadError(path, f"decoding failed: {e}") from e
+    finally:
+        reader.close()
+    return reader.out
+
+
+# -- the PyAV pipeline ----------------------------------------------------------------------
+
+
+class PyAVPipeline(DecodingPipeline):
+    """``--pipeline pyav``: decode on the CPU in DataLoader workers, exactly the sampler's clips."""
+
+    def __init__(self, cfg: PipelineConfig):
+        super().__init__(cfg, read_frames)

@@ -1,0 +1,114 @@
+"""The cached per-dataset video index of pipelines.probe."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from pipelines import probe, pyav
+from pipelines.probe import VideoInfo, check_videos, probe_video, probe_videos
+from tests.videos import write_video
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("probe")
+    return {
+        "short": write_video(str(root / "short.mp4"), 48, gop=12, bframes=3),
+        "long": write_video(str(root / "long.mp4"), 60, gop=30),
+        "vp9": write_video(str(root / "v.webm"), 30, codec="libvpx-vp9", gop=10, fps=30),
+        # A 3-frame gap after frame 10: 25 fps pts with a hole, as from a dropped-frame camera.
+        "vfr": write_video(str(root / "vfr.mkv"), 20, gop=5,
+                           pts=[i + 3 * (i > 10) for i in range(20)]),
+        "junk": _junk(root / "junk.mp4"),
+    }
+
+
+def _junk(path) -> str:
+    path.write_bytes(b"\x00not a video\xff" * 100)
+    return str(path)
+
+
+def test_probe_values(dataset):
+    info = probe_video(dataset["short"])
+    assert info == VideoInfo(num_frames=48, fps=25.0, width=96, height=64, codec="h264",
+                             max_keyframe_interval=12, variable_frame_rate=False,
+                             duration_sec=48 / 25)
+    assert probe_video(dataset["long"]).max_keyframe_interval == 30
+    vp9 = probe_video(dataset["vp9"])
+    assert (vp9.codec, vp9.num_frames, vp9.fps, vp9.max_keyframe_interval) == ("vp9", 30, 30.0, 10)
+    assert not vp9.variable_frame_rate  # mkv/webm pts are rounded to milliseconds
+    vfr = probe_video(dataset["vfr"])
+    assert vfr.variable_frame_rate and vfr.num_frames == 20
+
+
+def test_probe_videos_reports_failures(dataset, tmp_path):
+    missing = str(tmp_path / "gone.mp4")
+    paths = [dataset["short"], dataset["junk"], missing]
+    infos, failures = probe_videos(paths, cache_path=None)
+    assert infos[0].num_frames == 48 and infos[1] is None and infos[2] is None
+    assert [p for p, _ in failures] == [dataset["junk"], missing]
+    assert "junk.mp4" in failures[0][1]
+
+
+def test_cache_hit_and_invalidation(dataset, tmp_path, monkeypatch):
+    cache = str(tmp_path / "cache" / "probe.json")
+    changing = write_video(str(tmp_path / "changing.mp4"), 24, gop=12)
+    paths = [dataset["short"], dataset["junk"], changing]
+    first = probe_videos(paths, cache_path=cache)
+    assert os.listdir(tmp_path / "cache") == ["probe.json"]  # no temp file left behind
+
+    probed = []
+
+    def no_reading(path):
+        probed.append(path)
+        raise AssertionError("cached file probed again")
+
+    monkeypatch.setattr(pyav, "frame_index", no_reading)
+    assert probe_videos(paths, cache_path=cache) == first  # failures come from the cache too
+    assert probed == []
+
+    write_video(changing, 36, gop=12)
+    os.utime(changing, ns=(1, 1))
+    monkeypatch.undo()
+    infos, failures = probe_videos(paths, cache_path=cache)
+    assert infos[2].num_frames == 36 and infos[0] == first[0][0] and failures == first[1]
+    assert json.load(open(cache))["videos"][os.path.abspath(changing)]["info"]["num_frames"] == 36
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"version": 1, "videos": [1, 2]}', "[]"])
+def test_corrupt_cache_is_ignored(dataset, tmp_path, content):
+    cache = tmp_path / "probe.json"
+    cache.write_text(content)
+    with pytest.warns(UserWarning, match="probe cache"):
+        infos, failures = probe_videos([dataset["short"]], cache_path=str(cache))
+    assert infos[0].num_frames == 48 and failures == []
+    assert json.loads(cache.read_text())["version"] == probe.CACHE_VERSION  # rewritten
+
+
+def test_bad_cache_entry_is_reprobed(dataset, tmp_path):
+    cache = tmp_path / "probe.json"
+    st = os.stat(dataset["short"])
+    entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "info": {"num_frames": 1}}
+    videos = {os.path.abspath(dataset["short"]): entry}
+    cache.write_text(json.dumps({"version": 1, "videos": videos}))
+    assert probe_videos([dataset["short"]], cache_path=str(cache))[0][0].num_frames == 48
+
+
+def test_worker_pool_matches_serial(dataset):
+    paths = [dataset["short"], dataset["junk"], dataset["vp9"]]
+    serial = probe_videos(paths, cache_path=None)
+    assert serial[0][1] is None and serial[1] != []
+    assert probe_videos(paths, cache_path=None, num_workers=2, progress=True) == serial
+
+
+def test_check_videos(dataset):
+    paths = [dataset["short"], dataset["long"], dataset["vfr"], dataset["junk"]]
+    infos, _ = probe_videos(paths, cache_path=None)
+    messages = check_videos(infos, paths)
+    assert len(messages) == 2
+    assert dataset["long"] in messages[0] and "30 frames" in messages[0]
+    assert dataset["vfr"] in messages[1] and "variable frame rate" in messages[1]
+    assert all("python -m evl.prepare" in m for m in messages)

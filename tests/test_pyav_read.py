@@ -1,0 +1,202 @@
+"""Frame-exact reading with pipelines.pyav: every read equals a full sequential decode."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from pipelines import pyav
+from pipelines.pyav import VideoReadError, frame_index, read_frames
+from tests.videos import decode_all, frame_number, write_video
+
+# name -> (file name, frames written, write_video options, frames hidden by an edit list)
+VIDEOS = {
+    "h264_bframes": ("b.mp4", 60, dict(bframes=3, gop=12), 0),
+    "h264_open_gop": ("open.mp4", 60, dict(bframes=3, gop=12, open_gop=True), 0),
+    "h264_start_pts": ("start.mp4", 60, dict(bframes=3, gop=12, start_pts=17), 0),
+    "h264_edit_list": ("edit.mp4", 60, dict(bframes=3, gop=12, start_pts=-3), 3),
+    "vp9_webm": ("v.webm", 60, dict(codec="libvpx-vp9", gop=12), 0),
+    "h264_mkv": ("o.mkv", 60, dict(bframes=3, gop=12, open_gop=True), 0),
+    "h264_with_audio": ("av.mp4", 40, dict(bframes=2, gop=10, audio=True), 0),
+    "h264_raw_no_pts": ("raw.h264", 30, dict(bframes=2, gop=12), 0),
+}
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    """name -> (path, reference frames from a full sequential decode, first frame number)."""
+    root = tmp_path_factory.mktemp("videos")
+    out = {}
+    for name, (file_name, num_frames, options, hidden) in VIDEOS.items():
+        path = write_video(str(root / file_name), num_frames, **options)
+        out[name] = (path, decode_all(path)[1], hidden)
+    return out
+
+
+def _index_sets(n: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    sets = [[0], [n - 1], [n // 2 + 3], [n - 1, 0, 7, 7, n - 1], list(range(n)), [5, 3, 1],
+            list(range(0, n, 16)), [13, 13, 13]]
+    sets += [rng.integers(0, n, size=rng.integers(1, 12)).tolist() for _ in range(8)]
+    return sets
+
+
+@pytest.mark.parametrize("name", list(VIDEOS))
+def test_read_equals_sequential_decode(videos, name):
+    path, ref, hidden = videos[name]
+    n = len(ref)
+    assert frame_index(path).num_frames == n == VIDEOS[name][1] - hidden
+    for indices in _index_sets(n, seed=len(name)):
+        got = read_frames(path, indices)
+        assert got.dtype == np.uint8 and got.shape == (len(indices), 64, 96, 3)
+        assert np.array_equal(got, ref[indices]), indices
+    # The frames are the ones written, in order: frame k shows number k (+ frames hidden).
+    assert [frame_number(f) for f in read_frames(path, range(n))] == list(range(hidden, hidden + n))
+
+
+def test_threading_on_and_index_reused(videos, monkeypatch):
+    path = videos["h264_bframes"][0]
+    seen = []
+    original = pyav._decode_packet
+
+    def spy(stream, packet):
+        seen.append(str(stream.thread_type))
+        return original(stream, packet)
+
+    monkeypatch.setattr(pyav, "_decode_packet", spy)
+    assert frame_index(path) is frame_index(path)
+    read_frames(path, [20])
+    assert seen and all("AUTO" in t for t in seen)
+
+
+def _count_decoded(monkeypatch) -> list[int]:
+    count = [0]
+    original = pyav._decode_packet
+
+    def counting(stream, packet):
+        frames = original(stream, packet)
+        count[0] += len(frames)
+        return frames
+
+    monkeypatch.setattr(pyav, "_decode_packet", counting)
+    return count
+
+
+def test_long_gop_clip_near_end_is_not_fully_decoded(tmp_path, monkeypatch):
+    # Keyframes at 0 and 60; B-frames reorder, so a few frames past the clip may come out.
+    path = write_video(str(tmp_path / "long.mp4"), 120, bframes=3, gop=60)
+    ref = decode_all(path)[1]
+    count = _count_decoded(monkeypatch)
+    assert np.array_equal(read_frames(path, [100, 104, 108]), ref[[100, 104, 108]])
+    assert 49 <= count[0] <= 60  # from keyframe 60 to frame 108, not from frame 0
+    count[0] = 0
+    assert np.array_equal(read_frames(path, [5]), ref[[5]])
+    assert count[0] <= 10  # stops after the last requested frame
+
+
+def test_sparse_clip_seeks_between_gops(videos, monkeypatch):
+    path, ref, _ = videos["h264_open_gop"]
+    count = _count_decoded(monkeypatch)
+    indices = [1, 26, 51]  # one frame in each of three 12-frame GOPs, far apart
+    assert np.array_equal(read_frames(path, indices), ref[indices])
+    assert count[0] < 30  # a single pass from frame 0 would decode 52
+
+
+def test_file_change_invalidates_index(tmp_path):
+    path = str(tmp_path / "v.mp4")
+    write_video(path, 20, gop=5)
+    assert frame_index(path).num_frames == 20
+    write_video(path, 30, gop=5)
+    os.utime(path, ns=(1, 1))  # a different mtime even on coarse-clock file systems
+    assert frame_index(path).num_frames == 30
+    assert np.array_equal(read_frames(path, [29]), decode_all(path)[1][[29]])
+
+
+def test_empty_request(videos):
+    assert read_frames(videos["h264_bframes"][0], []).shape == (0, 64, 96, 3)
+
+
+def test_missing_file(tmp_path):
+    path = str(tmp_path / "nope.mp4")
+    with pytest.raises(FileNotFoundError, match="nope.mp4"):
+        read_frames(path, [0])
+    with pytest.raises(FileNotFoundError, match="nope.mp4"):
+        frame_index(path)
+
+
+@pytest.mark.parametrize("index", [60, 1000, -1])
+def test_out_of_range_index(videos, index):
+    path = videos["h264_bframes"][0]
+    with pytest.raises(IndexError) as e:
+        read_frames(path, [0, index])
+    assert path in str(e.value) and "60 frames" in str(e.value)
+
+
+def test_random_bytes(tmp_path):
+    path = tmp_path / "junk.mp4"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    with pytest.raises(VideoReadError, match="junk.mp4"):
+        read_frames(str(path), [0])
+
+
+def test_truncated_mp4(tmp_path):
+    full = write_video(str(tmp_path / "full.mp4"), 30)
+    path = tmp_path / "cut.mp4"
+    data = open(full, "rb").read()
+    path.write_bytes(data[: len(data) // 2])  # the mp4 index (moov) is at the end: lost
+    with pytest.raises(VideoReadError, match="cut.mp4"):
+        read_frames(str(path), [0])
+
+
+def test_truncated_mkv_reads_what_is_left(tmp_path):
+    full = write_video(str(tmp_path / "full.mkv"), 60, gop=12)
+    ref = decode_all(full)[1]
+    path = str(tmp_path / "cut.mkv")
+    data = open(full, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    n = frame_index(path).num_frames
+    assert 10 < n < 60
+    # The last indexed packet may be cut short; every frame before it reads exactly.
+    assert np.array_equal(read_frames(path, [0, n - 2]), ref[[0, n - 2]])
+    with pytest.raises(IndexError, match="cut.mkv"):
+        read_frames(path, [n])
+
+
+def test_no_video_stream(tmp_path):
+    import av
+
+    path = str(tmp_path / "audio.wav")
+    with av.open(path, "w") as container:
+        stream = container.add_stream("pcm_s16le", rate=8000)
+        silence = np.zeros((1, 800), np.int16)
+        frame = av.AudioFrame.from_ndarray(silence, format="s16", layout="mono")
+        frame.sample_rate = 8000
+        container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    with pytest.raises(VideoReadError, match="audio.wav.*no video stream"):
+        read_frames(path, [0])
+
+
+@pytest.mark.parametrize("ext", ["mp4", "mkv"])
+def test_no_frames(tmp_path, ext):
+    # The mp4 muxer drops the empty track; the mkv has a header and nothing else.
+    path = write_video(str(tmp_path / f"empty.{ext}"), 0)
+    with pytest.raises(VideoReadError, match=f"empty.{ext}"):
+        read_frames(path, [0])
+
+
+def test_bad_landing_falls_back(videos, monkeypatch):
+    # As if the demuxer ignored keyframe flags (MPEG-TS): every seek is rejected.
+    path, ref, _ = videos["h264_open_gop"]
+    monkeypatch.setattr(pyav._ClipReader, "_landed_at_or_before", lambda self, packet, key: False)
+    assert np.array_equal(read_frames(path, [40, 30]), ref[[40, 30]])
+
+
+def test_missing_frames_retry_from_earlier(videos, monkeypatch):
+    # A start keyframe after the wanted frames decodes none of them: the reader must notice.
+    path, ref, _ = videos["h264_bframes"]
+    monkeypatch.setattr(pyav.FrameIndex, "start_keyframes",
+                        lambda self, first, min_decode_pos: np.array([48, 24]))
+    assert np.array_equal(read_frames(path, [30, 5]), ref[[30, 5]])

@@ -1,0 +1,116 @@
+"""Synthetic test videos written with PyAV, for the reader and probe tests.
+
+Every frame carries its own number: with ``pattern="bars"`` the frame is cut into 8 vertical
+bars, bar b white when bit b of the frame number is set, so ``frame_number`` can read it back
+from a lossy decode (wide flat regions survive H.264/VP9 at any sane quality). Exact checks do
+not rely on this: the tests compare against a full sequential decode of the same file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from fractions import Fraction
+
+import av
+import numpy as np
+
+NUM_BARS = 8
+
+
+def frame_image(i: int, size: tuple[int, int], pattern: str = "bars") -> np.ndarray:
+    """The RGB image ``[H, W, 3]`` uint8 written as frame number ``i``."""
+    width, height = size
+    img = np.empty((height, width, 3), np.uint8)
+    if pattern == "bars":
+        bar = width // NUM_BARS
+        # A faint frame-dependent tint keeps consecutive frames different in every bar.
+        img[:] = (40 + (i * 7) % 50, 60, 80)
+        for b in range(NUM_BARS):
+            if (i >> b) & 1:
+                img[:, b * bar : (b + 1) * bar] = 230
+    elif pattern == "field":
+        img[:] = ((i * 37) % 256, (i * 91 + 60) % 256, (i * 53 + 120) % 256)
+    else:
+        raise ValueError(f"unknown pattern {pattern!r}")
+    return img
+
+
+def frame_number(rgb: np.ndarray) -> int:
+    """Reads back the number of a decoded ``pattern="bars"`` frame."""
+    width = rgb.shape[1]
+    bar = width // NUM_BARS
+    luma = rgb.mean(axis=(0, 2))
+    # The middle half of each bar: edges blur under lossy coding.
+    inner = [luma[b * bar + bar // 4 : (b + 1) * bar - bar // 4].mean() for b in range(NUM_BARS)]
+    return sum(1 << b for b, level in enumerate(inner) if level > 160)
+
+
+def write_video(
+    path: str,
+    num_frames: int,
+    *,
+    codec: str = "libx264",
+    size: tuple[int, int] = (96, 64),
+    fps: int = 25,
+    gop: int = 12,
+    bframes: int = 0,
+    open_gop: bool = False,
+    start_pts: int = 0,
+    pattern: str = "bars",
+    pts: Sequence[int] | None = None,
+    audio: bool = False,
+    options: dict[str, str] | None = None,
+) -> str:
+    """Writes ``num_frames`` numbered frames to ``path`` (container from the extension).
+
+    ``start_pts`` offsets every pts (in frames, time base 1/fps): a positive value gives a
+    non-zero start timestamp, a negative one makes the mp4 muxer write an edit list that hides
+    the frames with negative pts.
+    """
+    with av.open(path, mode="w") as container:
+        sound = container.add_stream("aac", rate=8000) if audio else None
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height = size
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.time_base = Fraction(1, fps)
+        stream.codec_context.gop_size = gop
+        opts = {}
+        if codec == "libx264":
+            x264 = [f"keyint={gop}", f"min-keyint={gop}", "scenecut=0", f"bframes={bframes}"]
+            if bframes:
+                x264.append("b-adapt=0")  # fixed B-frame runs, so GOP layouts are predictable
+            if open_gop:
+                x264.append("open-gop=1")
+            opts = {"bf": str(bframes), "x264-params": ":".join(x264), "preset": "veryfast",
+                    "crf": "23"}
+        elif codec == "libvpx-vp9":
+            # This libvpx makes no hidden alt-ref frames even when asked (auto-alt-ref, lag,
+            # good deadline): every packet is one shown frame.
+            opts = {"g": str(gop), "keyint_min": str(gop), "deadline": "realtime", "cpu-used": "8",
+                    "crf": "30", "b:v": "0"}
+        opts.update(options or {})
+        stream.options = opts
+        container.start_encoding()  # so that even zero frames make a file with a header
+        for i in range(num_frames):
+            frame = av.VideoFrame.from_ndarray(frame_image(i, size, pattern), format="rgb24")
+            frame.pts = start_pts + (i if pts is None else pts[i])
+            frame.time_base = Fraction(1, fps)
+            container.mux(stream.encode(frame))
+            if sound is not None:
+                silence = np.zeros((1, 320), np.float32)
+                samples = av.AudioFrame.from_ndarray(silence, format="fltp", layout="mono")
+                samples.sample_rate, samples.pts = 8000, i * 320
+                container.mux(sound.encode(samples))
+        container.mux(stream.encode(None))
+        if sound is not None:
+            container.mux(sound.encode(None))
+    return path
+
+
+def decode_all(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """Decodes every frame from the start: ``(pts sorted, frames [N, H, W, 3])``."""
+    with av.open(path) as container:
+        frames = [(f.pts, f.to_ndarray(format="rgb24")) for f in container.decode(video=0)]
+    if all(p is not None for p, _ in frames):  # files without pts stay in output order
+        frames.sort(key=lambda item: item[0])
+    return np.array([p for p, _ in frames]), np.stack([f for _, f in frames])
