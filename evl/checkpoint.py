@@ -68,3 +68,68 @@ def load_checkpoint(model: nn.Module, path: str) -> dict:
                            f"model has {describe_state(own)}. " + "; ".join(detail))
     model.load_state_dict(sd, strict=True)
     return ckpt if isinstance(ckpt, dict) and "model" in ckpt else {"model": sd}
+
+
+# -- saving and resuming (this project's format) ---------------------------------------------
+
+FORMAT = "evl-checkpoint/1"
+
+
+def save_atomic(obj: dict, path: str) -> None:
+    """Write to a temp file in the same directory, fsync, then rename over ``path``.
+
+    A crash or a full disk leaves the previous file intact; the temp file is removed.
+    """
+    import os
+    import tempfile
+
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pth")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise OSError(e.errno, f"could not write checkpoint {path} ({e.strerror}); earlier checkpoints "
+                                   "are untouched") from e
+        raise
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def training_state(model: nn.Module, optimizer, scheduler, scaler, next_step: int, config: dict,
+                   metrics: dict | None = None) -> dict:
+    """Everything an exact resume needs, loadable with ``weights_only=True``."""
+    return {
+        "format": FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "lr_sched": scheduler.state_dict(), "loss_scaler": scaler.state_dict(), "next_step": next_step,
+        "rng": rng_state(), "config": config, "model_config": dict(getattr(model, "config", {})),
+        "metrics": metrics or {},
+    }
+
+
+def check_backbone_identity(ckpt: dict, model: nn.Module, path: str) -> None:
+    """Refuse to resume or evaluate a checkpoint with another backbone than it was trained on."""
+    saved, own = ckpt.get("model_config") or {}, getattr(model, "config", {})
+    for key in ("backbone_id", "backbone_sha256"):
+        if saved.get(key) != own.get(key):
+            raise WeightsError(f"{path} was trained with backbone {saved.get('backbone_id')} "
+                               f"(weights sha256 {saved.get('backbone_sha256')}), but this run uses "
+                               f"{own.get('backbone_id')} (weights sha256 {own.get('backbone_sha256')})")

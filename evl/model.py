@@ -58,8 +58,10 @@ class EVLModel(nn.Module):
         logits = self.proj(emb)
         return (logits, emb) if return_embedding else logits
 
-    def forward(self, clips: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(clips))
+    def forward(self, clips: torch.Tensor | None = None, *,
+                features: Sequence[BlockFeatures] | None = None) -> torch.Tensor:
+        """Clips -> logits; or cached backbone ``features`` -> logits (through DDP too)."""
+        return self.forward_head(self.forward_features(clips) if features is None else features)
 
 
 def build_model(
@@ -106,7 +108,7 @@ def build_model(
         enable_temporal_cross_attention=enable_temporal_cross_attention,
     )
     config = dict(
-        backbone=backbone, num_classes=num_classes, num_frames=num_frames, backbone_path=backbone_path,
+        backbone=backbone, backbone_id=spec.describe(), num_classes=num_classes, num_frames=num_frames, backbone_path=backbone_path,
         backbone_sha256=weights_sha256, decoder_num_layers=decoder_num_layers,
         decoder_qkv_dim=decoder.decoder_layers[0].attn.q_proj.out_features,
         decoder_num_heads=decoder.decoder_layers[0].attn.num_heads, decoder_mlp_factor=decoder_mlp_factor,

@@ -1,0 +1,145 @@
+"""The run configuration of ``python -m evl.train`` / ``evl.eval``: one dataclass, one parser.
+
+Flag names follow the reference implementation (``--num_frames``, ``--sampling_rate``,
+``--backbone_path``, ``--train_list_path``, ``--batch_split``, ``--no_temporal_conv``, ...) so its
+users' scripts carry over. The resolved configuration is printed once, written to the run
+directory and stored in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TrainConfig:
+    # model (evl.build_model)
+    backbone: str = "ViT-B-16"
+    backbone_path: str | None = None
+    num_classes: int = 400
+    num_frames: int = 8
+    decoder_num_layers: int = 4
+    decoder_qkv_dim: int | None = None
+    decoder_num_heads: int | None = None
+    decoder_mlp_factor: float = 4.0
+    enable_temporal_conv: bool = True
+    enable_temporal_pos_embed: bool = True
+    enable_temporal_cross_attention: bool = True
+    cls_dropout: float = 0.5
+    decoder_mlp_dropout: float = 0.5
+    # data
+    pipeline: str = "pyav"
+    train_list_path: str | None = None
+    val_list_path: str | None = None
+    data_root: str | None = None
+    sampling_rate: int = 16
+    sampling: str = "dense"
+    num_spatial_views: int = 1
+    num_temporal_views: int = 3
+    auto_augment: str | None = "rand-m7-n4-mstd0.5-inc1"
+    mirror: bool = False
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    num_workers: int = 4
+    max_bad_fraction: float = 0.01
+    feature_cache: str | None = None
+    # optimisation (evl-spec §3)
+    batch_size: int = 32
+    batch_split: int = 1
+    lr: float = 4e-4
+    weight_decay: float = 0.05
+    num_steps: int = 50_000
+    warmup_steps: int = 0
+    mixed_precision: str | None = None  # bf16 on GPU, fp32 on CPU when unset
+    seed: int = 0
+    # bookkeeping
+    output_dir: str | None = None
+    eval_freq: int = 5000
+    save_freq: int = 5000
+    print_freq: int = 10
+    keep_last: int = 2
+    auto_resume: bool = False
+    resume_path: str | None = None
+    eval_only: bool = False
+    predictions_path: str | None = None
+    device: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def model_kwargs(self) -> dict:
+        names = ("backbone_path", "decoder_num_layers", "decoder_qkv_dim", "decoder_num_heads", "decoder_mlp_factor",
+                 "enable_temporal_conv", "enable_temporal_pos_embed", "enable_temporal_cross_attention",
+                 "cls_dropout", "decoder_mlp_dropout")
+        return {n: getattr(self, n) for n in names}
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def build_parser(prog: str = "python -m evl.train") -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog=prog, description="Train or evaluate EVL on a frozen CLIP backbone. "
+                                "With no arguments: the built-in CPU demo.")
+    m = p.add_argument_group("model")
+    m.add_argument("--backbone", default=d.backbone, help="open_clip model name or model-config JSON path")
+    m.add_argument("--backbone_path", help="local CLIP weights (OpenAI .pt archive or state dict)")
+    m.add_argument("--num_classes", type=int, default=d.num_classes)
+    m.add_argument("--num_frames", type=int, default=d.num_frames)
+    m.add_argument("--decoder_num_layers", type=int, default=d.decoder_num_layers)
+    m.add_argument("--decoder_qkv_dim", type=int)
+    m.add_argument("--decoder_num_heads", type=int)
+    m.add_argument("--decoder_mlp_factor", type=float, default=d.decoder_mlp_factor)
+    m.add_argument("--cls_dropout", type=float, default=d.cls_dropout)
+    m.add_argument("--decoder_mlp_dropout", type=float, default=d.decoder_mlp_dropout)
+    m.add_argument("--no_temporal_conv", dest="enable_temporal_conv", action="store_false")
+    m.add_argument("--no_temporal_pos_embed", dest="enable_temporal_pos_embed", action="store_false")
+    m.add_argument("--no_temporal_cross_attention", dest="enable_temporal_cross_attention", action="store_false")
+    g = p.add_argument_group("data")
+    g.add_argument("--pipeline", default=d.pipeline, choices=["pyav", "dali", "dummy", "cache"])
+    g.add_argument("--dummy_dataset", action="store_true", help="alias of --pipeline dummy")
+    g.add_argument("--train_list_path")
+    g.add_argument("--val_list_path")
+    g.add_argument("--data_root")
+    g.add_argument("--sampling_rate", type=int, default=d.sampling_rate)
+    g.add_argument("--sampling", default=d.sampling, choices=["dense", "segment"],
+                   help="segment = TSN sampling, one frame per segment (Something-Something)")
+    g.add_argument("--num_spatial_views", type=int, default=d.num_spatial_views, choices=[1, 3])
+    g.add_argument("--num_temporal_views", type=int, default=d.num_temporal_views)
+    g.add_argument("--auto_augment", default=d.auto_augment, help="timm RandAugment policy; 'none' to disable")
+    g.add_argument("--mirror", action="store_true", help="random horizontal flip (off in the reference recipe)")
+    g.add_argument("--crop_scale", type=float, nargs=2, default=d.crop_scale, metavar=("MIN", "MAX"))
+    g.add_argument("--num_workers", type=int, default=d.num_workers)
+    g.add_argument("--max_bad_fraction", type=float, default=d.max_bad_fraction)
+    g.add_argument("--feature_cache", help="directory written by `python -m evl.cache build`")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--batch_size", type=int, default=d.batch_size, help="per process")
+    o.add_argument("--batch_split", type=int, default=d.batch_split, help="gradient accumulation steps per batch")
+    o.add_argument("--lr", type=float, default=d.lr)
+    o.add_argument("--weight_decay", type=float, default=d.weight_decay)
+    o.add_argument("--num_steps", type=int, default=d.num_steps)
+    o.add_argument("--warmup_steps", type=int, default=d.warmup_steps)
+    o.add_argument("--mixed_precision", choices=["bf16", "fp16", "fp32"])
+    o.add_argument("--seed", type=int, default=d.seed)
+    r = p.add_argument_group("run")
+    r.add_argument("--output_dir", "--checkpoint_dir", dest="output_dir")
+    r.add_argument("--eval_freq", type=int, default=d.eval_freq)
+    r.add_argument("--save_freq", type=int, default=d.save_freq)
+    r.add_argument("--print_freq", type=int, default=d.print_freq)
+    r.add_argument("--keep_last", type=int, default=d.keep_last, help="checkpoints kept besides the best")
+    r.add_argument("--auto_resume", action="store_true")
+    r.add_argument("--resume_path")
+    r.add_argument("--eval_only", action="store_true")
+    r.add_argument("--predictions_path", help="where --eval_only writes per-video predictions (JSON lines)")
+    r.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
+    return p
+
+
+def parse_config(argv: list[str] | None, prog: str = "python -m evl.train") -> TrainConfig:
+    ns = build_parser(prog).parse_args(argv)
+    if ns.dummy_dataset:
+        ns.pipeline = "dummy"
+    del ns.dummy_dataset
+    if ns.auto_augment in ("", "none", "None"):
+        ns.auto_augment = None
+    ns.crop_scale = tuple(ns.crop_scale)
+    return TrainConfig(**vars(ns))
