@@ -44,6 +44,7 @@ class TrainConfig:
     num_workers: int = 4
     max_bad_fraction: float = 0.01
     feature_cache: str | None = None
+    cache_in_memory: bool = False
     # optimisation (evl-spec §3)
     batch_size: int = 32
     batch_split: int = 1
@@ -110,7 +111,9 @@ def build_parser(prog: str = "python -m evl.train") -> argparse.ArgumentParser:
     g.add_argument("--crop_scale", type=float, nargs=2, default=d.crop_scale, metavar=("MIN", "MAX"))
     g.add_argument("--num_workers", type=int, default=d.num_workers)
     g.add_argument("--max_bad_fraction", type=float, default=d.max_bad_fraction)
-    g.add_argument("--feature_cache", help="directory written by `python -m evl.cache build`")
+    g.add_argument("--feature_cache", help="cache root written by `python -m evl.cache build` (ROOT/train, ROOT/val)")
+    g.add_argument("--cache_in_memory", action="store_true",
+                   help="load the feature cache into RAM instead of reading it through the page cache")
     o = p.add_argument_group("optimisation")
     o.add_argument("--batch_size", type=int, default=d.batch_size, help="per process")
     o.add_argument("--batch_split", type=int, default=d.batch_split, help="gradient accumulation steps per batch")

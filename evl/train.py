@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt_io
 from .config import TrainConfig, parse_config
-from .distributed import World, barrier, cleanup, init_distributed
+from .distributed import World, all_reduce_sum, barrier, cleanup, init_distributed
 from .eval import evaluate, write_predictions
 from .model import build_model
 from .precision import autocast, grad_scaler, resolve_precision
@@ -68,7 +68,7 @@ def check_inputs(cfg: TrainConfig) -> None:
         raise SystemExit("error: " + "; ".join(problems))
 
 
-def make_pipeline(cfg: TrainConfig, world: World, train: bool, input_size: int):
+def make_pipeline(cfg: TrainConfig, world: World, train: bool, input_size: int, model_config: dict | None = None):
     from pipelines import PipelineConfig, build_pipeline
 
     pcfg = PipelineConfig(
@@ -79,7 +79,8 @@ def make_pipeline(cfg: TrainConfig, world: World, train: bool, input_size: int):
         auto_augment=cfg.auto_augment if train else None, hflip=0.5 if cfg.mirror and train else 0.0,
         crop_scale=tuple(cfg.crop_scale), seed=cfg.seed, device=str(world.device), rank=world.rank,
         world_size=world.world_size, max_bad_fraction=cfg.max_bad_fraction,
-        extra={"feature_cache": cfg.feature_cache, **cfg.extra})
+        extra={"feature_cache": cfg.feature_cache, "cache_in_memory": cfg.cache_in_memory,
+               "model_config": model_config, **cfg.extra})
     return build_pipeline(cfg.pipeline, pcfg)
 
 
@@ -177,7 +178,7 @@ def train(cfg: TrainConfig) -> dict:
     world = init_distributed(cfg.device)
     device = world.device
     precision = resolve_precision(cfg.mixed_precision, device)
-    torch.manual_seed(cfg.seed + world.rank)
+    torch.manual_seed(cfg.seed)  # the same model on every rank, a random backbone included
     out_dir = cfg.output_dir
     if out_dir and world.is_primary:
         os.makedirs(out_dir, exist_ok=True)
@@ -186,6 +187,7 @@ def train(cfg: TrainConfig) -> dict:
     print0(world, "config: " + json.dumps(cfg.to_dict()))
 
     model = build_model(cfg.backbone, cfg.num_classes, cfg.num_frames, **cfg.model_kwargs())
+    torch.manual_seed(cfg.seed + world.rank)  # ranks draw different dropout masks
     input_size = model.spec.image_size[0]
     resume = cfg.resume_path
     if not resume and cfg.auto_resume and out_dir and checkpoint_files(out_dir):
@@ -197,8 +199,10 @@ def train(cfg: TrainConfig) -> dict:
             ckpt_io.check_backbone_identity(state, model, resume)
         print0(world, f"loaded {resume}")
     # Pipelines validate their lists (labels, missing files) before the model moves or trains.
-    val_pipe = make_pipeline(cfg, world, False, input_size) if cfg.val_list_path or cfg.pipeline == "dummy" else None
-    train_pipe = None if cfg.eval_only else make_pipeline(cfg, world, True, input_size)
+    has_val = cfg.val_list_path or cfg.pipeline == "dummy" or (
+        cfg.pipeline == "cache" and os.path.isdir(os.path.join(cfg.feature_cache, "val")))
+    val_pipe = make_pipeline(cfg, world, False, input_size, model.config) if has_val else None
+    train_pipe = None if cfg.eval_only else make_pipeline(cfg, world, True, input_size, model.config)
     model.to(device)
     ddp = model
     if world.world_size > 1:
@@ -284,7 +288,8 @@ def train(cfg: TrainConfig) -> dict:
             done = step + 1
             if done % cfg.print_freq == 0 or done == cfg.num_steps:
                 now = time.perf_counter()
-                last = {"step": done, "loss": loss_sum.item(), "lr": optimizer.param_groups[0]["lr"],
+                loss_all = all_reduce_sum(loss_sum.clone()) / world.world_size  # the global batch's loss
+                last = {"step": done, "loss": loss_all.item(), "lr": optimizer.param_groups[0]["lr"],
                         "clips_per_s": clips_since / max(now - t_log, 1e-9)}
                 t_log, clips_since = now, 0
                 metrics.write(**last)

@@ -140,6 +140,18 @@ def collate(items: list[dict]) -> dict:
     return out
 
 
+def train_shard(order: Sequence[int], batch_size: int, rank: int, world_size: int) -> list[int]:
+    """Rank ``rank``'s part of each global batch of ``order``, whole global batches only.
+
+    Global batch g is ``order[g*G:(g+1)*G]`` with ``G = batch_size * world_size``, whatever the
+    number of processes, so 8 GPUs x 32, 4 x 64 and 1 x 256 (with accumulation) see the same
+    global batches and, up to float rounding, take the same steps.
+    """
+    g = batch_size * world_size
+    usable = len(order) // g * g
+    return [int(order[start + rank * batch_size + j]) for start in range(0, usable, g) for j in range(batch_size)]
+
+
 class EpochKeys(torch.utils.data.Sampler):
     """This rank's ``(epoch, index)`` keys: a shuffled padded shard (train) or an exact one (eval)."""
 
@@ -150,8 +162,7 @@ class EpochKeys(torch.utils.data.Sampler):
         cfg = self.cfg
         if not cfg.train:
             return shard_indices(self.n, cfg.rank, cfg.world_size, pad=False)
-        perm = epoch_permutation(self.n, cfg.seed, self.epoch)
-        return [int(perm[i]) for i in shard_indices(self.n, cfg.rank, cfg.world_size, pad=True)]
+        return train_shard(epoch_permutation(self.n, cfg.seed, self.epoch), cfg.batch_size, cfg.rank, cfg.world_size)
 
     def __len__(self) -> int:
         return len(self.indices()) - self.skip
@@ -172,13 +183,16 @@ class DecodingPipeline:
                                    auto_augment=cfg.auto_augment)
         self.keys = EpochKeys(len(records), cfg)
         self.batches_per_epoch = len(self.keys) // cfg.batch_size if cfg.train else -(-len(self.keys) // cfg.batch_size)
-        if cfg.train and len(self.keys) < cfg.batch_size:
-            raise ValueError(f"{cfg.list_path}: {len(self.keys)} videos per process is fewer than one batch "
-                             f"of {cfg.batch_size}")
+        if cfg.train and self.batches_per_epoch == 0:
+            raise ValueError(f"{cfg.list_path}: {len(records)} readable videos are fewer than one global batch "
+                             f"of {cfg.batch_size} x {cfg.world_size} processes")
         self.loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=cfg.batch_size, sampler=self.keys, num_workers=cfg.num_workers,
             collate_fn=collate, pin_memory=torch.device(cfg.device).type == "cuda", drop_last=cfg.train,
-            persistent_workers=cfg.num_workers > 0, prefetch_factor=4 if cfg.num_workers > 0 else None)
+            persistent_workers=cfg.num_workers > 0, prefetch_factor=4 if cfg.num_workers > 0 else None,
+            # Its own generator: a new iterator (each epoch, or a resume mid-epoch) must not draw
+            # from the global RNG that dropout uses, or a resumed run would diverge.
+            generator=torch.Generator().manual_seed(cfg.seed))
         self.bad: list[tuple[str, str]] = []
 
     def __len__(self) -> int:

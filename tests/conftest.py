@@ -37,3 +37,20 @@ def build_tiny(tiny_vit: str, seed: int = 0, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return evl.build_model(tiny_vit, **kw)
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """A small H.264 demo dataset (32 train / 12 val clips of 8 frames, 64 px)."""
+    from evl.demo import write_demo_dataset
+
+    return write_demo_dataset(str(tmp_path_factory.mktemp("demo")), num_train=32, num_val=12, num_frames=8)
+
+
+def train_argv(tiny_vit, demo, out, *extra):
+    """Flags for a tiny CPU run on the demo data; ``extra`` overrides."""
+    return ["--backbone", tiny_vit, "--num_classes", "4", "--num_frames", "4", "--sampling_rate", "2",
+            "--train_list_path", demo.train_list, "--val_list_path", demo.val_list, "--data_root", demo.root,
+            "--batch_size", "8", "--num_workers", "0", "--auto_augment", "none", "--crop_scale", "0.5", "1",
+            "--num_temporal_views", "2", "--lr", "1e-3", "--print_freq", "1", "--eval_freq", "1000",
+            "--save_freq", "1000", "--device", "cpu", "--output_dir", str(out), *extra]

@@ -1,0 +1,126 @@
+"""The PyAV pipeline: batches, determinism across workers, sharding, bad input (issue: data layer)."""
+
+import logging
+import shutil
+
+import pytest
+import torch
+
+from pipelines import PipelineConfig, TooManyBadVideos, build_pipeline
+from pipelines.base import CLIP_MEAN, CLIP_STD
+from pipelines.lists import read_list
+from pipelines.loader import train_shard
+from pipelines.pyav import read_frames
+from pipelines.sampling import ClipSampler
+from pipelines.transforms import apply_spec
+
+
+def cfg(demo, **kw):
+    base = dict(list_path=demo.train_list, data_root=demo.root, num_classes=4, num_frames=4, sampling_rate=2,
+                input_size=48, batch_size=4, num_workers=0, crop_scale=(0.3, 1.0), auto_augment=None, seed=3)
+    base.update(kw)
+    return PipelineConfig(**base)
+
+
+def collect(pipe, epoch=0):
+    pipe.set_epoch(epoch)
+    return [(b.clips, b.labels, b.index, b.view) for b in pipe]
+
+
+def test_batches_shape_dtype_and_normalisation(demo_data):
+    pipe = build_pipeline("pyav", cfg(demo_data))
+    batches = collect(pipe)
+    assert len(batches) == len(pipe) == 32 // 4
+    clips, labels, index, view = batches[0]
+    assert clips.shape == (4, 3, 4, 48, 48) and clips.dtype == torch.float32
+    assert labels.dtype == torch.int64 and (view == 0).all()
+    pixels = clips * torch.tensor(CLIP_STD).view(1, 3, 1, 1, 1) + torch.tensor(CLIP_MEAN).view(1, 3, 1, 1, 1)
+    assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
+    records = read_list(demo_data.train_list, data_root=demo_data.root)
+    assert labels.tolist() == [records[i].label for i in index.tolist()]
+
+
+def test_clip_is_the_samplers_decision(demo_data):
+    c = cfg(demo_data)
+    pipe = build_pipeline("pyav", c)
+    clips, _, index, _ = collect(pipe, epoch=2)[0]
+    i = int(index[0])
+    record = read_list(demo_data.train_list, data_root=demo_data.root)[i]
+    sampler = ClipSampler(num_frames=4, sampling_rate=2, size=48, scale=(0.3, 1.0), seed=3)
+    spec = sampler.train_clip(i, 2, num_frames_in_video=8, height=64, width=64)
+    expect = apply_spec(read_frames(record.path, spec.frame_indices), spec, 48)
+    got = (clips[0] * torch.tensor(CLIP_STD).view(3, 1, 1, 1) + torch.tensor(CLIP_MEAN).view(3, 1, 1, 1)) * 255
+    torch.testing.assert_close(got.permute(1, 2, 3, 0), expect.float(), atol=1e-3, rtol=0)
+
+
+def test_same_batches_with_any_worker_count_and_epochs_differ(demo_data):
+    a = collect(build_pipeline("pyav", cfg(demo_data, num_workers=0)), epoch=1)
+    b = collect(build_pipeline("pyav", cfg(demo_data, num_workers=2)), epoch=1)
+    for x, y in zip(a, b):
+        for u, v in zip(x, y):
+            assert torch.equal(u, v)
+    c = collect(build_pipeline("pyav", cfg(demo_data, num_workers=0)), epoch=2)
+    assert not torch.equal(a[0][2], c[0][2])
+
+
+def test_global_batches_do_not_depend_on_process_count():
+    order = list(range(100, 120))
+    one = train_shard(order, 8, 0, 1)
+    two = [train_shard(order, 4, r, 2) for r in range(2)]
+    assert one == order[:16]
+    assert sorted(two[0][:4] + two[1][:4]) == sorted(one[:8])
+    assert sorted(two[0][4:] + two[1][4:]) == sorted(one[8:])
+
+
+def test_eval_views_and_two_rank_sharding_count_every_video_once(demo_data):
+    base = dict(list_path=demo_data.val_list, train=False, num_spatial_views=3, num_temporal_views=2,
+                batch_size=5)
+    seen = []
+    for rank in range(2):
+        for _, _, index, view in collect(build_pipeline("pyav", cfg(demo_data, rank=rank, world_size=2, **base))):
+            seen += list(zip(index.tolist(), view.tolist()))
+    assert sorted(seen) == [(i, v) for i in range(12) for v in range(6)]
+
+
+def test_bad_videos_are_excluded_up_front_with_a_report(demo_data, tmp_path, caplog):
+    root = tmp_path / "d"
+    shutil.copytree(demo_data.root, root)
+    (root / "videos/train/00003.mp4").write_bytes(b"not a video")
+    with caplog.at_level(logging.WARNING):
+        pipe = build_pipeline("pyav", cfg(demo_data, list_path=str(root / "train.txt"), data_root=str(root),
+                                          max_bad_fraction=0.05))
+    assert pipe.num_samples == 31
+    assert "00003.mp4" in caplog.text and "1 of 32 videos are unreadable" in caplog.text
+    with pytest.raises(TooManyBadVideos, match="00003.mp4"):
+        build_pipeline("pyav", cfg(demo_data, list_path=str(root / "train.txt"), data_root=str(root),
+                                   max_bad_fraction=0.01))
+
+
+def test_video_failing_mid_epoch_is_replaced_counted_and_limited(demo_data, tmp_path, caplog):
+    root = tmp_path / "d"
+    shutil.copytree(demo_data.root, root)
+    pipe = build_pipeline("pyav", cfg(demo_data, list_path=str(root / "train.txt"), data_root=str(root),
+                                      max_bad_fraction=0.1))
+    (root / "videos/train/00005.mp4").write_bytes(b"corrupted after probing")
+    with caplog.at_level(logging.WARNING):
+        batches = collect(pipe)
+    assert sum(len(b[1]) for b in batches) == 32  # replaced, not dropped
+    assert 5 not in torch.cat([b[2] for b in batches]).tolist()
+    assert [p for p, _ in pipe.bad] == [str(root / "videos/train/00005.mp4")]
+    assert "1 unreadable video(s) replaced" in caplog.text
+    for i in (1, 2, 7, 9):
+        (root / f"videos/train/0000{i}.mp4").write_bytes(b"")
+    with pytest.raises(TooManyBadVideos, match="unreadable videos in one epoch"):
+        collect(pipe, epoch=1)
+
+
+def test_dummy_pipeline_shapes(demo_data):
+    pipe = build_pipeline("dummy", cfg(demo_data, train=False, num_temporal_views=3, list_path=demo_data.val_list))
+    batches = list(pipe)
+    assert sum(len(b.labels) for b in batches) == 12 * 3
+    assert batches[0].clips.shape == (12, 3, 4, 48, 48)
+
+
+def test_unknown_pipeline_name():
+    with pytest.raises(ValueError, match="unknown pipeline 'nvdec'"):
+        build_pipeline("nvdec", PipelineConfig(list_path=None, num_classes=2))

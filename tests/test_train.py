@@ -1,0 +1,172 @@
+"""python -m evl.train: the loop, exact resume, signals, DDP with gloo, bad input (trainer issue)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from evl import train as train_mod
+from evl.eval import main as eval_main
+from evl.weights import WeightsError, safe_load
+from pipelines.lists import ListFileError
+
+from conftest import TINY_VIT, train_argv
+
+
+def events(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_training_writes_run_directory(tiny_vit, demo_data, tmp_path):
+    out = tmp_path / "run"
+    result = train_mod.main(train_argv(tiny_vit, demo_data, out, "--num_steps", "6", "--eval_freq", "3"))
+    assert result["step"] == 6
+    ev = events(out)
+    assert [e["step"] for e in ev if "loss" in e] == [1, 2, 3, 4, 5, 6]
+    assert all(set(e) == {"step", "loss", "lr", "clips_per_s"} for e in ev if "loss" in e)
+    evals = [e for e in ev if "top1" in e]
+    assert [e["step"] for e in evals] == [3, 6] and all(e["num_videos"] == 12 for e in evals)
+    assert ev[-2]["lr"] == 0.0  # cosine to zero at num_steps
+    files = set(os.listdir(out))
+    assert {"config.json", "metrics.jsonl", "curves.png", "checkpoint-6.pth", "best.pth"} <= files
+    ckpt = safe_load(str(out / "checkpoint-6.pth"))  # weights_only=True
+    assert ckpt["next_step"] == 6 and ckpt["config"]["num_steps"] == 6
+    assert ckpt["model_config"]["backbone_id"].startswith("tiny-vit")
+    assert not any(k.startswith("backbone") for k in ckpt["model"])
+
+
+def test_resume_continues_exactly(tiny_vit, demo_data, tmp_path):
+    # 32 clips / batch 8 = 4 steps per epoch: resuming at step 5 is mid-epoch 1.
+    flags = ("--num_steps", "10", "--save_freq", "5", "--keep_last", "3", "--cls_dropout", "0.5")
+    full = tmp_path / "full"
+    train_mod.main(train_argv(tiny_vit, demo_data, full, *flags))
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copy(full / "checkpoint-5.pth", part / "checkpoint-5.pth")
+    train_mod.main(train_argv(tiny_vit, demo_data, part, *flags, "--auto_resume"))
+    a, b = safe_load(str(full / "checkpoint-10.pth")), safe_load(str(part / "checkpoint-10.pth"))
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert [e for e in events(part) if "loss" in e][0]["step"] == 6
+
+
+def test_warmup_and_accumulation(tiny_vit, demo_data, tmp_path):
+    out = tmp_path / "acc"
+    train_mod.main(train_argv(tiny_vit, demo_data, out, "--num_steps", "4", "--warmup_steps", "2",
+                              "--batch_split", "2"))
+    lrs = [e["lr"] for e in events(out) if "loss" in e]
+    assert lrs[0] == pytest.approx(1e-3)  # after step 1 of 2 warmup steps the scheduler is at step 1
+    assert lrs[1] < lrs[0] or lrs[1] == pytest.approx(1e-3)
+
+
+def assert_same_run(a, b):
+    """Two runs over the same global batches: the same losses, and weights equal up to what Adam's
+    sign-like first steps make of rounding differences in near-zero gradients (<= 2 lr a step)."""
+    la = [e["loss"] for e in events(a) if "loss" in e]
+    lb = [e["loss"] for e in events(b) if "loss" in e]
+    assert len(la) == len(lb) and la == pytest.approx(lb, rel=1e-4)
+    wa, wb = safe_load(str(a / "checkpoint-3.pth"))["model"], safe_load(str(b / "checkpoint-3.pth"))["model"]
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=6e-3, rtol=0)
+        if not k.endswith("k_proj.bias"):  # its gradient is 0 in theory (softmax shift), noise in practice
+            assert (wa[k] - wb[k]).abs().le(1e-5).float().mean() > 0.9, k
+
+
+NO_DROPOUT = ("--num_steps", "3", "--save_freq", "3", "--eval_freq", "3", "--cls_dropout", "0",
+              "--decoder_mlp_dropout", "0")
+
+
+def test_accumulation_equals_full_batch(tiny_vit, demo_data, tmp_path):
+    train_mod.main(train_argv(tiny_vit, demo_data, tmp_path / "a", *NO_DROPOUT))
+    train_mod.main(train_argv(tiny_vit, demo_data, tmp_path / "b", *NO_DROPOUT, "--batch_split", "4"))
+    assert_same_run(tmp_path / "a", tmp_path / "b")
+
+
+def test_eval_only_writes_each_video_once(tiny_vit, demo_data, tmp_path):
+    out = tmp_path / "run"
+    train_mod.main(train_argv(tiny_vit, demo_data, out, "--num_steps", "2", "--save_freq", "2"))
+    pred = tmp_path / "pred.jsonl"
+    res = eval_main(train_argv(tiny_vit, demo_data, tmp_path / "ev", "--checkpoint", str(out / "checkpoint-2.pth"),
+                               "--predictions_path", str(pred), "--batch_size", "5", "--num_spatial_views", "3"))
+    lines = [json.loads(x) for x in pred.read_text().splitlines()]
+    assert len(lines) == 12 and len({x["path"] for x in lines}) == 12
+    assert all(len(x["top5"]) == 4 and abs(sum(x["top5_prob"]) - 1) < 1e-4 for x in lines)
+    top1 = sum(x["top5"][0] == x["label"] for x in lines) / 12 * 100
+    assert res["top1"] == pytest.approx(top1)
+
+
+def test_bad_flags_fail_before_training(tiny_vit, demo_data, tmp_path):
+    with pytest.raises(SystemExit, match="nope.txt: file not found"):
+        train_mod.main(train_argv(tiny_vit, demo_data, tmp_path, "--train_list_path", str(tmp_path / "nope.txt")))
+    with pytest.raises(ListFileError, match=r"\.txt:\d+: label 3 outside \[0, 3\)"):
+        train_mod.main(train_argv(tiny_vit, demo_data, tmp_path, "--num_classes", "3"))
+    with pytest.raises(SystemExit, match="not divisible"):
+        train_mod.main(train_argv(tiny_vit, demo_data, tmp_path, "--batch_split", "3"))
+
+
+def test_resume_from_another_model_or_backbone_is_refused(tiny_vit, demo_data, tmp_path):
+    out = tmp_path / "run"
+    train_mod.main(train_argv(tiny_vit, demo_data, out, "--num_steps", "1", "--save_freq", "1"))
+    ck = str(out / "checkpoint-1.pth")
+    with pytest.raises(WeightsError, match="another model.*8 frames"):
+        train_mod.main(train_argv(tiny_vit, demo_data, tmp_path / "x", "--resume_path", ck, "--num_frames", "8"))
+    other = tmp_path / "other-vit.json"
+    cfg = json.loads(json.dumps(TINY_VIT))
+    cfg["vision_cfg"]["layers"] = 5
+    other.write_text(json.dumps(cfg))
+    with pytest.raises(WeightsError, match="trained with backbone tiny-vit"):
+        train_mod.main(train_argv(str(other), demo_data, tmp_path / "y", "--resume_path", ck))
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_vit, demo_data, tmp_path):
+    out = tmp_path / "nan"
+    with pytest.raises(FloatingPointError, match="non-finite loss") as e:
+        train_mod.main(train_argv(tiny_vit, demo_data, out, "--num_steps", "20", "--save_freq", "1",
+                                  "--lr", "1e36", "--weight_decay", "0"))
+    kept = sorted(os.listdir(out))
+    assert any(k.startswith("checkpoint-") for k in kept) and "checkpoint-" in str(e.value)
+    last = max((int(k[11:-4]), k) for k in kept if k.startswith("checkpoint-"))[1]
+    assert last in str(e.value)
+    assert all(torch.isfinite(v).all() for v in safe_load(str(out / last))["model"].values())
+
+
+def run_cli(args, **kw):
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, **kw)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_vit, demo_data, tmp_path):
+    out = tmp_path / "sig"
+    proc = run_cli(["-m", "evl.train", *train_argv(tiny_vit, demo_data, out, "--num_steps", "100000")])
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, log
+    saved = [f for f in os.listdir(out) if f.startswith("checkpoint-")]
+    assert len(saved) == 1 and "stopped by signal" in log
+    assert 0 < safe_load(str(out / saved[0]))["next_step"] < 100000
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one(tiny_vit, demo_data, tmp_path):
+    # Same global batches (8 = 1 x 8 = 2 x 4), no dropout: the same steps and the same metrics.
+    train_mod.main(train_argv(tiny_vit, demo_data, tmp_path / "one", *NO_DROPOUT))
+    proc = run_cli(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "-m",
+                    "evl.train", *train_argv(tiny_vit, demo_data, tmp_path / "two", *NO_DROPOUT, "--batch_size", "4")])
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+    ea = [e for e in events(tmp_path / "one") if "top1" in e]
+    eb = [e for e in events(tmp_path / "two") if "top1" in e]
+    assert ea[0]["num_videos"] == eb[0]["num_videos"] == 12
+    assert ea[0]["top1"] == pytest.approx(eb[0]["top1"]) and ea[0]["top5"] == pytest.approx(eb[0]["top5"])
