@@ -98,7 +98,43 @@ def _visual_part(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     sd = strip_prefix(sd, "module.")
     if any(k.startswith("visual.") for k in sd):
         return {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
+    if "patch_embed.proj.weight" in sd and "blocks.0.attn.q_proj.weight" in sd:
+        return from_reference_backbone(sd)
     return dict(sd)  # a visual-only state dict
+
+
+# The reference implementation's own ViT (VisionTransformer2D) -> open_clip names, per block.
+_REFERENCE_BLOCK = {"attn.out_proj.weight": "attn.out_proj.weight", "attn.out_proj.bias": "attn.out_proj.bias",
+                    "mlp.fc1.weight": "mlp.c_fc.weight", "mlp.fc1.bias": "mlp.c_fc.bias",
+                    "mlp.fc2.weight": "mlp.c_proj.weight", "mlp.fc2.bias": "mlp.c_proj.bias",
+                    "norm1.weight": "ln_1.weight", "norm1.bias": "ln_1.bias",
+                    "norm2.weight": "ln_2.weight", "norm2.bias": "ln_2.bias"}
+
+
+def from_reference_backbone(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict of the reference implementation's ViT in OpenAI/open_clip naming.
+
+    Its patch embedding is a Linear over flattened ``(3, p, p)`` patches with a bias; open_clip's
+    conv has none, so the bias moves into the patch tokens' positional embedding (the two are
+    summed before anything else touches them).
+    """
+    w = sd["patch_embed.proj.weight"]
+    width = w.shape[0]
+    patch = round((w.shape[1] // 3) ** 0.5)
+    pos = sd["pos_embed"].clone()
+    pos[1:] += sd.get("patch_embed.proj.bias", torch.zeros(width))
+    out = {"conv1.weight": w.reshape(width, 3, patch, patch), "class_embedding": sd["cls_token"],
+           "positional_embedding": pos}
+    if "ln_pre.weight" in sd:
+        out.update({"ln_pre.weight": sd["ln_pre.weight"], "ln_pre.bias": sd["ln_pre.bias"]})
+    i = 0
+    while f"blocks.{i}.attn.q_proj.weight" in sd:
+        src, dst = f"blocks.{i}.", f"transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{dst}attn.in_proj_{kind}"] = torch.cat([sd[f"{src}attn.{n}_proj.{kind}"] for n in "qkv"])
+        out.update({dst + theirs: sd[src + ours] for ours, theirs in _REFERENCE_BLOCK.items()})
+        i += 1
+    return out
 
 
 def describe_visual(sd: Mapping[str, torch.Tensor]) -> str:

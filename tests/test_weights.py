@@ -172,3 +172,33 @@ def test_checkpoint_with_backbone_weights_is_refused(tiny_vit, tmp_path):
     torch.save(sd, tmp_path / "full.pth")
     with pytest.raises(WeightsError, match="backbone weights"):
         evl.load_checkpoint(model, str(tmp_path / "full.pth"))
+
+
+def test_backbone_weights_in_the_reference_implementations_vit_naming(tiny_vit, tmp_path):
+    # The reference's VisionTransformer2D: Linear patch embedding (with bias), q/k/v split, fc1/fc2.
+    vis = random_visual_state(tiny_vit, seed=9)
+    width = 64
+    bias = torch.randn(width)
+    ref = {"cls_token": vis["class_embedding"], "pos_embed": vis["positional_embedding"],
+           "patch_embed.proj.weight": vis["conv1.weight"].flatten(1), "patch_embed.proj.bias": bias,
+           "ln_pre.weight": vis["ln_pre.weight"], "ln_pre.bias": vis["ln_pre.bias"]}
+    for i in range(4):
+        s, d = f"transformer.resblocks.{i}.", f"blocks.{i}."
+        for j, n in enumerate("qkv"):
+            ref[f"{d}attn.{n}_proj.weight"] = vis[f"{s}attn.in_proj_weight"][j * width:(j + 1) * width]
+            ref[f"{d}attn.{n}_proj.bias"] = vis[f"{s}attn.in_proj_bias"][j * width:(j + 1) * width]
+        for ours, theirs in (("attn.out_proj", "attn.out_proj"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj"),
+                             ("norm1", "ln_1"), ("norm2", "ln_2")):
+            for kind in ("weight", "bias"):
+                ref[f"{d}{ours}.{kind}"] = vis[f"{s}{theirs}.{kind}"]
+    torch.save(ref, tmp_path / "ref_vit.pth")
+    model = evl.build_model(tiny_vit, 5, 4, backbone_path=str(tmp_path / "ref_vit.pth"))
+    vis["positional_embedding"] = vis["positional_embedding"].clone()
+    vis["positional_embedding"][1:] += bias
+    assert_backbone_is(model, {k: v for k, v in vis.items() if not k.startswith(("ln_post", "proj"))})
+    # The folded bias is exact: the embedded tokens equal the reference's Linear-with-bias patch embedding.
+    x = torch.randn(2, 3, 64, 64)
+    patches = x.unfold(2, 16, 16).unfold(3, 16, 16).permute(0, 2, 3, 1, 4, 5).flatten(3).flatten(1, 2)
+    tokens = torch.cat([ref["cls_token"].expand(2, 1, -1), patches @ ref["patch_embed.proj.weight"].T + bias], 1)
+    expected = model.backbone.visual.ln_pre(tokens + ref["pos_embed"])
+    torch.testing.assert_close(model.backbone._embed(x), expected, atol=1e-5, rtol=1e-5)
