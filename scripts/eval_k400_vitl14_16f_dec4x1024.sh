@@ -1,19 +1,6 @@
 #!/usr/bin/env bash
-# Evaluate EVL vitl14_16f_dec4x1024 on Kinetics-400 (paper top-1 / top-5, 3 views: 87.0 / 97.6).
-# Reference recipe (evl-spec.md §3): AdamW lr 4e-4, wd 0.05, cosine over 50,000 steps, global
-# batch 256, RandAugment rand-m7-n4-mstd0.5-inc1, 3 spatial x 1 temporal eval views.
-# CKPT: this project's checkpoint or the reference's released .pth.
-# Set CLIP_DIR (OpenAI CLIP .pt files), K400 (train.txt / val.txt / videos), and optionally
-# PIPELINE (dali | pyav), RUN_DIR. Extra arguments are passed on to evl.train.
-set -euo pipefail
-CLIP_DIR="${CLIP_DIR:?set CLIP_DIR to the folder holding ViT-L-14.pt}"
-K400="${K400:?set K400 to the folder holding train.txt, val.txt and the videos}"
-CKPT="${CKPT:?set CKPT to the checkpoint to evaluate}"
-python -m torch.distributed.run --nproc_per_node "${NPROC:-1}" -m evl.eval \
-    --backbone ViT-L-14 --backbone_path "$CLIP_DIR/ViT-L-14.pt" \
-    --num_classes 400 --num_frames 16 --sampling_rate 16 \
-    --decoder_num_layers 4 \
-    --val_list_path "$K400/val.txt" --data_root "$K400" \
-    --num_spatial_views 3 --num_temporal_views 1 \
-    --pipeline "${PIPELINE:-dali}" --batch_size 8 --num_workers 12 \
-    --checkpoint "$CKPT" --output_dir "${RUN_DIR:-runs/eval_k400_vitl14_16f_dec4x1024}" "$@"
+# Evaluate: EVL ViT-L-14 16x16 on Kinetics-400; paper top-1 / top-5 87.0 / 97.6 (3x1 views).
+# See k400_recipe.sh for the environment it reads; extra arguments go to evl.eval.
+NAME=vitl14_16f_dec4x1024 BACKBONE=ViT-L-14 WEIGHTS=ViT-L-14.pt FRAMES=16 STRIDE=16 SPATIAL=3 TEMPORAL=1 SPLIT8=2
+source "$(dirname "${BASH_SOURCE[0]}")/k400_recipe.sh"
+k400 eval "$@"
