@@ -22,7 +22,7 @@ import torch
 from .base import Batch, PipelineConfig, TooManyBadVideos, thwc_uint8_to_bcthw
 from .lists import VideoRecord, read_list
 from .sampling import ClipSampler, ClipSpec, epoch_permutation, shard_indices
-from .transforms import apply_spec
+from .transforms import decode_clips
 
 if TYPE_CHECKING:  # the probe reads files with pipelines.pyav, which builds on this module
     from .probe import VideoInfo
@@ -106,13 +106,8 @@ class ClipDataset(torch.utils.data.Dataset):
         """Decode and transform one item: ``[V, T, S, S, 3]`` uint8 and its specs."""
         record, info = self.records[key[1]], self.infos[key[1]]
         specs = clip_specs(self.sampler, self.train, key, record, info)
-        # Views share frames (3 spatial crops of one temporal window): decode each frame once.
-        wanted = sorted({i for s in specs for i in s.frame_indices})
-        frames = self.read_frames(record.path, wanted)
-        row = {f: r for r, f in enumerate(wanted)}
-        size, aug = self.sampler.size, self.auto_augment if self.train else None
-        clips = [apply_spec(frames[[row[i] for i in s.frame_indices]], s, size, aug) for s in specs]
-        return torch.stack(clips), specs
+        aug = self.auto_augment if self.train else None
+        return decode_clips(self.read_frames, record.path, specs, self.sampler.size, aug), specs
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, index = key

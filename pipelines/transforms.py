@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from functools import lru_cache
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -65,3 +66,16 @@ def apply_spec(frames: np.ndarray, spec: ClipSpec, size: int, auto_augment: str 
     if auto_augment:
         frames = rand_augment_clip(frames, auto_augment, spec.aug_seed)
     return crop_resize(frames, spec.crop, size, spec.flip)
+
+
+def decode_clips(read_frames: Callable[[str, Sequence[int]], np.ndarray], path: str, specs: Sequence[ClipSpec],
+                 size: int, auto_augment: str | None = None) -> torch.Tensor:
+    """Decode and transform the clips of ``specs`` from one video: ``[V, T, size, size, 3]`` uint8.
+
+    Views share frames (three crops of one temporal window), so each frame is decoded once.
+    """
+    wanted = sorted({i for s in specs for i in s.frame_indices})
+    frames = read_frames(path, wanted)
+    row = {f: r for r, f in enumerate(wanted)}
+    return torch.stack([apply_spec(frames[[row[i] for i in s.frame_indices]], s, size, auto_augment)
+                        for s in specs])

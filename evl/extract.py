@@ -1,0 +1,190 @@
+"""``python -m evl.extract``: per-video features of a trained EVL checkpoint, as ``.npy`` files.
+
+For every video of a list file it writes the decoder's final query embedding (the input of the
+classification head, ``[C]`` float32, averaged over the evaluation views) and, with ``--cls``,
+the last backbone block's CLS token of every frame of the first view (``[T, C]``), plus
+``DIR/index.jsonl`` (one line per extracted video: list line, path, label, npy paths). Files
+are written under temporary names and renamed when complete, so an interrupted run resumes
+where it stopped; ``DIR/extract.json`` records the checkpoint and sampling, and a rerun with
+another one is refused rather than mixing features. Unreadable videos are reported at the end
+(the exit status is then 1) and left out of the index.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+from pipelines.lists import ListFileError, VideoRecord, read_list
+from pipelines.loader import frame_range
+from pipelines.probe import probe_video
+
+from .inference import ViewReader, add_model_arguments, predictor_from_args
+from .weights import WeightsError, file_sha256
+
+__all__ = ["main", "feature_paths"]
+
+MANIFEST = "extract.json"
+INDEX = "index.jsonl"
+
+
+def feature_paths(output: str, i: int, record: VideoRecord) -> tuple[str, str]:
+    """(embedding, cls) paths of record ``i``: numbered, since one video may be several segments."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.splitext(os.path.basename(record.path))[0])[:80]
+    base = os.path.join(output, "features", f"{i:07d}-{stem}")
+    return base + ".npy", base + ".cls.npy"
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".npy")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+class _Videos(torch.utils.data.Dataset):
+    """Item ``j``: ``(position, views [V, T, S, S, 3] uint8 or None, error or None)``."""
+
+    def __init__(self, reader: ViewReader, items: list[tuple[int, VideoRecord]]):
+        self.reader, self.items = reader, items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, j: int):
+        i, record = self.items[j]
+        try:
+            info = probe_video(record.path)
+            first, last = frame_range(record, info)
+            return i, self.reader(record.path, first, last, info), None
+        except Exception as e:  # noqa: BLE001 -- whatever a decoder raises, the video is unreadable
+            reason = e.reason if hasattr(e, "reason") else f"{type(e).__name__}: {e}"
+            return i, None, reason
+
+
+def _check_manifest(output: str, manifest: dict) -> None:
+    path = os.path.join(output, MANIFEST)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+        if old != manifest:
+            diff = sorted(k for k in manifest.keys() | old.keys() if old.get(k) != manifest.get(k))
+            raise SystemExit(f"error: {output} holds features of another extraction (differs in: {', '.join(diff)}; "
+                             f"see {path}); use another --output or delete it")
+    else:
+        _write_text_atomic(path, json.dumps(manifest, indent=1) + "\n")
+
+
+def _line_number(record: VideoRecord) -> int | None:
+    tail = record.source.rsplit(":", 1)[-1]
+    return int(tail) if tail.isdigit() else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m evl.extract", description="Per-video EVL features (.npy) of a list file: the final query "
+        "embedding averaged over the evaluation views, and with --cls the last backbone block's per-frame CLS "
+        "tokens. Resumable.")
+    p.add_argument("--list", required=True, dest="list_path", metavar="LIST",
+                   help="list file, '<path> <label>' per line")
+    p.add_argument("--data_root", metavar="DIR", help="directory the list's paths are relative to")
+    p.add_argument("--output", required=True, metavar="DIR",
+                   help="output directory (features/, index.jsonl, extract.json)")
+    p.add_argument("--cls", action="store_true", help="also save the per-frame CLS tokens [T, C] of the first view")
+    p.add_argument("--batch_size", type=int, default=8, metavar="N", help="videos per forward pass (all their views)")
+    p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N",
+                   help="decoding processes (default: %(default)s)")
+    add_model_arguments(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Returns the exit status: 0, or 1 when some video could not be read."""
+    from tqdm import tqdm
+
+    ns = build_parser().parse_args(argv)
+    if ns.batch_size < 1 or ns.num_workers < 0:
+        raise SystemExit("error: --batch_size must be positive and --num_workers not negative")
+    try:
+        # Missing files are reported with the other unreadable videos, not fatal.
+        records = read_list(ns.list_path, data_root=ns.data_root, check_files=False)
+        predictor = predictor_from_args(ns)
+    except (WeightsError, ListFileError, OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    output = ns.output
+    os.makedirs(os.path.join(output, "features"), exist_ok=True)
+    s = predictor.settings
+    _check_manifest(output, {
+        "checkpoint_sha256": file_sha256(ns.checkpoint), "backbone_id": s["backbone_id"],
+        "backbone_sha256": predictor.model.config.get("backbone_sha256"),
+        **{k: s[k] for k in ("num_frames", "sampling_rate", "sampling", "num_spatial_views", "num_temporal_views",
+                             "input_size")}})
+
+    def done(i: int, record: VideoRecord) -> bool:
+        emb, cls = feature_paths(output, i, record)
+        return os.path.exists(emb) and (not ns.cls or os.path.exists(cls))
+
+    todo = [(i, r) for i, r in enumerate(records) if not done(i, r)]
+    skipped = len(records) - len(todo)
+    loader = torch.utils.data.DataLoader(_Videos(predictor.reader, todo), batch_size=ns.batch_size,
+                                         num_workers=ns.num_workers, collate_fn=list)
+    failures: list[tuple[str, str]] = []
+    with tqdm(total=len(todo), desc="extract", unit="video", dynamic_ncols=True, disable=None) as bar:
+        for batch in loader:
+            good = [(i, clips) for i, clips, _ in batch if clips is not None]
+            failures += [(records[i].path, reason) for i, clips, reason in batch if clips is None]
+            if good:
+                out = predictor.run(torch.cat([c for _, c in good]), want_cls=ns.cls)
+                start = 0
+                for i, clips in good:
+                    views = slice(start, start + len(clips))
+                    start += len(clips)
+                    emb_path, cls_path = feature_paths(output, i, records[i])
+                    if ns.cls:  # written first: the embedding file's existence marks the video done
+                        _save_npy(cls_path, out["cls"][views.start].numpy().astype(np.float32))
+                    _save_npy(emb_path, out["embedding"][views].mean(0).numpy().astype(np.float32))
+            bar.update(len(batch))
+
+    lines = []
+    for i, r in enumerate(records):
+        if not done(i, r):
+            continue
+        emb, cls = feature_paths(output, i, r)
+        entry = {"line": _line_number(r), "path": r.path, "label": r.label,
+                 "embedding": os.path.relpath(emb, output),
+                 "cls": os.path.relpath(cls, output) if os.path.exists(cls) else None}
+        if r.start_sec is not None:
+            entry.update(start_sec=r.start_sec, end_sec=r.end_sec)
+        lines.append(json.dumps(entry) + "\n")
+    _write_text_atomic(os.path.join(output, INDEX), "".join(lines))
+    print(f"extract: {len(todo) - len(failures)} extracted, {skipped} already done, {len(failures)} unreadable; "
+          f"{len(lines)} of {len(records)} videos in {os.path.join(output, INDEX)}", flush=True)
+    if failures:
+        print(f"{len(failures)} unreadable video(s):", file=sys.stderr)
+        for path, reason in failures:
+            print(f"  {path}: {reason}", file=sys.stderr)
+        print("", file=sys.stderr, flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

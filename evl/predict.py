@@ -1,0 +1,171 @@
+"""``python -m evl.predict``: the top-k classes of single videos, with a trained EVL checkpoint.
+
+Each video is read like an evaluation video (spec §2): every spatial x temporal view of the
+checkpoint's evaluation setting, the softmax averaged over views. Long, untrimmed videos can be
+cut into sliding windows (``--window_sec``, ``--stride_sec``): each window is predicted the same
+way and printed as a timeline, and the whole video's prediction is the mean of its windows'.
+A video that cannot be read is reported and skipped; the exit status is then 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+import torch
+
+from pipelines.lists import VideoRecord
+from pipelines.loader import frame_range
+from pipelines.probe import probe_video
+from pipelines.pyav import VideoReadError
+
+from .inference import Predictor, add_model_arguments, predictor_from_args, read_class_names
+from .weights import WeightsError
+
+__all__ = ["main", "predict_video", "sliding_windows"]
+
+
+def sliding_windows(duration: float, window: float, stride: float) -> list[tuple[float, float]]:
+    """``(start, end)`` seconds of windows ``stride`` apart that cover ``[0, duration]``.
+
+    Every window is ``window`` long; where the strides leave a tail uncovered, one more window
+    ends at the video's end. A video shorter than a window is one window.
+    """
+    if window <= 0 or stride <= 0:
+        raise ValueError(f"window and stride must be positive, got {window} and {stride}")
+    eps = 1e-6
+    if duration <= window + eps:
+        return [(0.0, duration)]
+    count = int(math.floor((duration - window) / stride + eps)) + 1
+    starts = [k * stride for k in range(count)]
+    if starts[-1] + window < duration - eps:
+        starts.append(duration - window)
+    return [(s, s + window) for s in starts]
+
+
+def _views(predictor: Predictor, path: str, info, first: int = 0, last: int | None = None) -> torch.Tensor:
+    try:
+        return predictor.reader(path, first, last, info)
+    except VideoReadError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- whatever a decoder raises, the video is unreadable
+        raise VideoReadError(path, f"{type(e).__name__}: {e}") from e
+
+
+def _mean_probs(predictor: Predictor, clips: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Softmax averaged over the views ``clips [V, T, S, S, 3]``."""
+    probs = [predictor.run(clips[i:i + batch_size])["probs"] for i in range(0, len(clips), batch_size)]
+    return torch.cat(probs).mean(0)
+
+
+def predict_video(predictor: Predictor, path: str, *, window_sec: float | None = None,
+                  stride_sec: float | None = None, batch_size: int = 32) -> dict:
+    """``{'path', 'probs' [K], 'num_views'}``, plus ``'duration_sec'`` and ``'windows'``
+    (``[{'start', 'end', 'probs'}]``) with ``window_sec``. Raises VideoReadError (or
+    FileNotFoundError) for a video that cannot be read."""
+    info = probe_video(path)
+    views = predictor.reader.sampler.num_views
+    if window_sec is None:
+        return {"path": path, "probs": _mean_probs(predictor, _views(predictor, path, info), batch_size),
+                "num_views": views}
+    if info.fps <= 0:
+        raise VideoReadError(path, "unknown frame rate: cannot cut it into windows of seconds")
+    duration = info.num_frames / info.fps
+    windows = []
+    for start, end in sliding_windows(duration, window_sec, stride_sec or window_sec):
+        first, last = frame_range(VideoRecord(path, 0, start, end), info)
+        windows.append({"start": start, "end": end,
+                        "probs": _mean_probs(predictor, _views(predictor, path, info, first, last), batch_size)})
+    return {"path": path, "probs": torch.stack([w["probs"] for w in windows]).mean(0), "num_views": views,
+            "duration_sec": duration, "windows": windows}
+
+
+def _name(names: list[str] | None, k: int) -> str | None:
+    return names[k] if names else None
+
+
+def to_json(result: dict, names: list[str] | None, topk: int) -> dict:
+    p, c = result["probs"].topk(min(topk, len(result["probs"])))
+    out = {"path": result["path"], "num_views": result["num_views"],
+           "topk": [{"class": int(k), "name": _name(names, int(k)), "prob": round(float(q), 6)}
+                    for q, k in zip(p, c)]}
+    if "windows" in result:
+        out["duration_sec"] = round(result["duration_sec"], 3)
+        out["windows"] = []
+        for w in result["windows"]:
+            q, k = w["probs"].max(0)
+            out["windows"].append({"start": round(w["start"], 3), "end": round(w["end"], 3), "class": int(k),
+                                   "name": _name(names, int(k)), "prob": round(float(q), 6)})
+    return out
+
+
+def to_text(rec: dict) -> str:
+    label = lambda r: r["name"] if r["name"] is not None else f"class {r['class']}"  # noqa: E731
+    views = f"{rec['num_views']} view{'s' if rec['num_views'] != 1 else ''}"
+    if "windows" not in rec:
+        lines = [f"{rec['path']} ({views})"]
+    else:
+        w = rec["windows"]
+        lines = [f"{rec['path']} ({rec['duration_sec']:.2f} s, {len(w)} window{'s' if len(w) != 1 else ''}, "
+                 f"{views} each)"]
+        lines += [f"  {x['start']:8.2f} - {x['end']:8.2f} s  {x['prob']:.3f}  {label(x)}" for x in w]
+        lines.append("  whole video (mean of the windows):")
+    lines += [f"  {r['prob']:.3f}  {label(r)}" for r in rec["topk"]]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m evl.predict", description="Top-k classes of videos with a trained EVL checkpoint "
+        "(softmax averaged over the evaluation views; optionally over sliding windows of long videos).")
+    p.add_argument("videos", nargs="+", metavar="VIDEO")
+    add_model_arguments(p)
+    p.add_argument("--class_names", metavar="JSON",
+                   help="JSON list of class names, index = position (e.g. k400_class_mappings.json)")
+    p.add_argument("--topk", type=int, default=5, metavar="K")
+    p.add_argument("--json", action="store_true", help="one JSON object per video on stdout")
+    p.add_argument("--window_sec", type=float, metavar="SEC",
+                   help="predict sliding windows of this many seconds (untrimmed videos)")
+    p.add_argument("--stride_sec", type=float, metavar="SEC", help="window stride in seconds (default: --window_sec)")
+    p.add_argument("--batch_size", type=int, default=32, metavar="N", help="views per forward pass")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Returns the exit status: 0, or 1 when some video could not be read."""
+    ns = build_parser().parse_args(argv)
+    if ns.topk < 1 or ns.batch_size < 1:
+        raise SystemExit("error: --topk and --batch_size must be positive")
+    if ns.stride_sec is not None and ns.window_sec is None:
+        raise SystemExit("error: --stride_sec needs --window_sec")
+    if (ns.window_sec is not None and ns.window_sec <= 0) or (ns.stride_sec is not None and ns.stride_sec <= 0):
+        raise SystemExit("error: --window_sec and --stride_sec must be positive")
+    try:
+        predictor = predictor_from_args(ns)
+        names = read_class_names(ns.class_names, predictor.num_classes) if ns.class_names else None
+    except (WeightsError, OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    failed = []
+    for path in ns.videos:
+        try:
+            result = predict_video(predictor, path, window_sec=ns.window_sec, stride_sec=ns.stride_sec,
+                                   batch_size=ns.batch_size)
+        except (VideoReadError, OSError) as e:
+            reason = e.reason if isinstance(e, VideoReadError) else (e.strerror or str(e))
+            failed.append(path)
+            print(f"error: {path}: {reason}", file=sys.stderr, flush=True)
+            if ns.json:
+                print(json.dumps({"path": path, "error": reason}), flush=True)
+            continue
+        rec = to_json(result, names, ns.topk)
+        print(json.dumps(rec) if ns.json else to_text(rec), flush=True)
+    if failed:
+        print(f"{len(failed)} of {len(ns.videos)} videos could not be read: {', '.join(failed)}",
+              file=sys.stderr, flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
