@@ -1,0 +1,392 @@
+"""The DALI backend (``--pipeline dali``): decode, crop, resize, flip and normalise inside DALI.
+
+Sampling is the shared :class:`~pipelines.sampling.ClipSampler`'s, exactly as in the PyAV
+pipeline (same keys, same order, same ClipSpecs), so the two backends can be compared clip for
+clip. Each batch enters DALI through one ``fn.external_source`` callback: per video the encoded
+file bytes, the sorted unique frames its clips need and, per view, the order of those frames
+and the crop box. ``fn.decoders.video`` decodes exactly those frames (its ``frames=`` argument
+takes an arbitrary per-sample list), ``fn.sequence_rearrange`` lays them out per view (a short
+video's repeated last frame, uneven TSN spacing, views sharing frames are decoded once),
+``fn.slice`` + ``fn.resize`` (linear, antialiased: what ``transforms.crop_resize`` does) execute
+the crop box, and ``fn.crop_mirror_normalize`` flips, normalises with CLIP's mean and std and
+turns ``FHWC`` into ``CFHW``. ``fn.readers.video`` is not used: it reads contiguous strided
+ranges (every possible sequence by default), so it cannot express the repeated last frame of a
+short video or segment sampling, and it shuffles and shards by its own rules.
+
+With ``cfg.device`` on CUDA the decoder is the "mixed" one (NVDEC) and batches come out on that
+GPU; on the CPU (``device_id=None``) DALI decodes VP8, VP9 and MJPEG only, so anything else is
+refused up front with a hint to use ``--pipeline pyav``. RandAugment is skipped, with a warning:
+DALI's ``auto_aug.rand_augment`` is not timm's policy and draws from DALI's own random state,
+not the sampler's ``aug_seed``, so it could not match the PyAV pipeline's clips. Unreadable
+videos are replaced (training) or skipped (evaluation), counted and reported as in
+:mod:`pipelines.loader`; DALI does not say which sample of a batch failed, so the batch's videos
+are checked one by one and the pipeline is rebuilt from that batch.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import nvidia.dali as dali  # the one import that may fail: build_pipeline turns it into a hint
+import nvidia.dali.fn as fn
+import nvidia.dali.types as types
+import torch
+
+from .base import CLIP_MEAN, CLIP_STD, Batch, PipelineConfig, TooManyBadVideos
+from .loader import MAX_REPLACEMENTS, EpochKeys, clip_specs, load_dataset, make_sampler
+from .pyav import VideoReadError, frame_index
+
+__all__ = ["CPU_CODECS", "GPU_CODECS", "DALIPipeline", "UnsupportedCodecError", "read_frames"]
+
+log = logging.getLogger(__name__)
+
+# What fn.decoders.video reads (DALI 2.4 docs): VP8/VP9/MJPEG on both backends, the rest on
+# NVDEC ("mixed") only. Keys are FFmpeg decoder names, as the probe records them.
+CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
+GPU_CODECS = CPU_CODECS | {"h264", "hevc", "av1", "mpeg4"}
+_CODEC_ALIASES = {"libvpx": "vp8", "libvpx-vp9": "vp9", "libdav1d": "av1", "libaom-av1": "av1"}
+
+
+class UnsupportedCodecError(ValueError):
+    """Videos that DALI cannot decode on the requested device."""
+
+
+def _check_codecs(items: Sequence[tuple[str, str]], gpu: bool) -> None:
+    """Raises for (path, codec) pairs DALI cannot decode on this device, naming the files."""
+    supported = GPU_CODECS if gpu else CPU_CODECS
+    bad = [(p, c) for p, c in items if _CODEC_ALIASES.get(c, c) not in supported]
+    if not bad:
+        return
+    where = "on the GPU" if gpu else "without a GPU (CPU decoding reads only VP8, VP9 and MJPEG)"
+    shown = "\n".join(f"  {p}: {c}" for p, c in bad[:5])
+    more = f"\n  ... and {len(bad) - 5} more" if len(bad) > 5 else ""
+    raise UnsupportedCodecError(
+        f"DALI cannot decode {len(bad)} video(s) {where}:\n{shown}{more}\n"
+        f"use --pipeline pyav{'' if gpu else ', or run on a GPU'}")
+
+
+def _device_id(device: str | torch.device) -> int | None:
+    """DALI's device_id for a torch device: None (CPU-only pipeline) unless it is CUDA."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return torch.cuda.current_device() if device.index is None else device.index
+
+
+# -- read_frames -----------------------------------------------------------------------------
+
+
+@dali.pipeline_def(exec_dynamic=True, prefetch_queue_depth=1)
+def _reader_graph(decoder_device: str):
+    encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+    frames = fn.external_source(name="frames", dtype=types.INT32, ndim=1)
+    return fn.decoders.video(encoded, frames=frames, device=decoder_device, pad_mode="none")
+
+
+_readers: dict[int | None, dali.Pipeline] = {}
+_readers_lock = threading.Lock()
+
+
+def _decode(path: str, frames: np.ndarray, device_id: int | None) -> np.ndarray:
+    """Sorted unique ``frames`` of ``path`` via a cached one-sample DALI pipeline, ``[F, H, W, 3]``."""
+    data = np.fromfile(path, dtype=np.uint8)
+    with _readers_lock:  # a DALI pipeline is not thread-safe
+        pipe = _readers.get(device_id)
+        if pipe is None:
+            pipe = _reader_graph("cpu" if device_id is None else "mixed", batch_size=1, num_threads=1,
+                                 device_id=device_id)
+            pipe.build()
+            _readers[device_id] = pipe
+        try:
+            pipe.feed_input("encoded", [data])
+            pipe.feed_input("frames", [frames.astype(np.int32)])
+            (out,) = pipe.run()
+        except Exception as e:  # noqa: BLE001 -- DALI raises RuntimeError/IndexError/...; the pipeline is dead
+            del _readers[device_id]
+            raise VideoReadError(path, f"DALI cannot decode it: {_first_line(e)}") from e
+        out = out.as_cpu() if device_id is not None else out
+        return np.array(out[0])
+
+
+def _first_line(e: BaseException) -> str:
+    # DALI's messages carry the graph's Python traceback; the reason is in the "encountered" part.
+    text = str(e)
+    if "encountered:" in text:
+        text = text.split("encountered:", 1)[1]
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def read_frames(path: str, frame_indices: Sequence[int], device: str = "cpu") -> np.ndarray:
+    """Frames ``frame_indices`` (presentation order, from 0) of ``path`` as uint8 [T, H, W, 3] RGB,
+    decoded by DALI on the CPU or (``device="gpu"``) with NVDEC.
+
+    The contract of :func:`pipelines.pyav.read_frames`: rows follow ``frame_indices`` (repeated and
+    unsorted indices allowed); FileNotFoundError for a missing file, IndexError for an index outside
+    the video, VideoReadError when the file cannot be read. Frames are numbered by the same probe
+    index as the PyAV reader; the pixels differ from PyAV's by colour conversion only (see
+    docs/decoding-notes.md). A codec DALI cannot decode on ``device`` raises UnsupportedCodecError.
+    """
+    if device not in ("cpu", "gpu"):
+        raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
+    index = frame_index(path)
+    path = os.path.abspath(os.fspath(path))
+    _check_codecs([(path, index.codec)], gpu=device == "gpu")
+    positions = np.asarray(frame_indices, dtype=np.int64).reshape(-1)
+    n = index.num_frames
+    if len(positions) == 0:
+        return np.empty((0, index.height, index.width, 3), dtype=np.uint8)
+    bad = positions[(positions < 0) | (positions >= n)]
+    if len(bad):
+        raise IndexError(f"{path}: frame index {int(bad[0])} out of range for a video of {n} frames")
+    frames, rows = np.unique(positions, return_inverse=True)
+    decoded = _decode(path, frames, None if device == "cpu" else _device_id("cuda"))
+    if len(decoded) != len(frames):
+        raise VideoReadError(path, f"DALI returned {len(decoded)} of {len(frames)} frames")
+    return decoded[rows.reshape(-1)]
+
+
+# -- the DALI pipeline -----------------------------------------------------------------------
+
+
+@dali.pipeline_def(exec_dynamic=True)
+def _clip_graph(feed, num_views: int, size: int, decoder_device: str):
+    """Encoded videos -> ``num_views`` outputs of ``[C, T, size, size]`` float clips."""
+    encoded, frames, *per_view = fn.external_source(source=feed, num_outputs=2 + 4 * num_views, batch=True,
+                                                    dtype=[types.UINT8] + [types.INT32] * (1 + 4 * num_views))
+    # pad_mode="none": a frame past DALI's end of the video is an error, not a black frame
+    # (DALI's default), should DALI ever count a file's frames differently from the probe.
+    video = fn.decoders.video(encoded, frames=frames, device=decoder_device, pad_mode="none")  # FHWC uint8
+    outputs = []
+    for v in range(num_views):
+        order, anchor, shape, mirror = per_view[4 * v:4 * v + 4]
+        clip = fn.sequence_rearrange(video, new_order=order)
+        # Integer anchor/shape are pixels (floats would be relative); crop then resize, as the
+        # CPU transform does: a resize ROI instead would blend in pixels from outside the box.
+        clip = fn.slice(clip, anchor, shape, axis_names="HW")
+        clip = fn.resize(clip, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
+        outputs.append(fn.crop_mirror_normalize(
+            clip, dtype=types.FLOAT, output_layout="CFHW", mirror=mirror,
+            mean=[255 * m for m in CLIP_MEAN], std=[255 * s for s in CLIP_STD]))
+    return tuple(outputs)
+
+
+@dataclass
+class _Pending:
+    """What the training loop needs of a batch fed to DALI, kept outside the graph."""
+
+    number: int  # batch position in the epoch
+    paths: list[str]
+    frames: list[np.ndarray]
+    labels: list[int]
+    index: list[int]
+
+
+class _Feeder:
+    """The external_source callback: builds batch ``cursor`` of the epoch, skipping bad videos."""
+
+    def __init__(self, owner: DALIPipeline, batches: list[list[tuple[int, int]]], start: int):
+        self.owner, self.batches, self.cursor = owner, batches, start
+        self.pending: collections.deque[_Pending] = collections.deque()
+
+    def __call__(self):
+        while self.cursor < len(self.batches):
+            number, self.cursor = self.cursor, self.cursor + 1
+            fed = self.owner._build_batch(number, self.batches[number])
+            if fed is not None:
+                self.pending.append(fed[0])
+                return fed[1]
+        raise StopIteration
+
+
+class DALIPipeline:
+    """``--pipeline dali``: the sampler's clips decoded and transformed by DALI (GPU or CPU)."""
+
+    def __init__(self, cfg: PipelineConfig):
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        self.device_id = _device_id(self.device)
+        records, infos = load_dataset(cfg)
+        _check_codecs([(r.path, i.codec) for r, i in zip(records, infos)], gpu=self.device_id is not None)
+        self.records, self.infos = records, infos
+        self.num_samples = len(records)
+        self.sampler = make_sampler(cfg)
+        self.num_views = 1 if cfg.train else self.sampler.num_views
+        self.keys = EpochKeys(len(records), cfg)
+        self.batches_per_epoch = (len(self.keys) // cfg.batch_size if cfg.train
+                                  else -(-len(self.keys) // cfg.batch_size))
+        if cfg.train and len(self.keys) < cfg.batch_size:
+            raise ValueError(f"{cfg.list_path}: {len(self.keys)} videos per process is fewer than one batch "
+                             f"of {cfg.batch_size}")
+        if cfg.train and cfg.auto_augment:
+            _warn_no_rand_augment(cfg.auto_augment)
+        self.known_bad: dict[str, str] = {}  # path -> reason, across epochs
+        self._failures: dict[tuple[int, int], list[tuple[str, str]]] = {}  # (batch, slot) -> failures
+        self.bad: list[tuple[str, str]] = []  # this epoch's, as DecodingPipeline.bad
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch  # a full epoch, whatever a resume skips
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Reseed for ``epoch``; a resumed run starts ``skip_batches`` into it without decoding them."""
+        self.keys.epoch, self.keys.skip = epoch, skip_batches * self.cfg.batch_size
+
+    # -- feeding -----------------------------------------------------------------------------
+
+    def _epoch_batches(self) -> list[list[tuple[int, int]]]:
+        keys, b = list(self.keys), self.cfg.batch_size
+        batches = [keys[i:i + b] for i in range(0, len(keys), b)]
+        if self.cfg.train and batches and len(batches[-1]) < b:
+            batches.pop()  # as the PyAV pipeline's drop_last
+        return batches
+
+    def _read(self, index: int) -> np.ndarray:
+        path = self.records[index].path
+        if path in self.known_bad:
+            raise VideoReadError(path, self.known_bad[path])
+        return np.fromfile(path, dtype=np.uint8)
+
+    def _build_batch(self, number: int, keys: list[tuple[int, int]]):
+        """(pending record, external_source outputs) of one batch, or None when every video is bad."""
+        seed, n = self.cfg.seed, len(self.records)
+        pending = _Pending(number, [], [], [], [])
+        columns: list[list[np.ndarray]] = [[] for _ in range(2 + 4 * self.num_views)]
+        for slot, (epoch, index) in enumerate(keys):
+            failures = []
+            rng = np.random.default_rng([seed, epoch, index, 99])  # the loader's replacement stream
+            for _ in range(MAX_REPLACEMENTS if self.cfg.train else 1):
+                try:
+                    data = self._read(index)
+                    break
+                except (OSError, VideoReadError) as e:
+                    reason = e.reason if isinstance(e, VideoReadError) else f"{type(e).__name__}: {e}"
+                    failures.append((self.records[index].path, reason))
+                    index = int(rng.integers(n))
+            else:
+                data = None
+            self._record_failures((number, slot), failures)
+            if data is None:
+                continue
+            specs = clip_specs(self.sampler, self.cfg.train, (epoch, index), self.records[index], self.infos[index])
+            wanted, rows = np.unique([s.frame_indices for s in specs], return_inverse=True)
+            rows = rows.reshape(len(specs), -1)
+            columns[0].append(data)
+            columns[1].append(wanted.astype(np.int32))
+            for v, spec in enumerate(specs):
+                top, left, h, w = spec.crop
+                columns[2 + 4 * v].append(rows[v].astype(np.int32))
+                columns[3 + 4 * v].append(np.array([top, left], np.int32))
+                columns[4 + 4 * v].append(np.array([h, w], np.int32))
+                columns[5 + 4 * v].append(np.array(spec.flip, np.int32))
+            pending.paths.append(self.records[index].path)
+            pending.frames.append(wanted)
+            pending.labels.append(self.records[index].label)
+            pending.index.append(index)
+        return (pending, tuple(columns)) if pending.paths else None
+
+    def _record_failures(self, slot: tuple[int, int], failures: list[tuple[str, str]]) -> None:
+        # A batch is fed again after a rebuild: keyed by slot, its failures are counted once.
+        if not failures:
+            self._failures.pop(slot, None)
+            return
+        old = self._failures.get(slot, [])
+        for path, reason in failures[len(old):] if failures[:len(old)] == old else failures:
+            log.warning("unreadable video %s (%s): %s", path, reason,
+                        "replaced by another sample" if self.cfg.train else "skipped")
+        self._failures[slot] = failures
+        self.bad = [f for fs in self._failures.values() for f in fs]
+
+    # -- running -----------------------------------------------------------------------------
+
+    def _build(self, feeder: _Feeder) -> dali.Pipeline:
+        pipe = _clip_graph(feeder, self.num_views, self.sampler.size,
+                           "cpu" if self.device_id is None else "mixed",
+                           batch_size=self.cfg.batch_size, num_threads=max(1, self.cfg.num_workers),
+                           device_id=self.device_id, prefetch_queue_depth=2)
+        pipe.build()
+        return pipe
+
+    def _find_bad(self, pending: Sequence[_Pending], error: Exception) -> None:
+        """Decodes a failed batch's videos one by one; marks the unreadable ones or raises."""
+        found = False
+        for fed in pending:
+            for path, frames in zip(fed.paths, fed.frames):
+                try:
+                    _decode(path, frames, self.device_id)
+                except Exception as e:  # noqa: BLE001 -- whatever DALI says, this file is what fails
+                    self.known_bad[path] = e.reason if isinstance(e, VideoReadError) else str(e)
+                    found = True
+            if found:
+                return
+        files = "\n".join(f"  {p}" for fed in pending for p in fed.paths)
+        raise RuntimeError(f"DALI failed on a batch holding these videos, each of which decodes on its own:\n"
+                           f"{files}\n{error}") from error
+
+    def _check_limit(self) -> None:
+        if len(self.bad) > self.cfg.max_bad_fraction * len(self.keys):
+            files = "\n".join(f"  {p}: {r}" for p, r in self.bad[:50])
+            raise TooManyBadVideos(f"{len(self.bad)} unreadable videos in one epoch of {len(self.keys)} "
+                                   f"(limit {self.cfg.max_bad_fraction:.1%}):\n{files}")
+
+    def _to_torch(self, out) -> torch.Tensor:
+        tensor = out.as_tensor()
+        if self.device_id is None:
+            return torch.from_dlpack(tensor)
+        with torch.cuda.device(self.device_id):
+            return torch.from_dlpack(tensor)
+
+    def _batch(self, outputs, fed: _Pending) -> Batch:
+        clips = [self._to_torch(o) for o in outputs]  # num_views x [B, 3, T, S, S]
+        # Rows video-major, views in order within a video: as the PyAV pipeline's collate.
+        clips = clips[0] if len(clips) == 1 else torch.stack(clips, 1).flatten(0, 1)
+        v = self.num_views
+        labels = torch.tensor(fed.labels, dtype=torch.long).repeat_interleave(v)
+        index = torch.tensor(fed.index, dtype=torch.long).repeat_interleave(v)
+        view = torch.arange(v, dtype=torch.long).repeat(len(fed.index))
+        return Batch(clips, labels.to(self.device), index.to(self.device), view.to(self.device))
+
+    def __iter__(self) -> Iterator[Batch]:
+        self._failures, self.bad = {}, []
+        batches = self._epoch_batches()
+        start = 0
+        stream = torch.cuda.current_stream(self.device_id) if self.device_id is not None else None
+        while start < len(batches):
+            feeder = _Feeder(self, batches, start)
+            pipe = self._build(feeder)
+            try:
+                while True:
+                    try:
+                        outputs = pipe.run(stream)
+                    except StopIteration:
+                        start = len(batches)
+                        break
+                    except Exception as e:  # noqa: BLE001 -- a DALI error kills the pipeline: find the file
+                        self._find_bad(list(feeder.pending), e)
+                        start = feeder.pending[0].number  # rebuild, and feed that batch again
+                        break
+                    self._check_limit()
+                    fed = feeder.pending.popleft()
+                    yield self._batch(outputs, fed)
+            finally:
+                del pipe
+        self._check_limit()
+        if self.bad:
+            log.warning("epoch %d: %d unreadable video(s) %s: %s", self.keys.epoch, len(self.bad),
+                        "replaced" if self.cfg.train else "skipped", ", ".join(sorted({p for p, _ in self.bad})))
+
+
+_warned_policies: set[str] = set()
+
+
+def _warn_no_rand_augment(policy: str) -> None:
+    if policy not in _warned_policies:
+        _warned_policies.add(policy)
+        log.warning("the DALI pipeline does not apply RandAugment (%s): DALI's rand_augment is not timm's "
+                    "policy and cannot follow the sampler's aug_seed; use --pipeline pyav for the reference "
+                    "recipe's augmentation", policy)

@@ -1,0 +1,295 @@
+"""The DALI backend against the PyAV one: same frames, same clips, same rows, same sharding.
+
+CPU tests decode VP9 with DALI's CPU decoder on tiny videos written here. DALI and PyAV convert
+YUV to RGB differently (docs/decoding-notes.md), so frames are compared by alignment (each DALI
+frame is nearest to the PyAV frame of its own index) and by PSNR on natural-looking content:
+smooth, moderately saturated colour fields under a grey texture, moving, as camera video
+is; not sharp synthetic colour edges. GPU tests (NVDEC, H.264) carry the `gpu` marker.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("nvidia.dali")
+
+import av  # noqa: E402
+
+from pipelines import build_pipeline  # noqa: E402
+from pipelines.base import CLIP_STD, PipelineConfig, TooManyBadVideos  # noqa: E402
+from pipelines.lists import VideoRecord, write_list  # noqa: E402
+from pipelines import dali as D, pyav as P  # noqa: E402
+
+MIN_PSNR = 40.0
+_CODECS = {"vp9": ("libvpx-vp9", ".webm", {"crf": "20", "b": "0", "deadline": "realtime", "cpu-used": "8"}),
+           "h264": ("libx264", ".mp4", {"crf": "18", "preset": "veryfast", "bf": "2",
+                                        "x264-params": "keyint=8:min-keyint=8:scenecut=0:bframes=2:b-adapt=0"})}
+
+
+def natural_frames(seed: int, num_frames: int, height: int = 72, width: int = 96) -> np.ndarray:
+    """A panning view over smooth colour blobs and a finer grey texture: [T, H, W, 3] uint8."""
+    rng = np.random.default_rng(seed)
+    pan = 2 * num_frames
+    size = (height + pan, width + pan)
+    colour = torch.tensor(rng.normal(0, 35, (1, 3, 5, 6)), dtype=torch.float32)
+    colour = torch.nn.functional.interpolate(colour, size=size, mode="bicubic", align_corners=False)[0]
+    grey = torch.tensor(rng.normal(0, 25, (1, 1, size[0] // 3, size[1] // 3)), dtype=torch.float32)
+    grey = torch.nn.functional.interpolate(grey, size=size, mode="bilinear", align_corners=False)[0]
+    field = (128 + colour + grey).permute(1, 2, 0).numpy()
+    frames = [field[2 * t:2 * t + height, t:t + width] for t in range(num_frames)]
+    return np.clip(np.rint(frames), 0, 255).astype(np.uint8)
+
+
+def write_video(path: str, frames: np.ndarray, codec: str = "vp9", gop: int = 8) -> str:
+    name, _, options = _CODECS[codec]
+    with av.open(path, "w") as container:
+        stream = container.add_stream(name, rate=25, options=dict(options))
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.gop_size = gop
+        for t, array in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+            frame.pts, frame.time_base = t, Fraction(1, 25)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return path
+
+
+def psnr(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
+    mse = ((torch.as_tensor(a).double() - torch.as_tensor(b).double()) ** 2).mean().item()
+    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+
+
+def assert_aligned(dali_frames: np.ndarray, all_pyav: np.ndarray, indices) -> None:
+    """Each DALI frame is closer to the PyAV frame of its own index than to any other frame."""
+    for row, i in enumerate(indices):
+        dist = [np.abs(dali_frames[row].astype(int) - f).mean() for f in all_pyav]
+        assert int(np.argmin(dist)) == i, (row, i, dist)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Nine VP9 videos of different lengths (3 shorter than an 8 x 2 clip) and sizes, and lists."""
+    root = tmp_path_factory.mktemp("dali")
+    lengths = [24, 30, 5, 20, 16, 9, 28, 12, 18]
+    records = []
+    for i, n in enumerate(lengths):
+        h, w = (72, 96) if i % 3 else (80, 64)  # some portrait videos for the 3-crop views
+        write_video(str(root / f"v{i}.webm"), natural_frames(i, n, h, w))
+        records.append(VideoRecord(f"v{i}.webm", i % 3))
+    write_list(str(root / "all.txt"), records)
+    return root
+
+
+def make_cfg(root, train: bool, **kw) -> PipelineConfig:
+    base = dict(list_path=str(root / "all.txt"), data_root=str(root), num_classes=3, num_frames=8, sampling_rate=2,
+                input_size=48, batch_size=4, train=train, num_workers=0, seed=5, hflip=0.5 if train else 0.0,
+                crop_scale=(0.3, 1.0), num_spatial_views=3, num_temporal_views=2)
+    base.update(kw)
+    return PipelineConfig(**base)
+
+
+def to_pixels(clips: torch.Tensor) -> torch.Tensor:
+    """Normalised clips back to the 0-255 scale, where PSNR is measured."""
+    return clips * torch.tensor(CLIP_STD).view(1, 3, 1, 1, 1) * 255
+
+
+def collect(pipe, epoch: int = 0, skip: int = 0) -> list:
+    pipe.set_epoch(epoch, skip_batches=skip)
+    return list(pipe)
+
+
+# -- read_frames -----------------------------------------------------------------------------
+
+
+def test_read_frames_matches_pyav(tmp_path):
+    path = write_video(str(tmp_path / "nat.webm"), natural_frames(0, 24, 96, 128))
+    indices = [3, 0, 23, 7, 7, 15, 22, 8, 16]  # unsorted, repeated, across GOPs, the last frame
+    got = D.read_frames(path, indices)
+    everything = P.read_frames(path, range(24))
+    assert got.shape == (len(indices), 96, 128, 3) and got.dtype == np.uint8
+    assert_aligned(got, everything, indices)
+    diff = np.abs(got.astype(int) - everything[indices])
+    value = psnr(got, everything[indices])
+    print(f"\nDALI-CPU vs PyAV, VP9 natural content: mean |diff| {diff.mean():.2f}, PSNR {value:.1f} dB, "
+          f"max {diff.max()}")
+    assert value >= MIN_PSNR and diff.mean() < 2.5
+
+
+def test_read_frames_contract(tmp_path):
+    path = write_video(str(tmp_path / "v.webm"), natural_frames(1, 10))
+    assert D.read_frames(path, []).shape == (0, 72, 96, 3)
+    with pytest.raises(IndexError, match="out of range"):
+        D.read_frames(path, [0, 10])
+    with pytest.raises(FileNotFoundError):
+        D.read_frames(str(tmp_path / "missing.webm"), [0])
+    with pytest.raises(ValueError, match="device"):
+        D.read_frames(path, [0], device="tpu")
+
+
+def test_h264_without_gpu_is_refused_with_a_hint(tmp_path):
+    path = write_video(str(tmp_path / "clip.mp4"), natural_frames(2, 10), codec="h264")
+    with pytest.raises(D.UnsupportedCodecError, match="--pipeline pyav") as info:
+        D.read_frames(path, [0])
+    assert "clip.mp4" in str(info.value)
+    write_list(str(tmp_path / "list.txt"), [VideoRecord("clip.mp4", 0)] * 4)
+    cfg = PipelineConfig(list_path=str(tmp_path / "list.txt"), data_root=str(tmp_path), num_classes=1,
+                         batch_size=2, num_workers=0, device="cpu")
+    with pytest.raises(D.UnsupportedCodecError, match="--pipeline pyav") as info:
+        build_pipeline("dali", cfg)
+    assert "clip.mp4" in str(info.value) and "h264" in str(info.value)
+
+
+# -- the pipeline against the PyAV pipeline --------------------------------------------------
+
+
+def assert_same_batches(dali_batches, pyav_batches) -> list[float]:
+    assert len(dali_batches) == len(pyav_batches)
+    values = []
+    for d, p in zip(dali_batches, pyav_batches):
+        assert torch.equal(d.index, p.index) and torch.equal(d.view, p.view) and torch.equal(d.labels, p.labels)
+        assert d.clips.shape == p.clips.shape and d.clips.dtype == torch.float32
+        for a, b in zip(to_pixels(d.clips), to_pixels(p.clips)):  # per sample: same frames, same crop
+            values.append(psnr(a, b))
+    assert min(values) >= MIN_PSNR, values
+    return values
+
+
+def test_training_batches_match_pyav(dataset):
+    cfg = make_cfg(dataset, train=True)
+    dali_pipe, pyav_pipe = build_pipeline("dali", cfg), build_pipeline("pyav", cfg)
+    assert len(dali_pipe) == len(pyav_pipe) == 2  # 9 videos, batches of 4: the partial one is dropped
+    values = assert_same_batches(collect(dali_pipe, epoch=3), collect(pyav_pipe, epoch=3))
+    print(f"\ntraining clips, DALI-CPU vs PyAV: PSNR min {min(values):.1f} dB, mean {np.mean(values):.1f} dB")
+    # A resumed epoch starts where it was left, without the skipped batches.
+    resumed = collect(dali_pipe, epoch=3, skip=1)
+    assert len(resumed) == 1 and torch.equal(resumed[0].index, collect(pyav_pipe, epoch=3)[1].index)
+
+
+def test_evaluation_views_match_pyav(dataset):
+    cfg = make_cfg(dataset, train=False)
+    dali_batches = collect(build_pipeline("dali", cfg))
+    pyav_batches = collect(build_pipeline("pyav", cfg))
+    assert [len(b.index) for b in dali_batches] == [24, 24, 6]  # 6 views each; the last batch is partial
+    assert dali_batches[0].view[:6].tolist() == list(range(6))
+    assert_same_batches(dali_batches, pyav_batches)
+
+
+def test_evaluation_shards_cover_every_video_once(dataset):
+    seen = []
+    for rank in range(2):
+        pipe = build_pipeline("dali", make_cfg(dataset, train=False, rank=rank, world_size=2, num_spatial_views=1,
+                                               num_temporal_views=1, batch_size=2))
+        batches = collect(pipe)
+        assert len(batches) == len(pipe) == (3 if rank == 0 else 2)  # 5 and 4 videos
+        seen += [i for b in batches for i in b.index.tolist()]
+    assert sorted(seen) == list(range(9))
+
+
+# -- bad input -------------------------------------------------------------------------------
+
+
+def test_corrupt_video_mid_epoch_is_replaced_or_skipped(dataset, tmp_path, caplog):
+    root = tmp_path / "copy"
+    root.mkdir()
+    for name in os.listdir(dataset):
+        if name.endswith((".webm", ".txt")):
+            os.link(dataset / name, root / name)
+    train = build_pipeline("dali", make_cfg(root, train=True, max_bad_fraction=0.5))
+    one_view = dict(train=False, num_spatial_views=1, num_temporal_views=1)
+    evaluate = build_pipeline("dali", make_cfg(root, max_bad_fraction=0.5, **one_view))
+    strict = build_pipeline("dali", make_cfg(root, max_bad_fraction=0.0, **one_view))
+    # Probed fine, then broken (a new file: the others share the dataset's inodes): DALI itself
+    # fails on it mid-epoch, since its bytes are read without complaint.
+    bad = root / "v4.webm"
+    os.unlink(bad)
+    bad.write_bytes(b"\x1a\x45\xdf\xa3" + bytes(range(256)) * 8)
+    with pytest.raises(P.VideoReadError, match="v4.webm"):
+        D.read_frames(str(bad), [0])
+
+    batches = collect(train, epoch=1)
+    assert len(batches) == 2 and all(len(b.index) == 4 for b in batches)  # replaced, not dropped
+    assert 4 not in [i for b in batches for i in b.index.tolist()]
+    assert train.bad and {p for p, _ in train.bad} == {str(bad)}
+    assert "v4.webm" in caplog.text
+
+    rows = [i for b in collect(evaluate) for i in b.index.tolist()]
+    assert sorted(rows) == [0, 1, 2, 3, 5, 6, 7, 8]  # skipped, never duplicated
+    assert [p for p, _ in evaluate.bad] == [str(bad)]
+    with pytest.raises(TooManyBadVideos, match="v4.webm"):
+        collect(strict)
+
+
+def test_rand_augment_is_skipped_with_one_warning(dataset, caplog, monkeypatch):
+    monkeypatch.setattr(D, "_warned_policies", set())
+    cfg = make_cfg(dataset, train=True, auto_augment="rand-m7-n4-mstd0.5-inc1")
+    build_pipeline("dali", cfg)
+    build_pipeline("dali", cfg)
+    warnings = [r for r in caplog.records if "RandAugment" in r.getMessage()]
+    assert len(warnings) == 1 and "--pipeline pyav" in warnings[0].getMessage()
+
+
+def test_import_fails_cleanly_without_dali():
+    code = ("import sys; sys.modules['nvidia.dali'] = None\n"
+            "import pipelines\n"
+            "assert 'dali' not in pipelines.available_backends()\n"
+            "try:\n"
+            "    pipelines.build_pipeline('dali', None)\n"
+            "except ImportError as e:\n"
+            "    assert '--pipeline pyav' in str(e), e\n"
+            "else:\n"
+            "    raise SystemExit('no ImportError')\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root, timeout=120)
+
+
+# -- GPU (NVDEC) -----------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("codec", ["h264", "vp9"])
+def test_gpu_read_frames_matches_pyav(tmp_path, codec):
+    ext = _CODECS[codec][1]
+    path = write_video(str(tmp_path / f"nat{ext}"), natural_frames(0, 24, 96, 128), codec=codec)
+    indices = [3, 0, 23, 7, 7, 15, 22, 8, 16]
+    got = D.read_frames(path, indices, device="gpu")
+    everything = P.read_frames(path, range(24))
+    assert got.shape == (len(indices), 96, 128, 3) and got.dtype == np.uint8
+    assert_aligned(got, everything, indices)
+    diff = np.abs(got.astype(int) - everything[indices])
+    value = psnr(got, everything[indices])
+    print(f"\nDALI-GPU vs PyAV, {codec} natural content: mean |diff| {diff.mean():.2f}, PSNR {value:.1f} dB, "
+          f"max {diff.max()}")
+    assert value >= MIN_PSNR
+
+
+@pytest.fixture(scope="module")
+def h264_dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dali_h264")
+    records = []
+    for i, n in enumerate([24, 30, 5, 20, 16, 9, 28, 12, 18]):
+        write_video(str(root / f"v{i}.mp4"), natural_frames(i, n), codec="h264")
+        records.append(VideoRecord(f"v{i}.mp4", i % 3))
+    write_list(str(root / "all.txt"), records)
+    return root
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("train", [True, False])
+def test_gpu_pipeline_yields_normalised_batches_on_cuda(h264_dataset, train):
+    cfg = make_cfg(h264_dataset, train=train, device="cuda:0", num_workers=2)
+    dali_batches = collect(build_pipeline("dali", cfg), epoch=1)
+    pyav_batches = collect(build_pipeline("pyav", cfg), epoch=1)
+    assert all(b.clips.device.type == "cuda" and b.labels.device.type == "cuda" for b in dali_batches)
+    cpu = [b._replace(clips=b.clips.cpu(), labels=b.labels.cpu(), index=b.index.cpu(), view=b.view.cpu())
+           for b in dali_batches]
+    pyav_cpu = [b._replace(clips=b.clips.cpu(), labels=b.labels.cpu(), index=b.index.cpu(), view=b.view.cpu())
+                for b in pyav_batches]
+    assert_same_batches(cpu, pyav_cpu)
