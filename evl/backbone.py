@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BackboneSpec", "BlockFeatures", "FrozenBackbone", "resolve_backbone", "create_vision_tower"]
+__all__ = ["AttentionFeatures", "BackboneSpec", "BlockFeatures", "FrozenBackbone", "resolve_backbone",
+           "create_vision_tower"]
 
 
 class BlockFeatures(NamedTuple):
@@ -29,6 +30,19 @@ class BlockFeatures(NamedTuple):
     out: torch.Tensor  # [B, T, L, C] block output tokens, CLS first
     q: torch.Tensor  # [B, T, L, heads, C/heads] attention queries, before scaling
     k: torch.Tensor  # [B, T, L, heads, C/heads] attention keys
+
+
+class AttentionFeatures(NamedTuple):
+    """What the decoder actually consumes of one block, as the feature cache stores it.
+
+    ``q`` and ``k`` only ever enter the decoder through the head-averaged attention between
+    adjacent frames, which is smaller (``2(T-1)hw^2`` vs ``2TLC`` numbers) and can be computed
+    once; see ``evl.decoder.attention_features``.
+    """
+
+    out: torch.Tensor  # [B, T, L, C] block output tokens, CLS first
+    attn_prev: torch.Tensor  # [B, T-1, hw, hw] frame t+1's patch queries over frame t's keys
+    attn_next: torch.Tensor  # [B, T-1, hw, hw] frame t's patch queries over frame t+1's keys
 
 
 @dataclass(frozen=True)

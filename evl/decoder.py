@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import BlockFeatures
+from .backbone import AttentionFeatures, BlockFeatures
 
-__all__ = ["QuickGELU", "DecoderLayer", "TemporalCrossAttention", "EVLDecoder", "EVLHead"]
+__all__ = ["QuickGELU", "DecoderLayer", "TemporalCrossAttention", "EVLDecoder", "EVLHead", "attention_features"]
 
 
 class QuickGELU(nn.Module):
@@ -106,19 +106,36 @@ class TemporalCrossAttention(nn.Module):
         attn = torch.einsum("btqhd,btkhd->bthqk", q * q.shape[-1] ** -0.5, k)
         return attn.softmax(dim=-1).mean(dim=2)
 
+    @classmethod
+    def attention_maps(cls, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q, k ``[B, T, L, heads, d]`` -> (frames 1..T-1 over their previous frame, frames 0..T-2
+        over their next frame), each ``[B, T-1, hw, hw]``."""
+        return cls.frame_attention(q[:, 1:], k[:, :-1]), cls.frame_attention(q[:, :-1], k[:, 1:])
+
     def _apply_w(self, attn: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return torch.einsum("btqk,qkc->btqc", attn, w[self.idx])
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """q, k ``[B, T, L, heads, d]`` -> ``[B, T, L, C]`` to add to the frame tokens (zero on CLS)."""
-        b, t, length = q.shape[:3]
-        if length != 1 + self.grid[0] * self.grid[1]:
-            raise ValueError(f"cross-attention built for a {self.grid} patch grid got {length} tokens")
-        prev = self._apply_w(self.frame_attention(q[:, 1:], k[:, :-1]), self.w1)  # frames 1..T-1 look back
-        nxt = self._apply_w(self.frame_attention(q[:, :-1], k[:, 1:]), self.w2)  # frames 0..T-2 look ahead
-        zero = prev.new_zeros(b, 1, length - 1, prev.shape[-1])
+    def forward_maps(self, attn_prev: torch.Tensor, attn_next: torch.Tensor) -> torch.Tensor:
+        """Adjacent-frame attention maps (``attention_maps``) -> ``[B, T, L, C]`` (zero on CLS)."""
+        b, t1, hw = attn_prev.shape[:3]
+        if hw != self.grid[0] * self.grid[1]:
+            raise ValueError(f"cross-attention built for a {self.grid} patch grid got maps over {hw} patches")
+        prev = self._apply_w(attn_prev, self.w1)  # frames 1..T-1 look back
+        nxt = self._apply_w(attn_next, self.w2)  # frames 0..T-2 look ahead
+        zero = prev.new_zeros(b, 1, hw, prev.shape[-1])
         patches = torch.cat([zero, prev], 1) + torch.cat([nxt, zero], 1)
         return F.pad(patches, (0, 0, 1, 0))  # CLS gets nothing
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """q, k ``[B, T, L, heads, d]`` -> ``[B, T, L, C]`` to add to the frame tokens (zero on CLS)."""
+        if q.shape[2] != 1 + self.grid[0] * self.grid[1]:
+            raise ValueError(f"cross-attention built for a {self.grid} patch grid got {q.shape[2]} tokens")
+        return self.forward_maps(*self.attention_maps(q, k))
+
+
+def attention_features(features: Sequence[BlockFeatures]) -> list[AttentionFeatures]:
+    """Per-block (out, q, k) -> (out, attention maps): what the feature cache stores."""
+    return [AttentionFeatures(f.out, *TemporalCrossAttention.attention_maps(f.q, f.k)) for f in features]
 
 
 class EVLDecoder(nn.Module):
@@ -157,8 +174,8 @@ class EVLDecoder(nn.Module):
         ) if enable_temporal_cross_attention else None
         self.cls_token = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, features: Sequence[BlockFeatures]) -> torch.Tensor:
-        """The last ``num_layers`` blocks' features -> the final query token ``[B, C]``."""
+    def forward(self, features: Sequence[BlockFeatures | AttentionFeatures]) -> torch.Tensor:
+        """The last ``num_layers`` blocks' features (live or cached) -> the final query token ``[B, C]``."""
         if len(features) != self.num_layers:
             raise ValueError(f"decoder has {self.num_layers} layers but got features of {len(features)} blocks")
         b, t, length, c = features[0].out.shape
@@ -175,7 +192,9 @@ class EVLDecoder(nn.Module):
             if self.temporal_pos_embed is not None:
                 f = f + self.temporal_pos_embed[i].view(1, t, 1, c)
             if self.cross_attention is not None:
-                f = f + self.cross_attention[i](feat.q, feat.k)
+                ca = self.cross_attention[i]
+                f = f + (ca.forward_maps(feat.attn_prev, feat.attn_next) if isinstance(feat, AttentionFeatures)
+                         else ca(feat.q, feat.k))
             x = self.decoder_layers[i](x, f.flatten(1, 2))
         return x[:, 0]
 

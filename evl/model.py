@@ -4,7 +4,8 @@ The frozen tower is deliberately not a registered submodule (as in the reference
 implementation): it never appears in ``parameters()``, ``state_dict()``, an optimizer or DDP's
 gradient buckets, and ``model.train()`` cannot switch it out of eval mode. ``.to()``/``.cuda()``
 still move it (see ``_apply``). The split ``forward_features`` / ``forward_head`` is what the
-feature cache uses: cached features go straight into ``forward_head``.
+feature cache uses: cached features (``AttentionFeatures``, see ``evl.decoder.attention_features``)
+go straight into ``forward_head``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .backbone import BackboneSpec, BlockFeatures, FrozenBackbone, create_vision_tower, resolve_backbone
+from .backbone import (AttentionFeatures, BackboneSpec, BlockFeatures, FrozenBackbone, create_vision_tower,
+                       resolve_backbone)
 from .decoder import EVLDecoder, EVLHead
 
 __all__ = ["EVLModel", "build_model"]
@@ -52,14 +54,14 @@ class EVLModel(nn.Module):
             raise ValueError(f"expected clips of shape [B, 3, T, H, W], got {list(clips.shape)}")
         return self.backbone(clips)
 
-    def forward_head(self, features: Sequence[BlockFeatures], return_embedding: bool = False):
+    def forward_head(self, features: Sequence[BlockFeatures | AttentionFeatures], return_embedding: bool = False):
         """Backbone features -> logits ``[B, num_classes]`` (and the final query ``[B, C]``)."""
         emb = self.decoder(features)
         logits = self.proj(emb)
         return (logits, emb) if return_embedding else logits
 
     def forward(self, clips: torch.Tensor | None = None, *,
-                features: Sequence[BlockFeatures] | None = None) -> torch.Tensor:
+                features: Sequence[BlockFeatures | AttentionFeatures] | None = None) -> torch.Tensor:
         """Clips -> logits; or cached backbone ``features`` -> logits (through DDP too)."""
         return self.forward_head(self.forward_features(clips) if features is None else features)
 

@@ -1,0 +1,368 @@
+"""``python -m evl.cache``: build (``build``), describe (``info``) and check (``verify``) a feature cache.
+
+``build`` runs the frozen backbone once per stored view of every clip of a list file and writes
+what the decoder consumes of the last ``--decoder_num_layers`` blocks (``pipelines.cache``
+describes the format): for ``--split train`` ``--num_views K`` augmented views per clip (view
+``v`` = the sampler's training clip of epoch ``v``), for ``--split val`` every temporal x
+spatial evaluation view. ``python -m evl.train --pipeline cache --feature_cache ROOT`` then
+trains from ``ROOT/train`` and evaluates on ``ROOT/val`` without decoding or the backbone.
+The build is resumable: shards are written under temporary names and renamed when complete,
+the manifest is written last, and a rerun of the same command continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import warnings
+import zlib
+
+import numpy as np
+import torch
+
+from pipelines.base import PipelineConfig, thwc_uint8_to_bcthw
+from pipelines.cache import (BUILD, DTYPE, FORMAT, MANIFEST, CacheError, FeatureStore, file_sha256, read_json,
+                             read_manifest, record_fields, row_elems, shard_name, split_dir)
+
+from .decoder import attention_features
+from .model import build_model
+
+# Keys of build.json that may differ when a build is resumed (same data, another path to it).
+_INFORMATIONAL = ("list_path", "data_root", "backbone_path")
+_SHARD_TARGET_BYTES = 512 << 20
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def _write_json_atomic(path: str, value: dict) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _Items(torch.utils.data.Dataset):
+    """One item per ``(epoch, clip)`` key: the clip's views ``[V, T, S, S, 3]`` uint8, or its error."""
+
+    def __init__(self, dataset, keys: list[tuple[int, int]]):
+        self.dataset, self.keys = dataset, keys
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, j: int) -> dict:
+        key = self.keys[j]
+        try:
+            clips, _ = self.dataset.load(key)
+            return {"key": key, "clips": clips, "error": None}
+        except Exception as e:  # noqa: BLE001 -- any decoder failure: the clip is left out and reported
+            return {"key": key, "clips": None, "error": f"{type(e).__name__}: {e}"}
+
+
+def _collate(items: list[dict]) -> list[dict]:
+    return items
+
+
+class _ShardWriter:
+    """One shard being written under a temporary name."""
+
+    def __init__(self, directory: str, k: int, num_clips: int, views: int, elems: int):
+        self.directory, self.k = directory, k
+        self.tmp = os.path.join(directory, f".tmp-{shard_name(k)}")
+        self.arr = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=DTYPE, shape=(num_clips * views, elems))
+        self.remaining = num_clips * views
+        self.bad: dict[int, str] = {}
+
+    def write(self, local_rows: np.ndarray, data: np.ndarray) -> None:
+        self.arr[local_rows] = data
+        self.remaining -= len(local_rows)
+
+
+def _finish_shard(writer: _ShardWriter, info: dict) -> dict:
+    """Checksum the complete shard, fsync it, rename it into place, then write its bookkeeping."""
+    arr = writer.arr
+    arr.flush()
+    crc = [zlib.crc32(arr[r]) for r in range(arr.shape[0])]
+    del arr
+    writer.arr = None
+    with open(writer.tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    final = os.path.join(writer.directory, shard_name(writer.k))
+    info = dict(info, file=shard_name(writer.k), bytes=os.path.getsize(writer.tmp), sha256=file_sha256(writer.tmp),
+                row_crc32=crc, bad=sorted(writer.bad), bad_reasons={str(i): r for i, r in sorted(writer.bad.items())})
+    os.replace(writer.tmp, final)
+    _write_json_atomic(os.path.join(writer.directory, shard_name(writer.k)[:-4] + ".json"), info)
+    _fsync_dir(writer.directory)
+    return info
+
+
+def _shard_done(directory: str, k: int, expected_bytes: int) -> dict | None:
+    """The shard's bookkeeping when its file is complete, else None (it will be rebuilt)."""
+    side = os.path.join(directory, shard_name(k)[:-4] + ".json")
+    path = os.path.join(directory, shard_name(k))
+    try:
+        info = read_json(side)
+    except (OSError, ValueError):
+        return None
+    if not os.path.isfile(path) or os.path.getsize(path) != info.get("bytes") or info["bytes"] < expected_bytes:
+        return None
+    return info
+
+
+def build_cache(args: argparse.Namespace, say=print, progress: bool = True) -> dict:
+    """Build (or finish building) the cache of one split; returns its manifest."""
+    from pipelines.loader import ClipDataset, load_dataset, make_sampler
+    from pipelines.pyav import read_frames
+
+    train = args.split == "train"
+    directory = split_dir(args.output, train)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # Seeded as evl.train seeds before build_model, so that a random (test/demo) backbone is the same.
+    torch.manual_seed(args.seed)
+    with warnings.catch_warnings():
+        if not args.backbone_path:
+            warnings.filterwarnings("ignore", message="no backbone_path given")
+            say(f"warning: no --backbone_path: caching the features of a RANDOM {args.backbone} backbone "
+                f"(seed {args.seed}), as evl.train would build it")
+        model = build_model(args.backbone, 1, args.num_frames, backbone_path=args.backbone_path,
+                            decoder_num_layers=args.decoder_num_layers)
+    spec = model.spec
+    pcfg = PipelineConfig(
+        list_path=args.list_path, num_classes=args.num_classes, num_frames=args.num_frames,
+        sampling_rate=args.sampling_rate, sampling=args.sampling, input_size=spec.image_size[0], train=train,
+        data_root=args.data_root, num_workers=args.num_workers, num_spatial_views=args.num_spatial_views,
+        num_temporal_views=args.num_temporal_views, auto_augment=args.auto_augment if train else None,
+        hflip=0.5 if args.mirror and train else 0.0, crop_scale=tuple(args.crop_scale), seed=args.seed,
+        max_bad_fraction=args.max_bad_fraction)
+    records, infos = load_dataset(pcfg)
+    sampler = make_sampler(pcfg)
+    views = args.num_views if train else sampler.num_views
+    fields = record_fields(args.num_frames, spec.num_tokens, spec.width, args.decoder_num_layers)
+    elems = row_elems(fields)
+    view_bytes = elems * np.dtype(DTYPE).itemsize
+    n = len(records)
+    shard_clips = args.shard_clips or max(1, _SHARD_TARGET_BYTES // (view_bytes * views))
+    num_shards = -(-n // shard_clips)
+    header = {
+        "format": FORMAT, "split": args.split, "backbone": args.backbone, "backbone_path": args.backbone_path,
+        "backbone_id": model.config["backbone_id"], "backbone_sha256": model.config["backbone_sha256"],
+        "num_frames": args.num_frames, "sampling_rate": args.sampling_rate, "sampling": args.sampling,
+        "input_size": spec.image_size[0], "decoder_num_layers": args.decoder_num_layers,
+        "auto_augment": pcfg.auto_augment, "crop_scale": list(pcfg.crop_scale), "crop_ratio": list(pcfg.crop_ratio),
+        "hflip": pcfg.hflip, "seed": args.seed, "num_views": views,
+        "num_temporal_views": sampler.num_temporal_views, "num_spatial_views": sampler.num_spatial_views,
+        "dtype": np.dtype(DTYPE).name, "fields": fields, "row_elems": elems, "row_bytes": view_bytes,
+        "num_clips": n, "shard_clips": shard_clips, "num_shards": num_shards,
+        "list_path": os.path.abspath(args.list_path), "list_sha256": file_sha256(args.list_path),
+        "data_root": args.data_root, "clips": [[r.path, r.label] for r in records],
+    }
+    os.makedirs(directory, exist_ok=True)
+    build_path = os.path.join(directory, BUILD)
+    if os.path.isfile(build_path):
+        old = read_json(build_path)
+        diff = [k for k in sorted(set(old) | set(header)) if k not in _INFORMATIONAL and old.get(k) != header.get(k)]
+        if diff and not args.overwrite:
+            raise CacheError(f"{directory} holds a cache built with other settings (differs in: {', '.join(diff)}); "
+                             "pass --overwrite to replace it, or choose another --output")
+        if diff:
+            shutil.rmtree(directory)
+            os.makedirs(directory)
+    for name in os.listdir(directory):
+        if name.startswith(".tmp-"):  # a shard (or json) an interrupted build left half-written
+            os.remove(os.path.join(directory, name))
+    _write_json_atomic(build_path, header)
+
+    def shard_range(k: int) -> tuple[int, int]:
+        return k * shard_clips, min(n, (k + 1) * shard_clips)
+
+    def shard_bytes(k: int) -> int:
+        a, b = shard_range(k)
+        return (b - a) * views * view_bytes
+
+    done = {k: info for k in range(num_shards) if (info := _shard_done(directory, k, shard_bytes(k)))}
+    pending = [k for k in range(num_shards) if k not in done]
+    manifest_path = os.path.join(directory, MANIFEST)
+    if pending and os.path.exists(manifest_path):
+        os.remove(manifest_path)  # until rewritten last, the cache is incomplete
+    need = sum(shard_bytes(k) + 4096 for k in pending)
+    free = shutil.disk_usage(directory).free
+    say(f"feature cache {directory}: {n} clips x {views} views, {view_bytes:,} bytes per view "
+        f"({view_bytes * views:,} bytes = {_human(view_bytes * views)} per clip), "
+        f"{_human(n * views * view_bytes)} in total in {num_shards} shard(s); "
+        f"{len(pending)} shard(s) ({_human(need)}) to write, {_human(free)} free")
+    if need > free:
+        raise CacheError(f"not enough disk space for the feature cache in {directory}: {need:,} bytes "
+                         f"({_human(need)}) still to write, {free:,} bytes ({_human(free)}) free")
+
+    if pending:
+        dataset = ClipDataset(records, infos, sampler, read_frames, train=train, auto_augment=pcfg.auto_augment)
+        keys = [(v, i) if train else (0, i) for k in pending for i in range(*shard_range(k))
+                for v in (range(views) if train else (0,))]
+        per_item = 1 if train else views
+        loader = torch.utils.data.DataLoader(
+            _Items(dataset, keys), batch_size=max(1, args.batch_size // per_item), num_workers=args.num_workers,
+            collate_fn=_collate, pin_memory=device.type == "cuda",
+            persistent_workers=False, prefetch_factor=4 if args.num_workers > 0 else None)
+        model.to(device)
+        from tqdm import tqdm
+
+        bar = tqdm(total=n * views, initial=(n - sum(shard_range(k)[1] - shard_range(k)[0] for k in pending)) * views,
+                   desc=f"cache {args.split}", unit="view", dynamic_ncols=True, disable=not progress or None)
+        writers: dict[int, _ShardWriter] = {}
+        try:
+            for items in loader:
+                good = [it for it in items if it["clips"] is not None]
+                data = None
+                if good:
+                    x = thwc_uint8_to_bcthw(torch.cat([it["clips"] for it in good]), device)
+                    feats = attention_features(model.forward_features(x))
+                    data = torch.cat([t.flatten(1) for f in feats for t in f], 1).to(torch.float16).cpu().numpy()
+                    if not np.isfinite(data).all():
+                        raise CacheError("backbone features overflow float16; this backbone cannot be cached in fp16")
+                pos = 0
+                for it in items:
+                    epoch, i = it["key"]
+                    k, local_clip = divmod(i, shard_clips)
+                    if k not in writers:
+                        a, b = shard_range(k)
+                        writers[k] = _ShardWriter(directory, k, b - a, views, elems)
+                    w = writers[k]
+                    first = local_clip * views + (epoch if train else 0)
+                    rows = np.arange(first, first + per_item)
+                    if it["clips"] is None:
+                        w.bad[i] = it["error"]
+                        say(f"warning: {records[i].path}: {it['error']} (left out of the cache)")
+                        w.remaining -= per_item  # its rows stay zero and are never read
+                    else:
+                        w.write(rows, data[pos:pos + per_item])
+                        pos += per_item
+                    if w.remaining == 0:
+                        a, b = shard_range(k)
+                        done[k] = _finish_shard(w, {"shard": k, "first_clip": a, "num_clips": b - a})
+                        del writers[k]
+                bar.update(len(items) * per_item)
+        finally:
+            bar.close()
+            for w in writers.values():
+                w.arr = None  # the half-written .tmp file is removed by the next run
+    missing = [k for k in range(num_shards) if k not in done]
+    if missing:
+        raise CacheError(f"{directory}: shard(s) {missing} were not completed")
+    manifest = dict(header, shards=[done[k] for k in range(num_shards)])
+    bad = sum(len(done[k]["bad"]) for k in done)
+    if bad:
+        say(f"warning: {bad} of {n} video(s) could not be decoded and are left out of the cache")
+    _write_json_atomic(manifest_path, manifest)
+    _fsync_dir(directory)
+    say(f"feature cache {directory}: complete ({_human(sum(s['bytes'] for s in manifest['shards']))})")
+    return manifest
+
+
+def verify_cache(directory: str, say=print) -> None:
+    """Check every shard's SHA-256 against the manifest; raise naming the first bad shard."""
+    manifest = read_manifest(directory)
+    FeatureStore(directory, manifest, verify=False)  # presence, sizes, headers
+    for sh in manifest["shards"]:
+        path = os.path.join(directory, sh["file"])
+        if file_sha256(path) != sh["sha256"]:
+            raise CacheError(f"feature cache shard {path} is corrupted (SHA-256 mismatch): delete it and rerun "
+                             "the build")
+    say(f"{directory}: {len(manifest['shards'])} shard(s) ok")
+
+
+def describe(directory: str) -> str:
+    m = read_manifest(directory)
+    keys = ("split", "backbone_id", "backbone_sha256", "num_frames", "sampling_rate", "sampling", "input_size",
+            "decoder_num_layers", "auto_augment", "crop_scale", "hflip", "seed", "num_views", "num_temporal_views",
+            "num_spatial_views", "dtype", "row_bytes", "num_clips", "num_shards", "list_path", "list_sha256")
+    total = sum(s["bytes"] for s in m["shards"])
+    bad = sum(len(s["bad"]) for s in m["shards"])
+    return "\n".join([f"{directory}:"] + [f"  {k}: {m.get(k)}" for k in keys]
+                     + [f"  bytes: {total} ({_human(total)})", f"  bad clips: {bad}"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m evl.cache", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="run the frozen backbone over a list and store the decoder's inputs")
+    b.add_argument("--list_path", "--train_list_path", "--val_list_path", dest="list_path", required=True)
+    b.add_argument("--data_root")
+    b.add_argument("--split", choices=["train", "val"], default="train",
+                   help="train: --num_views augmented views per clip; val: every evaluation view")
+    b.add_argument("--output", "--feature_cache", dest="output", required=True,
+                   help="cache root: the split is written to OUTPUT/train or OUTPUT/val")
+    b.add_argument("--backbone", default="ViT-B-16")
+    b.add_argument("--backbone_path")
+    b.add_argument("--num_classes", type=int, help="check labels against it (optional)")
+    b.add_argument("--num_frames", type=int, default=8)
+    b.add_argument("--sampling_rate", type=int, default=16)
+    b.add_argument("--sampling", choices=["dense", "segment"], default="dense")
+    b.add_argument("--num_views", type=int, default=4, help="training: augmented views stored per clip")
+    b.add_argument("--num_temporal_views", type=int, default=3)
+    b.add_argument("--num_spatial_views", type=int, default=1, choices=[1, 3])
+    b.add_argument("--auto_augment", default="rand-m7-n4-mstd0.5-inc1", help="'none' to disable")
+    b.add_argument("--mirror", action="store_true")
+    b.add_argument("--crop_scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"))
+    b.add_argument("--decoder_num_layers", type=int, default=4)
+    b.add_argument("--seed", type=int, default=0, help="the sampler's seed (and a random backbone's)")
+    b.add_argument("--batch_size", type=int, default=32, help="clip-views per backbone batch")
+    b.add_argument("--num_workers", type=int, default=4)
+    b.add_argument("--device")
+    b.add_argument("--shard_clips", type=int, help="clips per shard (default: about 512 MiB per shard)")
+    b.add_argument("--max_bad_fraction", type=float, default=0.01)
+    b.add_argument("--overwrite", action="store_true", help="replace a cache built with other settings")
+    b.add_argument("--no_progress", dest="progress", action="store_false")
+    for name, text in (("info", "describe a cache"), ("verify", "check every shard's SHA-256")):
+        s = sub.add_parser(name, help=text)
+        s.add_argument("directory", help="a split directory (ROOT/train or ROOT/val) or a cache root")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        if args.command == "build":
+            if args.auto_augment in ("", "none", "None"):
+                args.auto_augment = None
+            if args.num_views < 1:
+                raise SystemExit("error: --num_views must be at least 1")
+            return build_cache(args, progress=args.progress)
+        dirs = [args.directory]
+        if not os.path.isfile(os.path.join(args.directory, MANIFEST)):
+            dirs = [d for d in (split_dir(args.directory, True), split_dir(args.directory, False))
+                    if os.path.isdir(d)] or dirs
+        for d in dirs:
+            if args.command == "info":
+                print(describe(d))
+            else:
+                verify_cache(d)
+        return None
+    except CacheError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

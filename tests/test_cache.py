@@ -1,0 +1,196 @@
+"""The feature cache: live-path equivalence, manifest checks, resumable build, corruption, training."""
+
+import os
+import shutil
+from collections import namedtuple
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import evl.cache as cache_cli
+from evl.decoder import attention_features
+from pipelines import PipelineConfig
+from pipelines.base import thwc_uint8_to_bcthw
+from pipelines.cache import CacheError, CacheMismatch, CachePipeline, train_view
+from conftest import build_tiny
+
+FRAMES, STRIDE, VIEWS, LAYERS = 4, 2, 2, 2
+
+
+def build_argv(data, split, output, *extra):
+    return ["build", "--split", split, "--list_path", data.demo.train_list if split == "train" else data.demo.val_list,
+            "--data_root", data.demo.root, "--backbone", data.tiny_vit, "--backbone_path", data.weights,
+            "--num_frames", str(FRAMES), "--sampling_rate", str(STRIDE), "--num_views", str(VIEWS),
+            "--num_temporal_views", "2", "--auto_augment", "none", "--crop_scale", "0.5", "1",
+            "--decoder_num_layers", str(LAYERS), "--output", str(output), "--num_workers", "0",
+            "--shard_clips", "3", "--batch_size", "6", "--device", "cpu", "--no_progress", *extra]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, tiny_vit):
+    from evl.demo import write_demo_dataset
+
+    tmp = tmp_path_factory.mktemp("cache")
+    demo = write_demo_dataset(str(tmp / "demo"), num_train=8, num_val=4, num_frames=8)
+    weights = str(tmp / "tiny-visual.pt")
+    torch.save(build_tiny(tiny_vit, seed=3).backbone.visual.state_dict(), weights)
+    d = namedtuple("Data", "demo weights root tiny_vit")(demo, weights, str(tmp / "features"), tiny_vit)
+    for split in ("train", "val"):
+        cache_cli.main(build_argv(d, split, d.root))
+    return d
+
+
+def model_for(data, **kw):
+    return build_tiny(data.tiny_vit, num_classes=4, num_frames=FRAMES, decoder_num_layers=LAYERS,
+                      backbone_path=data.weights, **kw)
+
+
+def pipe_cfg(data, train=True, **kw):
+    base = dict(list_path=data.demo.train_list if train else data.demo.val_list, num_classes=4, num_frames=FRAMES,
+                sampling_rate=STRIDE, input_size=64, batch_size=4, train=train, data_root=data.demo.root,
+                num_temporal_views=2, crop_scale=(0.5, 1.0), extra={"feature_cache": data.root})
+    base.update(kw)
+    return PipelineConfig(**base)
+
+
+def test_cached_loss_and_gradients_equal_the_live_path(data):
+    from pipelines.loader import ClipDataset, load_dataset, make_sampler
+    from pipelines.pyav import read_frames
+
+    model = model_for(data).eval()  # no dropout: the two paths must see the same function
+    with torch.no_grad():
+        for p in model.parameters():  # non-zero w1/w2 etc., so every cached field matters
+            p.normal_(0, 0.05)
+    cfg = pipe_cfg(data, extra={"feature_cache": data.root, "model_config": model.config})
+    pipe = CachePipeline(cfg)
+    pipe.set_epoch(1)
+    batch = next(iter(pipe))
+    # Live: the same clips, decoded and run through the backbone, with the view the cache chose.
+    records, infos = load_dataset(cfg)
+    ds = ClipDataset(records, infos, make_sampler(cfg), read_frames, train=True)
+    keys = [(train_view(cfg.seed, 1, int(i), VIEWS), int(i)) for i in batch.index]
+    clips = thwc_uint8_to_bcthw(torch.cat([ds.load(k)[0] for k in keys]), "cpu")
+    live_feats = attention_features(model.forward_features(clips))
+    for live, cached in zip(live_feats, batch.features):
+        for a, b in zip(live, cached):
+            torch.testing.assert_close(b, a, atol=2e-3, rtol=2e-3)
+
+    def loss_and_grads(**inputs):
+        model.zero_grad()
+        loss = F.cross_entropy(model(**inputs), batch.labels)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    loss_live, grads_live = loss_and_grads(clips=clips)
+    loss_cache, grads_cache = loss_and_grads(features=batch.features)
+    torch.testing.assert_close(loss_cache, loss_live, atol=1e-3, rtol=1e-3)
+    for gc, gl in zip(grads_cache, grads_live):
+        torch.testing.assert_close(gc, gl, atol=2e-3, rtol=2e-2)
+    assert any(g.abs().sum() > 0 for g in grads_cache)
+
+
+def test_manifest_mismatch_names_the_fields(data):
+    other = build_tiny(data.tiny_vit, num_classes=4, num_frames=FRAMES, decoder_num_layers=3)  # random backbone
+    cfg = pipe_cfg(data, sampling_rate=4, extra={"feature_cache": data.root, "model_config": other.config})
+    with pytest.raises(CacheMismatch) as e:
+        CachePipeline(cfg)
+    msg = str(e.value)
+    for field in ("sampling_rate", "backbone_sha256", "decoder_num_layers"):
+        assert field in msg
+    assert "num_frames" not in msg
+    with pytest.raises(CacheMismatch, match="num_temporal_views"):
+        CachePipeline(pipe_cfg(data, train=False, num_temporal_views=3))
+
+
+def test_sharding_padded_for_training_exact_for_eval(data):
+    train = [CachePipeline(pipe_cfg(data, batch_size=2, rank=r, world_size=3)) for r in range(3)]
+    assert len({len(p) for p in train}) == 1
+    seen = []
+    for r in range(3):
+        p = CachePipeline(pipe_cfg(data, train=False, batch_size=1, rank=r, world_size=3))
+        for b in p:
+            assert b.features[0].out.shape == (2, FRAMES, 17, 64)  # two temporal views per video
+            seen += b.index.tolist()
+    assert sorted(seen) == sorted(list(range(4)) * 2)  # every video once, all its views
+    mem = CachePipeline(pipe_cfg(data, extra={"feature_cache": data.root, "cache_in_memory": True}))
+    assert not isinstance(mem.store.shards[0], np.memmap)
+
+
+def test_interrupted_build_resumes_and_never_reads_a_partial_shard(data, tmp_path, monkeypatch):
+    out = tmp_path / "features"
+    finish, calls = cache_cli._finish_shard, []
+
+    def crash_on_second_shard(writer, info):
+        calls.append(info["shard"])
+        if len(calls) == 2:  # shard 1 is fully written under its temp name, never renamed
+            raise RuntimeError("simulated crash")
+        return finish(writer, info)
+
+    monkeypatch.setattr(cache_cli, "_finish_shard", crash_on_second_shard)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        cache_cli.main(build_argv(data, "train", out))
+    split = out / "train"
+    assert (split / "shard-00000.npy").exists() and (split / ".tmp-shard-00001.npy").exists()
+    assert not (split / "manifest.json").exists()
+    with pytest.raises(CacheError, match="interrupted build"):
+        CachePipeline(pipe_cfg(data, extra={"feature_cache": str(out)}))
+    first = os.stat(split / "shard-00000.npy")
+
+    written = []
+    monkeypatch.setattr(cache_cli, "_finish_shard", lambda writer, info: (written.append(info["shard"]),
+                                                                          finish(writer, info))[1])
+    manifest = cache_cli.main(build_argv(data, "train", out))
+    assert written == [1, 2]  # shard 0 was kept, not recomputed
+    assert os.stat(split / "shard-00000.npy").st_mtime_ns == first.st_mtime_ns
+    assert not any(n.startswith(".tmp-") for n in os.listdir(split))
+    ref = CachePipeline(pipe_cfg(data)).store
+    got = CachePipeline(pipe_cfg(data, extra={"feature_cache": str(out)})).store
+    rows = np.arange(manifest["num_clips"] * VIEWS)
+    np.testing.assert_allclose(got.read(rows).astype(np.float32), ref.read(rows).astype(np.float32), atol=1e-3)
+    # A different setting on the same directory is refused, naming it.
+    with pytest.raises(SystemExit, match="num_views"):
+        cache_cli.main(build_argv(data, "train", out) + ["--num_views", "3"])
+
+
+def test_corrupted_shard_is_detected(data, tmp_path):
+    root = tmp_path / "features"
+    shutil.copytree(data.root, root)
+    shard = root / "train" / "shard-00001.npy"
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2: len(raw) // 2 + 8] = bytes(b ^ 0xFF for b in raw[len(raw) // 2: len(raw) // 2 + 8])
+    shard.write_bytes(bytes(raw))
+    pipe = CachePipeline(pipe_cfg(data, extra={"feature_cache": str(root)}))
+    with pytest.raises(CacheError, match="shard-00001.npy is corrupted"):
+        for _ in pipe:
+            pass
+    with pytest.raises(SystemExit, match="shard-00001.npy is corrupted"):
+        cache_cli.main(["verify", str(root)])
+    shard.write_bytes(bytes(raw[:-100]))  # truncated: caught when the cache is opened
+    with pytest.raises(CacheError, match="shard-00001.npy"):
+        CachePipeline(pipe_cfg(data, extra={"feature_cache": str(root)}))
+
+
+def test_build_refuses_without_disk_space(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_cli.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1000))
+    with pytest.raises(SystemExit, match=r"not enough disk space .* bytes .* still to write, 1,000 bytes"):
+        cache_cli.main(build_argv(data, "val", tmp_path / "features"))
+
+
+def test_train_main_from_the_cache(data, tmp_path):
+    from evl.train import main
+
+    argv = ["--pipeline", "cache", "--feature_cache", data.root, "--backbone", data.tiny_vit,
+            "--backbone_path", data.weights, "--num_classes", "4", "--num_frames", str(FRAMES),
+            "--decoder_num_layers", str(LAYERS), "--sampling_rate", str(STRIDE), "--num_temporal_views", "2",
+            "--auto_augment", "none", "--crop_scale", "0.5", "1", "--train_list_path", data.demo.train_list,
+            "--val_list_path", data.demo.val_list, "--data_root", data.demo.root, "--batch_size", "4",
+            "--num_steps", "4", "--eval_freq", "4", "--save_freq", "4", "--print_freq", "2", "--lr", "1e-3",
+            "--device", "cpu", "--output_dir", str(tmp_path / "run")]
+    result = main(argv)
+    assert result["step"] == 4 and np.isfinite(result["loss"]) and "best_top1" in result
+    assert (tmp_path / "run" / "checkpoint-4.pth").exists()
+    argv[argv.index("--sampling_rate") + 1] = "3"
+    with pytest.raises(CacheMismatch, match="sampling_rate"):
+        main(argv)
