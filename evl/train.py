@@ -68,10 +68,11 @@ def check_inputs(cfg: TrainConfig) -> None:
         raise SystemExit("error: " + "; ".join(problems))
 
 
-def make_pipeline(cfg: TrainConfig, world: World, train: bool, input_size: int, model_config: dict | None = None):
-    from pipelines import PipelineConfig, build_pipeline
+def pipeline_config(cfg: TrainConfig, world: World, train: bool, input_size: int, model_config: dict | None = None):
+    """The pipelines' view of the run configuration, for one split."""
+    from pipelines import PipelineConfig
 
-    pcfg = PipelineConfig(
+    return PipelineConfig(
         list_path=cfg.train_list_path if train else cfg.val_list_path, num_classes=cfg.num_classes,
         num_frames=cfg.num_frames, sampling_rate=cfg.sampling_rate, sampling=cfg.sampling, input_size=input_size,
         batch_size=cfg.batch_size, train=train, data_root=cfg.data_root, num_workers=cfg.num_workers,
@@ -81,7 +82,12 @@ def make_pipeline(cfg: TrainConfig, world: World, train: bool, input_size: int, 
         world_size=world.world_size, max_bad_fraction=cfg.max_bad_fraction,
         extra={"feature_cache": cfg.feature_cache, "cache_in_memory": cfg.cache_in_memory,
                "model_config": model_config, **cfg.extra})
-    return build_pipeline(cfg.pipeline, pcfg)
+
+
+def make_pipeline(cfg: TrainConfig, world: World, train: bool, input_size: int, model_config: dict | None = None):
+    from pipelines import build_pipeline
+
+    return build_pipeline(cfg.pipeline, pipeline_config(cfg, world, train, input_size, model_config))
 
 
 def checkpoint_files(output_dir: str) -> list[tuple[int, str]]:
@@ -229,7 +235,8 @@ def train(cfg: TrainConfig) -> dict:
         cleanup()
         return {"top1": r["top1"], "top5": r["top5"]} if r else {}
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused: one kernel for all parameters (CPU and GPU); fewer passes over the optimizer state.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     scaler = grad_scaler(precision, device)
     start, best = 0, {"top1": -1.0, "step": None}

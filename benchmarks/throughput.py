@@ -1,0 +1,427 @@
+"""Clips per second, side by side in one run, each beside its ceiling.
+
+Stages (``--stages``):
+  data   the pipeline alone: clips/s and decoded frames/s, against the decode ceiling (the frames
+         each clip needs, pre-roll from its keyframe included, over the sequential decode rate of
+         the same files with all cores);
+  model  one training step on synthetic input (frozen backbone forward, decoder forward and
+         backward), against the backbone's bf16 FLOP ceiling on GPU;
+  train  end to end: pipeline + training step;
+  cache  training from the feature cache (built first when missing).
+Memory: peak RSS (and peak GPU memory) per stage, and the training step's memory with the frozen
+backbone against the same model with the backbone trainable.
+
+Without ``--train_list`` it uses the built-in demo data and tiny backbone (CPU-sized). Example:
+    python benchmarks/throughput.py --pipelines pyav,dali,cache --json results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# Dense bf16 tensor-core peak, FLOP/s (vendor datasheets; SXM parts).
+GPU_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "V100": 125e12}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def vit_macs_per_frame(spec) -> float:
+    """Multiply-accumulates of the ViT tower for one frame (patch embed + blocks, no head)."""
+    n, c = spec.num_tokens, spec.width
+    patch = (n - 1) * c * 3 * spec.patch_size[0] * spec.patch_size[1]
+    hidden = spec.mlp_ratio * c
+    block = 4 * n * c * c + 2 * n * c * hidden + 2 * n * n * c
+    return patch + spec.layers * block
+
+
+def gpu_peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in GPU_BF16_PEAK.items() if k in name), None)
+
+
+def timed(fn, warmup: int, iters: int, repeats: int, sync) -> list[float]:
+    """Seconds per iteration of ``fn`` for each repeat, after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        sync()
+        out.append((time.perf_counter() - t0) / iters)
+    return out
+
+
+def setup(args):
+    """The run configuration: the demo's (tiny backbone, demo videos) unless lists are given."""
+    from evl.config import parse_config
+    from evl.demo import DEMO_BACKBONE, demo_argv, write_demo_dataset
+
+    if args.train_list:
+        argv = ["--backbone", args.backbone, "--train_list_path", args.train_list, "--num_classes",
+                str(args.num_classes), "--num_frames", str(args.num_frames), "--sampling_rate",
+                str(args.sampling_rate), "--pipeline", "pyav", "--auto_augment", args.auto_augment or "none"]
+        if args.data_root:
+            argv += ["--data_root", args.data_root]
+        if args.backbone_path:
+            argv += ["--backbone_path", args.backbone_path]
+    else:
+        on_gpu = torch.device(args.device).type == "cuda"
+        codec = "h264" if on_gpu or "dali" not in args.pipelines else "vp9"  # DALI's CPU decoder: VP9 only
+        frames = args.video_frames
+        # Long videos (Kinetics-like 10 s clips) are 256 px and fewer, so that writing them stays quick.
+        long = frames > 16
+        ds = write_demo_dataset(os.path.join(args.work_dir, f"demo{frames}", codec), codec=codec,
+                                num_train=128 if long else 2048, num_val=32, num_frames=frames,
+                                size=256 if long else 64, workers=2 if long else 1)
+        bb = os.path.join(args.work_dir, "tiny-vit.json")
+        with open(bb, "w", encoding="utf-8") as f:
+            json.dump(DEMO_BACKBONE, f)
+        argv = demo_argv(ds, bb, os.path.join(args.work_dir, f"run{frames}"))
+        if frames > 16:  # the paper's sparse clips: 8 frames, stride 16, from a random start
+            argv += ["--sampling_rate", str(min(16, (frames - 1) // 7))]
+    argv += ["--batch_size", str(args.batch_size), "--num_workers", str(args.num_workers), "--device", args.device]
+    return parse_config(argv)
+
+
+def make_model(cfg, device):
+    from evl.model import build_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return build_model(cfg.backbone, cfg.num_classes, cfg.num_frames, **cfg.model_kwargs()).to(device)
+
+
+def step_fn(model, opt, get_batch, device, precision):
+    from evl.precision import autocast
+
+    def step():
+        batch = get_batch()
+        with autocast(precision, device):
+            logits = model(batch.clips, features=batch.features)
+            loss = F.cross_entropy(logits.float(), batch.labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def full_decode_read(path: str, frame_indices) -> "np.ndarray":
+    """The reference implementation's decode strategy: decode every frame of the file, order
+    them by pts, convert the sampled ones. Plugged into our pipeline (same workers, sampler and
+    transforms), it isolates what frame-exact seeking buys over it."""
+    import av
+    import numpy as np
+
+    with av.open(path) as c:
+        frames = {f.pts: f for f in c.decode(video=0)}
+    ordered = [frames[k] for k in sorted(frames)]
+    return np.stack([ordered[i].to_ndarray(format="rgb24") for i in frame_indices])
+
+
+def pipeline(cfg, name, device, train=True):
+    from evl.backbone import resolve_backbone
+    from evl.distributed import World
+    from evl.train import make_pipeline
+
+    size = resolve_backbone(cfg.backbone).image_size[0]
+    if name == "fulldecode":
+        from pipelines.loader import DecodingPipeline
+
+        return DecodingPipeline(make_pipeline_config(cfg, device, train, size), full_decode_read)
+    extra = {"feature_cache": ensure_cache(cfg)} if name == "cache" else {}
+    c = type(cfg)(**{**cfg.to_dict(), "pipeline": name, **extra})
+    return make_pipeline(c, World(0, 1, 0, device), train, size, None)
+
+
+def make_pipeline_config(cfg, device, train, size):
+    """The PipelineConfig evl.train would build for ``cfg`` (for pipelines built here directly)."""
+    from evl.distributed import World
+    from evl.train import pipeline_config
+
+    return pipeline_config(cfg, World(0, 1, 0, device), train, size, None)
+
+
+def cycle(pipe):
+    epoch = 0
+    while True:
+        pipe.set_epoch(epoch)
+        yield from pipe
+        epoch += 1
+
+
+def ensure_cache(cfg) -> str:
+    """Build the training feature cache for ``cfg`` once (``python -m evl.cache build``)."""
+    from evl.cache import main as cache_main
+
+    out = os.path.join(os.path.dirname(cfg.output_dir or tempfile.gettempdir()), "feature_cache")
+    if not os.path.isfile(os.path.join(out, "train", "manifest.json")):
+        argv = ["build", "--split", "train", "--list_path", cfg.train_list_path, "--output", out,
+                "--backbone", cfg.backbone, "--num_frames", str(cfg.num_frames), "--sampling_rate",
+                str(cfg.sampling_rate), "--sampling", cfg.sampling, "--num_views", "4",
+                "--auto_augment", cfg.auto_augment or "none", "--crop_scale", *map(str, cfg.crop_scale),
+                "--decoder_num_layers", str(cfg.decoder_num_layers), "--seed", str(cfg.seed),
+                "--num_workers", str(cfg.num_workers), "--device", cfg.device or "cpu", "--no_progress"]
+        argv += ["--data_root", cfg.data_root] if cfg.data_root else []
+        argv += ["--backbone_path", cfg.backbone_path] if cfg.backbone_path else []
+        cache_main(argv)
+    return out
+
+
+def decode_ceiling(cfg, pipe, clips: int, workers: int) -> dict:
+    """Frames each clip needs (pre-roll included) and the all-core sequential decode rate."""
+    import av
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipelines.loader import clip_specs
+    from pipelines.pyav import frame_index
+
+    ds = pipe.dataset
+    need = []
+    for i in range(min(clips, len(ds))):
+        specs = clip_specs(ds.sampler, True, (0, i), ds.records[i], ds.infos[i])
+        idx = frame_index(ds.records[i].path)
+        # Each sampled frame needs the frames from its keyframe up to itself (decode order);
+        # overlapping runs are counted once.
+        decoded = set()
+        for f in sorted({f for s in specs for f in s.frame_indices}):
+            keys = idx.start_keyframes(f, int(idx.decode_pos[f]))
+            first = int(idx.decode_pos[keys[0]]) if len(keys) else 0
+            decoded.update(range(first, int(idx.decode_pos[f]) + 1))
+        need.append(len(decoded))
+    paths = [r.path for r in ds.records[:max(64, workers * 8)]]
+
+    def decode_all(path):
+        with av.open(path) as c:
+            s = c.streams.video[0]
+            s.thread_type = "AUTO"
+            return sum(1 for _ in c.decode(s))
+
+    decode_all(paths[0])
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(workers) as ex:
+        frames = sum(ex.map(decode_all, paths))
+    rate = frames / (time.perf_counter() - t0)
+    per_clip = statistics.mean(need)
+    return {"frames_per_clip": per_clip, "decode_fps": rate, "ceiling_clips_per_s": rate / per_clip}
+
+
+def step_memory(cfg, device: torch.device, batch_size: int, trainable: bool) -> dict:
+    """Memory of one training step: activations autograd keeps for backward, gradients and
+    optimizer state (exact byte counts, CPU or GPU), and the GPU's peak when on one.
+
+    ``trainable=True`` runs the same model with the tower fine-tuned (no ``no_grad``, its
+    parameters in the optimizer): the difference is what the frozen backbone saves.
+    """
+    model = make_model(cfg, device)
+    s = model.spec
+    x = torch.randn(batch_size, 3, cfg.num_frames, *s.image_size, device=device)
+    y = torch.zeros(batch_size, dtype=torch.long, device=device)
+    params = list(model.parameters())
+    if trainable:
+        model.backbone.visual.float().requires_grad_(True)
+        model.backbone.compute_dtype = torch.float32  # fine-tuning keeps fp32 master weights
+        params += list(model.backbone.visual.parameters())
+        body = model.backbone.forward.__wrapped__  # FrozenBackbone.forward without its no_grad
+        run = lambda: model.forward_head(body(model.backbone, x))  # noqa: E731
+    else:
+        run = lambda: model(x)  # noqa: E731
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    saved = {}
+
+    def pack(t):
+        saved[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = F.cross_entropy(run().float(), y)
+    loss.backward()
+    opt.step()
+    mb = 2 ** 20
+    res = {"activations_mb": sum(saved.values()) / mb,
+           "grads_mb": sum(p.grad.nbytes for p in params if p.grad is not None) / mb,
+           "optimizer_mb": sum(v.nbytes for st in opt.state.values() for v in st.values()
+                               if isinstance(v, torch.Tensor)) / mb}
+    res["total_mb"] = sum(res.values())
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        res["gpu_peak_mb"] = (torch.cuda.max_memory_allocated(device) - base) / mb
+    return res
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stages", default="data,model,train,cache")
+    p.add_argument("--pipelines", default="pyav,dali,cache",
+                   help="comma-separated: dummy, pyav, dali, cache, fulldecode (the reference loader's strategy: "
+                        "decode whole files)")
+    p.add_argument("--video_frames", type=int, default=8,
+                   help="frames per demo video; e.g. 300 for Kinetics-like 10 s clips (sparse 8x16 sampling)")
+    p.add_argument("--train_list")
+    p.add_argument("--data_root")
+    p.add_argument("--backbone", default="ViT-B-16")
+    p.add_argument("--backbone_path")
+    p.add_argument("--num_classes", type=int, default=400)
+    p.add_argument("--num_frames", type=int, default=8)
+    p.add_argument("--sampling_rate", type=int, default=16)
+    p.add_argument("--auto_augment")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--num_workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--warmup", type=int, default=3, help="batches before timing")
+    p.add_argument("--iters", type=int, default=10, help="batches per measurement")
+    p.add_argument("--repeats", type=int, default=3, help="measurements; the median is reported")
+    p.add_argument("--work_dir", default=os.path.join(ROOT, "runs", "bench"))
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    args.pipelines = [x for x in args.pipelines.split(",") if x]
+    stages = [x for x in args.stages.split(",") if x]
+
+    import logging
+
+    logging.basicConfig(level=logging.ERROR)
+    from tqdm import tqdm
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    cfg = setup(args)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    results, rows = [], []
+    jobs = []
+    if "data" in stages:
+        jobs += [("data", name) for name in args.pipelines if name != "cache"]
+    if "model" in stages:
+        jobs.append(("model", "synthetic"))
+    if "train" in stages:
+        jobs += [("train", name) for name in args.pipelines if name != "cache"]
+    if "cache" in stages and "cache" in args.pipelines:
+        jobs.append(("cache", "cache"))
+    for stage, name in tqdm(jobs, desc="benchmark", disable=None):
+        rec = {"stage": stage, "pipeline": name}
+        try:
+            if stage == "data":
+                pipe = pipeline(cfg, name, device)
+                it = cycle(pipe)
+                per = timed(lambda: next(it), args.warmup, args.iters, args.repeats, sync)
+                rec["clips_per_s"] = args.batch_size / statistics.median(per)
+                rec["frames_per_s"] = rec["clips_per_s"] * cfg.num_frames
+                if name == "pyav":
+                    rec.update(decode_ceiling(cfg, pipe, 256, os.cpu_count() or 1))
+                    rec["ceiling_fraction"] = rec["clips_per_s"] / rec["ceiling_clips_per_s"]
+                del it, pipe
+            else:
+                model = make_model(cfg, device)
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as evl.train
+                precision = "bf16" if device.type == "cuda" else "fp32"
+                if stage == "model":
+                    from pipelines.base import Batch
+
+                    s = model.spec
+                    x = torch.randn(args.batch_size, 3, cfg.num_frames, *s.image_size, device=device)
+                    y = torch.zeros(args.batch_size, dtype=torch.long, device=device)
+                    batch = Batch(x, y, y, y)
+                    get = lambda: batch  # noqa: E731
+                else:
+                    it = cycle(pipeline(cfg, name, device))
+                    get = lambda: next(it)  # noqa: E731
+                per = timed(step_fn(model, opt, get, device, precision), args.warmup, args.iters, args.repeats, sync)
+                rec["clips_per_s"] = args.batch_size / statistics.median(per)
+                if stage == "model":
+                    macs = vit_macs_per_frame(model.spec) * cfg.num_frames
+                    rec["backbone_gmacs_per_clip"] = macs / 1e9
+                    peak = gpu_peak_flops(device)
+                    if peak:
+                        rec["flop_ceiling_clips_per_s"] = peak / (2 * macs)
+                        rec["ceiling_fraction"] = rec["clips_per_s"] / rec["flop_ceiling_clips_per_s"]
+            rec["peak_rss_mb"] = peak_rss_mb()
+            if device.type == "cuda":
+                rec["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        except Exception as e:  # noqa: BLE001 -- one unavailable pipeline must not hide the others
+            rec["error"] = f"{type(e).__name__}: {e}"
+        results.append(rec)
+    if "model" in stages:
+        results.append({"stage": "memory", "frozen_backbone": step_memory(cfg, device, args.batch_size, False),
+                        "trainable_backbone": step_memory(cfg, device, args.batch_size, True)})
+
+    def rate(stage, name):
+        return next((r["clips_per_s"] for r in results if r.get("stage") == stage and r.get("pipeline") == name
+                     and "clips_per_s" in r), None)
+
+    live, full, pyav_data = rate("train", "pyav"), rate("data", "fulldecode"), rate("data", "pyav")
+    print(f"\nconfig: backbone {cfg.backbone}, {cfg.num_frames} frames x stride {cfg.sampling_rate}, "
+          f"batch {args.batch_size}, {args.num_workers} workers, device {device}")
+    print(f"{'stage':<7} {'pipeline':<10} {'clips/s':>10} {'frames/s':>10}  ceiling / notes")
+    for r in results:
+        if r["stage"] == "memory":
+            for label, m in (("frozen", r["frozen_backbone"]), ("trainable", r["trainable_backbone"])):
+                gpu = f", GPU peak {m['gpu_peak_mb']:.0f} MB" if "gpu_peak_mb" in m else ""
+                print(f"memory  {label + ' backbone':<20} step {m['total_mb']:.0f} MB (activations "
+                      f"{m['activations_mb']:.0f}, grads {m['grads_mb']:.0f}, optimizer {m['optimizer_mb']:.0f}){gpu}")
+            continue
+        if "error" in r:
+            print(f"{r['stage']:<7} {r['pipeline']:<10} {'-':>10} {'-':>10}  unavailable: {r['error'][:90]}")
+            continue
+        note = ""
+        if "ceiling_clips_per_s" in r:
+            note = (f"decode ceiling {r['ceiling_clips_per_s']:.0f} clips/s ({r['frames_per_clip']:.1f} frames/clip "
+                    f"at {r['decode_fps']:.0f} fps): {100 * r['ceiling_fraction']:.0f}%")
+        elif "flop_ceiling_clips_per_s" in r:
+            note = f"bf16 FLOP ceiling {r['flop_ceiling_clips_per_s']:.0f} clips/s: {100 * r['ceiling_fraction']:.0f}%"
+        elif r["stage"] == "model":
+            note = f"backbone {r['backbone_gmacs_per_clip']:.2f} GMACs/clip"
+        if r["stage"] in ("train", "cache") and live and r["pipeline"] != "pyav":
+            note += f"{r['clips_per_s'] / live:.1f}x live PyAV"
+        if r["stage"] == "data" and r["pipeline"] == "pyav" and full:
+            note += f"; {r['clips_per_s'] / full:.1f}x full-file decoding (the reference's loader)"
+        if r["stage"] == "data" and r["pipeline"] == "dali" and pyav_data:
+            note += f"{r['clips_per_s'] / pyav_data:.1f}x PyAV"
+        frames = f"{r['frames_per_s']:.0f}" if "frames_per_s" in r else "-"
+        print(f"{r['stage']:<7} {r['pipeline']:<10} {r['clips_per_s']:>10.1f} {frames:>10}  {note}")
+    report = {
+        "results": results, "config": cfg.to_dict(), "argv": sys.argv[1:], "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or
+        platform.machine(), "cpu_count": os.cpu_count(), "versions": versions(),
+    }
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for mod in ("av", "open_clip", "nvidia.dali", "numpy"):
+        try:
+            out[mod] = __import__(mod, fromlist=["__version__"]).__version__
+        except ImportError:
+            out[mod] = None
+    return out
+
+
+if __name__ == "__main__":
+    main()

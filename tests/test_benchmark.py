@@ -1,0 +1,46 @@
+"""benchmarks/throughput.py runs and reports what it promises (no timing assertions: numbers are
+for people, not for tests)."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("throughput", os.path.join(ROOT, "benchmarks", "throughput.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_vit_b16_macs_match_the_paper():
+    from evl.backbone import resolve_backbone
+
+    macs = load_benchmark().vit_macs_per_frame(resolve_backbone("ViT-B-16"))
+    assert macs / 1e9 == pytest.approx(17.6, abs=0.05)  # evl-spec §1.5
+    assert load_benchmark().vit_macs_per_frame(resolve_backbone("ViT-L-14")) / 1e9 == pytest.approx(81.1, abs=0.1)
+
+
+@pytest.mark.slow
+def test_benchmark_reports_every_stage(tmp_path, capsys):
+    report = load_benchmark().main([
+        "--stages", "data,model,train", "--pipelines", "dummy,pyav", "--iters", "1", "--repeats", "1",
+        "--warmup", "1", "--batch_size", "4", "--num_workers", "0", "--work_dir", str(tmp_path),
+        "--json", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    rows = {(r["stage"], r.get("pipeline")): r for r in report["results"]}
+    for key in (("data", "dummy"), ("data", "pyav"), ("model", "synthetic"), ("train", "pyav")):
+        assert rows[key]["clips_per_s"] > 0, key
+    pyav = rows["data", "pyav"]
+    assert pyav["frames_per_clip"] >= 8 and pyav["ceiling_clips_per_s"] > 0
+    mem = rows["memory", None]
+    # What no_grad saves: a trainable tower keeps its activations and gets gradients.
+    assert mem["trainable_backbone"]["activations_mb"] > 2 * mem["frozen_backbone"]["activations_mb"]
+    assert mem["trainable_backbone"]["grads_mb"] > mem["frozen_backbone"]["grads_mb"]
+    assert "decode ceiling" in out and "memory" in out
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["versions"]["torch"] and saved["config"]["num_frames"] == 8
