@@ -11,12 +11,14 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 from .base import PipelineConfig
 from .loader import DecodingPipeline
@@ -81,6 +83,25 @@ class FrameIndex:
         pos, dec = self._keys_by_decode
         ok = (pos <= first) & (dec <= min_decode_pos)
         return pos[ok][::-1]
+
+
+_local = threading.local()
+
+
+def _to_rgb(frame: av.VideoFrame) -> np.ndarray:
+    """``frame.to_ndarray(format="rgb24")``, through one reformatter per thread.
+
+    ``to_ndarray`` sets up a new swscale context for every frame, which costs more than
+    decoding a small frame; a reused reformatter keeps its context (same pixels).
+    """
+    # One thread, and one context per process: a threaded swscale context used across a fork
+    # (DataLoader workers) waits forever on threads the child does not have. Parallelism comes
+    # from the workers.
+    pid, fmt = getattr(_local, "owner", (None, None))
+    if pid != os.getpid():
+        fmt = VideoReformatter()
+        _local.owner = (os.getpid(), fmt)
+    return fmt.reformat(frame, format="rgb24", threads=1).to_ndarray()
 
 
 def _video_stream(container: av.container.InputContainer, path: str) -> av.VideoStream:
@@ -194,7 +215,7 @@ class _ClipReader:
         self.fresh = True
 
     def _store(self, key: int, frame: av.VideoFrame) -> None:
-        rgb = frame.to_ndarray(format="rgb24")
+        rgb = _to_rgb(frame)
         if self.out is None:
             self.out = np.empty((self.num_rows, *rgb.shape), dtype=np.uint8)
         elif rgb.shape != self.out.shape[1:]:
