@@ -24,11 +24,12 @@ import numpy as np
 import torch
 
 from pipelines.base import PipelineConfig, thwc_uint8_to_bcthw
-from pipelines.cache import (BUILD, DTYPE, FORMAT, MANIFEST, CacheError, FeatureStore, file_sha256, read_json,
-                             read_manifest, record_fields, row_elems, shard_name, split_dir)
+from pipelines.cache import (BUILD, DTYPE, FORMAT, MANIFEST, CacheError, FeatureStore, read_json, read_manifest,
+                             record_fields, row_elems, shard_name, split_dir)
 
 from .decoder import attention_features
 from .model import build_model
+from .weights import file_sha256
 
 # Keys of build.json that may differ when a build is resumed (same data, another path to it).
 _INFORMATIONAL = ("list_path", "data_root", "backbone_path")

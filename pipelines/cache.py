@@ -25,7 +25,6 @@ Evaluation stores every temporal x spatial view of each video, as the live pipel
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -35,6 +34,8 @@ from typing import Iterator
 
 import numpy as np
 import torch
+
+from evl.weights import file_sha256
 
 from .base import Batch, PipelineConfig
 from .lists import VideoRecord
@@ -95,14 +96,6 @@ def bytes_per_view(num_frames: int, num_tokens: int, width: int, num_blocks: int
 def train_view(seed: int, epoch: int, index: int, num_views: int) -> int:
     """Which stored view clip ``index`` uses in training epoch ``epoch``: keyed like the sampler's draws."""
     return int(np.random.default_rng([seed, epoch, index, _VIEW_STREAM]).integers(num_views))
-
-
-def file_sha256(path: str, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_json(path: str) -> dict:

@@ -40,7 +40,7 @@ import torch
 
 from .base import CLIP_MEAN, CLIP_STD, Batch, PipelineConfig, TooManyBadVideos
 from .loader import MAX_REPLACEMENTS, EpochKeys, clip_specs, load_dataset, make_sampler
-from .pyav import VideoReadError, frame_index
+from .pyav import VideoReadError, frame_index, requested_positions
 
 __all__ = ["CPU_CODECS", "GPU_CODECS", "DALIPipeline", "UnsupportedCodecError", "read_frames"]
 
@@ -138,13 +138,9 @@ def read_frames(path: str, frame_indices: Sequence[int], device: str = "cpu") ->
     index = frame_index(path)
     path = os.path.abspath(os.fspath(path))
     _check_codecs([(path, index.codec)], gpu=device == "gpu")
-    positions = np.asarray(frame_indices, dtype=np.int64).reshape(-1)
-    n = index.num_frames
+    positions = requested_positions(path, frame_indices, index.num_frames)
     if len(positions) == 0:
         return np.empty((0, index.height, index.width, 3), dtype=np.uint8)
-    bad = positions[(positions < 0) | (positions >= n)]
-    if len(bad):
-        raise IndexError(f"{path}: frame index {int(bad[0])} out of range for a video of {n} frames")
     frames, rows = np.unique(positions, return_inverse=True)
     decoded = _decode(path, frames, None if device == "cpu" else _device_id("cuda"))
     if len(decoded) != len(frames):

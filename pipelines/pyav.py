@@ -344,6 +344,15 @@ def _segments(index: FrameIndex, frames: np.ndarray) -> list[np.ndarray]:
     return [frames[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def requested_positions(path: str, frame_indices: Sequence[int], num_frames: int) -> np.ndarray:
+    """``frame_indices`` as int64 positions, each checked against the video's frame count."""
+    positions = np.asarray(frame_indices, dtype=np.int64).reshape(-1)
+    bad = positions[(positions < 0) | (positions >= num_frames)]
+    if len(bad):
+        raise IndexError(f"{path}: frame index {int(bad[0])} out of range for a video of {num_frames} frames")
+    return positions
+
+
 def read_frames(path: str, frame_indices: Sequence[int]) -> np.ndarray:
     """Frames ``frame_indices`` (presentation order, from 0) of ``path`` as uint8 [T, H, W, 3] RGB.
 
@@ -353,14 +362,9 @@ def read_frames(path: str, frame_indices: Sequence[int]) -> np.ndarray:
     """
     index = frame_index(path)
     path = os.path.abspath(os.fspath(path))
-    positions = np.asarray(frame_indices, dtype=np.int64).reshape(-1)
-    n = index.num_frames
+    positions = requested_positions(path, frame_indices, index.num_frames)
     if len(positions) == 0:
         return np.empty((0, index.height, index.width, 3), dtype=np.uint8)
-    bad = positions[(positions < 0) | (positions >= n)]
-    if len(bad):
-        raise IndexError(
-            f"{path}: frame index {int(bad[0])} out of range for a video of {n} frames")
     frames = np.unique(positions)
     # Output rows per decoded frame, keyed the way frames are matched: by pts, or by count.
     keys = index.pts[positions] if index.has_pts else positions
