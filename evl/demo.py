@@ -265,7 +265,7 @@ DEMO_BACKBONE = {"embed_dim": 64, "vision_cfg": {"image_size": 64, "layers": 4, 
 
 
 def demo_argv(dataset: DemoDataset, backbone_json: str, output_dir: str, *, pipeline: str = "pyav",
-              num_steps: int = 800) -> list[str]:
+              num_steps: int = 1000) -> list[str]:
     """The training flags of the demo: the spec §6 recipe, whole frames, no augmentation."""
     return [
         "--backbone", backbone_json, "--pipeline", pipeline, "--num_classes", str(len(dataset.class_names)),
@@ -274,13 +274,13 @@ def demo_argv(dataset: DemoDataset, backbone_json: str, output_dir: str, *, pipe
         # Whole frames: a 64 px clip has no room for crops, and flips would swap left and right.
         "--crop_scale", "1", "1", "--auto_augment", "none",
         "--batch_size", "32", "--lr", "1e-3", "--weight_decay", "0.05", "--num_steps", str(num_steps),
-        "--eval_freq", str(num_steps), "--save_freq", str(num_steps), "--print_freq", "20",
+        "--eval_freq", str(max(1, num_steps // 4)), "--save_freq", str(num_steps), "--print_freq", "20",
         "--num_workers", "2", "--mixed_precision", "fp32", "--device", "cpu", "--output_dir", output_dir,
     ]
 
 
 def run_demo(root: str = "data/demo", output_dir: str = "runs/demo", *, pipeline: str = "pyav",
-             num_steps: int = 800, extra_argv: tuple[str, ...] = ()) -> dict:
+             num_steps: int = 1000, extra_argv: tuple[str, ...] = ()) -> dict:
     """Write the demo dataset (once), train on it on the CPU and report val top-1."""
     import time
     import warnings
