@@ -161,7 +161,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_vit, demo_data, tmp_p
 def test_two_gloo_processes_match_one(tiny_vit, demo_data, tmp_path):
     # Same global batches (8 = 1 x 8 = 2 x 4), no dropout: the same steps and the same metrics.
     train_mod.main(train_argv(tiny_vit, demo_data, tmp_path / "one", *NO_DROPOUT))
-    proc = run_cli(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "-m",
+    proc = run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
                     "evl.train", *train_argv(tiny_vit, demo_data, tmp_path / "two", *NO_DROPOUT, "--batch_size", "4")])
     log, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, log
