@@ -13,6 +13,7 @@ shards hold every video exactly once.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterator, NamedTuple, Protocol, Sequence
 
@@ -68,6 +69,30 @@ class Pipeline(Protocol):
 
 class TooManyBadVideos(RuntimeError):
     """More unreadable videos in an epoch than ``max_bad_fraction`` allows."""
+
+
+# How every decoding backend reports videos that fail mid-epoch: each one as it happens, the
+# epoch's list at its end, and a stop past the limit.
+_log = logging.getLogger("pipelines")
+
+
+def report_bad_videos(failures: Sequence[tuple[str, str]], train: bool) -> None:
+    for path, reason in failures:
+        _log.warning("unreadable video %s (%s): %s", path, reason,
+                     "replaced by another sample" if train else "skipped")
+
+
+def check_bad_videos(bad: Sequence[tuple[str, str]], epoch_size: int, max_fraction: float) -> None:
+    if len(bad) > max_fraction * epoch_size:
+        files = "\n".join(f"  {p}: {r}" for p, r in bad[:50])
+        raise TooManyBadVideos(f"{len(bad)} unreadable videos in one epoch of {epoch_size} "
+                               f"(limit {max_fraction:.1%}):\n{files}")
+
+
+def summarise_bad_videos(epoch: int, bad: Sequence[tuple[str, str]], train: bool) -> None:
+    if bad:
+        _log.warning("epoch %d: %d unreadable video(s) %s: %s", epoch, len(bad), "replaced" if train else "skipped",
+                     ", ".join(sorted({p for p, _ in bad})))
 
 
 def thwc_uint8_to_bcthw(clips: torch.Tensor, device: torch.device | str) -> torch.Tensor:

@@ -38,7 +38,8 @@ import nvidia.dali.fn as fn
 import nvidia.dali.types as types
 import torch
 
-from .base import CLIP_MEAN, CLIP_STD, Batch, PipelineConfig, TooManyBadVideos
+from .base import (CLIP_MEAN, CLIP_STD, Batch, PipelineConfig, check_bad_videos, report_bad_videos,
+                   summarise_bad_videos)
 from .loader import MAX_REPLACEMENTS, EpochKeys, clip_specs, load_dataset, make_sampler
 from .pyav import VideoReadError, frame_index, requested_positions
 
@@ -292,9 +293,7 @@ class DALIPipeline:
             self._failures.pop(slot, None)
             return
         old = self._failures.get(slot, [])
-        for path, reason in failures[len(old):] if failures[:len(old)] == old else failures:
-            log.warning("unreadable video %s (%s): %s", path, reason,
-                        "replaced by another sample" if self.cfg.train else "skipped")
+        report_bad_videos(failures[len(old):] if failures[:len(old)] == old else failures, self.cfg.train)
         self._failures[slot] = failures
         self.bad = [f for fs in self._failures.values() for f in fs]
 
@@ -325,10 +324,7 @@ class DALIPipeline:
                            f"{files}\n{error}") from error
 
     def _check_limit(self) -> None:
-        if len(self.bad) > self.cfg.max_bad_fraction * len(self.keys):
-            files = "\n".join(f"  {p}: {r}" for p, r in self.bad[:50])
-            raise TooManyBadVideos(f"{len(self.bad)} unreadable videos in one epoch of {len(self.keys)} "
-                                   f"(limit {self.cfg.max_bad_fraction:.1%}):\n{files}")
+        check_bad_videos(self.bad, len(self.keys), self.cfg.max_bad_fraction)
 
     def _to_torch(self, out) -> torch.Tensor:
         tensor = out.as_tensor()
@@ -372,9 +368,7 @@ class DALIPipeline:
             finally:
                 del pipe
         self._check_limit()
-        if self.bad:
-            log.warning("epoch %d: %d unreadable video(s) %s: %s", self.keys.epoch, len(self.bad),
-                        "replaced" if self.cfg.train else "skipped", ", ".join(sorted({p for p, _ in self.bad})))
+        summarise_bad_videos(self.keys.epoch, self.bad, self.cfg.train)
 
 
 _warned_policies: set[str] = set()

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .base import Batch, PipelineConfig, TooManyBadVideos, thwc_uint8_to_bcthw
+from .base import (Batch, PipelineConfig, TooManyBadVideos, check_bad_videos, report_bad_videos,
+                   summarise_bad_videos, thwc_uint8_to_bcthw)
 from .lists import VideoRecord, read_list
 from .sampling import ClipSampler, ClipSpec, epoch_permutation, shard_indices
 from .transforms import decode_clips
@@ -199,25 +200,17 @@ class DecodingPipeline:
 
     def __iter__(self) -> Iterator[Batch]:
         self.bad = []
-        limit = self.cfg.max_bad_fraction * len(self.keys)
         for out in self.loader:
             if out["failures"]:
-                for path, reason in out["failures"]:
-                    log.warning("unreadable video %s (%s): %s", path, reason,
-                                "replaced by another sample" if self.cfg.train else "skipped")
+                report_bad_videos(out["failures"], self.cfg.train)
                 self.bad += out["failures"]
-                if len(self.bad) > limit:
-                    files = "\n".join(f"  {p}: {r}" for p, r in self.bad[:50])
-                    raise TooManyBadVideos(f"{len(self.bad)} unreadable videos in one epoch of {len(self.keys)} "
-                                           f"(limit {self.cfg.max_bad_fraction:.1%}):\n{files}")
+                check_bad_videos(self.bad, len(self.keys), self.cfg.max_bad_fraction)
             if "clips" not in out:
                 continue
             device = self.cfg.device
             yield Batch(thwc_uint8_to_bcthw(out["clips"], device), out["labels"].to(device),
                         out["index"].to(device), out["view"].to(device))
-        if self.bad:
-            log.warning("epoch %d: %d unreadable video(s) %s: %s", self.keys.epoch, len(self.bad),
-                        "replaced" if self.cfg.train else "skipped", ", ".join(sorted({p for p, _ in self.bad})))
+        summarise_bad_videos(self.keys.epoch, self.bad, self.cfg.train)
 
 
 __all__ = ["DecodingPipeline", "ClipDataset", "EpochKeys", "collate", "load_dataset"]
