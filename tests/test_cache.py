@@ -118,6 +118,23 @@ def test_sharding_padded_for_training_exact_for_eval(data):
     assert not isinstance(mem.store.shards[0], np.memmap)
 
 
+def test_read_ahead_thread_runs_no_torch(data, monkeypatch):
+    """The read-ahead thread must stay numpy-only: a torch op there starts a second OpenMP team,
+    and with more OpenMP threads than cores the training step ran at half speed."""
+    import threading
+
+    threads, from_numpy = [], torch.from_numpy
+
+    def recording(array):
+        threads.append(threading.current_thread())
+        return from_numpy(array)
+
+    monkeypatch.setattr(torch, "from_numpy", recording)
+    batches = list(CachePipeline(pipe_cfg(data)))
+    assert batches and threads
+    assert all(t is threading.main_thread() for t in threads)
+
+
 def test_interrupted_build_resumes_and_never_reads_a_partial_shard(data, tmp_path, monkeypatch):
     out = tmp_path / "features"
     finish, calls = cache_cli._finish_shard, []
