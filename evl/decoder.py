@@ -25,7 +25,19 @@ class QuickGELU(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention with separate q/k/v/out projections (xavier weights, zero bias)."""
+    """Multi-head attention with separate q/k/v/out projections (xavier weights, zero bias).
+
+    The decoder's queries are few (one token) and its keys many (``T*L`` frame tokens), so the
+    key and value projections are moved to the query side instead of being applied to every
+    token. Per head ``h``, with ``k_j = W_k y_j + b_k`` and ``v_j = W_v y_j + b_v``:
+
+    - ``q_h . k_j = (W_kh^T q_h) . y_j + q_h . b_kh``, whose second term is the same for every
+      ``j`` (softmax ignores it; it is kept so that ``b_k`` still gets its zero gradient);
+    - ``sum_j a_j v_j = W_vh (sum_j a_j y_j) + b_vh``, because the weights ``a_j`` sum to one.
+
+    That is the same attention, computed with ``2 * heads * Lq`` multiply-adds per frame-token
+    channel instead of ``2 * qkv_dim``: 64x fewer for the decoder's query on ViT-B/16.
+    """
 
     def __init__(self, dim: int, qkv_dim: int, num_heads: int):
         super().__init__()
@@ -41,11 +53,19 @@ class CrossAttention(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = self.num_heads
-        q = self.q_proj(x).unflatten(-1, (h, -1)).transpose(1, 2)  # [B, heads, Lq, d]
-        k = self.k_proj(y).unflatten(-1, (h, -1)).transpose(1, 2)
-        v = self.v_proj(y).unflatten(-1, (h, -1)).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q, k, v)
+        """Queries ``x [B, Lq, C]`` attend to tokens ``y [B, N, C]`` -> ``[B, Lq, C]``."""
+        h, (b, lq, _), c = self.num_heads, x.shape, y.shape[-1]
+        q = self.q_proj(x).unflatten(-1, (h, -1)).transpose(1, 2)  # [B, h, Lq, d]
+        d = q.shape[-1]
+        wk = self.k_proj.weight.view(h, d, c)
+        q = q * d ** -0.5
+        q_y = (q @ wk).flatten(1, 2)  # [B, h*Lq, C]: each head's query in token space
+        # The key bias adds the same logit to every token (softmax drops it); kept for exactness.
+        shift = (q @ self.k_proj.bias.view(h, d, 1)).flatten(1, 2)  # [B, h*Lq, 1]
+        attn = torch.baddbmm(shift, q_y, y.transpose(1, 2)).softmax(dim=-1)  # [B, h*Lq, N]
+        pooled = (attn @ y).view(b, h, lq, c)  # sum_j a_j y_j
+        wv = self.v_proj.weight.view(h, d, c)
+        o = pooled @ wv.transpose(1, 2) + self.v_proj.bias.view(h, 1, d)  # [B, h, Lq, d]
         return self.out_proj(o.transpose(1, 2).flatten(2))
 
 
@@ -112,19 +132,34 @@ class TemporalCrossAttention(nn.Module):
         over their next frame), each ``[B, T-1, hw, hw]``."""
         return cls.frame_attention(q[:, 1:], k[:, :-1]), cls.frame_attention(q[:, :-1], k[:, 1:])
 
-    def _apply_w(self, attn: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("btqk,qkc->btqc", attn, w[self.idx])
+    def offset_maps(self, attn_prev: torch.Tensor, attn_next: torch.Tensor) -> torch.Tensor:
+        """The maps regrouped by relative offset: ``[B, T, L, 2R]`` for ``R`` offsets.
 
-    def forward_maps(self, attn_prev: torch.Tensor, attn_next: torch.Tensor) -> torch.Tensor:
-        """Adjacent-frame attention maps (``attention_maps``) -> ``[B, T, L, C]`` (zero on CLS)."""
+        Row ``(t, 1 + q)`` holds, at column ``offset(q, k)``, frame t's attention on patch k of
+        frame t-1, and at ``R + offset(q, k)`` its attention on patch k of frame t+1 (zeros
+        where there is no such frame, and on the CLS row). Then the module's output is one
+        matrix product, ``offset_maps @ [w1; w2]``, instead of a gather of ``w[idx]``
+        (``hw x hw x C``: 118 MB per layer for ViT-B/16) and a batched product per patch.
+        """
         b, t1, hw = attn_prev.shape[:3]
         if hw != self.grid[0] * self.grid[1]:
             raise ValueError(f"cross-attention built for a {self.grid} patch grid got maps over {hw} patches")
-        prev = self._apply_w(attn_prev, self.w1)  # frames 1..T-1 look back
-        nxt = self._apply_w(attn_next, self.w2)  # frames 0..T-2 look ahead
-        zero = prev.new_zeros(b, 1, hw, prev.shape[-1])
-        patches = torch.cat([zero, prev], 1) + torch.cat([nxt, zero], 1)
-        return F.pad(patches, (0, 0, 1, 0))  # CLS gets nothing
+        r = self.w1.shape[0]
+        out = attn_prev.new_zeros(b, t1 + 1, hw + 1, 2 * r)
+        idx = self.idx.expand(b, t1, hw, hw)
+        out[:, 1:, 1:, :r].scatter_(-1, idx, attn_prev)  # frames 1..T-1 look back
+        out[:, :-1, 1:, r:].scatter_(-1, idx, attn_next)  # frames 0..T-2 look ahead
+        return out
+
+    def add_maps(self, frames: torch.Tensor, attn_prev: torch.Tensor, attn_next: torch.Tensor) -> torch.Tensor:
+        """``frames [B, T, L, C]`` plus the module's output on these maps (nothing on CLS)."""
+        a = self.offset_maps(attn_prev, attn_next)
+        w = torch.cat([self.w1, self.w2])
+        return torch.addmm(frames.reshape(-1, w.shape[1]), a.flatten(0, 2), w).view(frames.shape)
+
+    def forward_maps(self, attn_prev: torch.Tensor, attn_next: torch.Tensor) -> torch.Tensor:
+        """Adjacent-frame attention maps (``attention_maps``) -> ``[B, T, L, C]`` (zero on CLS)."""
+        return self.offset_maps(attn_prev, attn_next) @ torch.cat([self.w1, self.w2])
 
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """q, k ``[B, T, L, heads, d]`` -> ``[B, T, L, C]`` to add to the frame tokens (zero on CLS)."""
@@ -174,6 +209,15 @@ class EVLDecoder(nn.Module):
         ) if enable_temporal_cross_attention else None
         self.cls_token = nn.Parameter(torch.zeros(dim))
 
+    def _local_temporal(self, i: int, f: torch.Tensor) -> torch.Tensor:
+        """Layer ``i``'s temporal convolution and position embedding on block output ``f``."""
+        if self.temporal_conv is not None:
+            f = _depthwise_time_conv(f, self.temporal_conv[i])
+        if self.temporal_pos_embed is not None:
+            t, c = f.shape[1], f.shape[3]
+            f = f + self.temporal_pos_embed[i].view(1, t, 1, c)
+        return f
+
     def forward(self, features: Sequence[BlockFeatures | AttentionFeatures]) -> torch.Tensor:
         """The last ``num_layers`` blocks' features (live or cached) -> the final query token ``[B, C]``."""
         if len(features) != self.num_layers:
@@ -184,19 +228,30 @@ class EVLDecoder(nn.Module):
                              f"got clips of {t} frames")
         x = self.cls_token.view(1, 1, c).expand(b, 1, c)
         for i, feat in enumerate(features):
-            f = feat.out
-            if self.temporal_conv is not None:
-                # Depthwise conv over time at every token, on the raw block output.
-                conv = self.temporal_conv[i](f.permute(0, 2, 3, 1).reshape(b * length, c, t))
-                f = f + conv.view(b, length, c, t).permute(0, 3, 1, 2)
-            if self.temporal_pos_embed is not None:
-                f = f + self.temporal_pos_embed[i].view(1, t, 1, c)
+            f = self._local_temporal(i, feat.out)
             if self.cross_attention is not None:
                 ca = self.cross_attention[i]
-                f = f + (ca.forward_maps(feat.attn_prev, feat.attn_next) if isinstance(feat, AttentionFeatures)
-                         else ca(feat.q, feat.k))
+                maps = ((feat.attn_prev, feat.attn_next) if isinstance(feat, AttentionFeatures)
+                        else ca.attention_maps(feat.q, feat.k))
+                f = ca.add_maps(f, *maps)
             x = self.decoder_layers[i](x, f.flatten(1, 2))
         return x[:, 0]
+
+
+def _depthwise_time_conv(f: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+    """``f + conv(f)`` over time at every token: f ``[B, T, L, C]`` -> ``[B, T, L, C]``.
+
+    ``f`` in memory is ``[B, C, T, L]`` in channels-last order, so a 2-D depthwise convolution
+    with a ``(k, 1)`` kernel reads and writes it without a transpose; the residual is folded
+    into the kernel's centre tap (one pass over the tokens instead of three).
+    """
+    k = conv.kernel_size[0]
+    centre = torch.zeros(k, dtype=conv.weight.dtype, device=conv.weight.device)
+    centre[k // 2] = 1
+    weight = conv.weight + centre  # [C, 1, k]
+    x = f.permute(0, 3, 1, 2)  # [B, C, T, L], a view: channels-last strides
+    y = F.conv2d(x, weight.unsqueeze(-1), conv.bias, padding=(conv.padding[0], 0), groups=conv.groups)
+    return y.permute(0, 2, 3, 1)  # back to [B, T, L, C]; contiguous when the conv kept channels-last
 
 
 def EVLHead(dim: int, num_classes: int, dropout: float = 0.5) -> nn.Sequential:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import evl
 from evl.backbone import default_compute_dtype
-from evl.decoder import TemporalCrossAttention, relative_position_index
+from evl.decoder import TemporalCrossAttention, attention_features, relative_position_index
 
 from conftest import build_tiny
 
@@ -161,12 +161,34 @@ def spec_decoder(model, feats):
 
 
 def test_decoder_matches_spec_with_nonzero_parameters(tiny_vit):
+    """Outputs and every parameter's gradient, live features and cached (attention-map) ones.
+
+    The decoder computes the same function in another order (keys and values projected on the
+    query side, the cross-attention as one product over relative offsets), so the gradients are
+    checked too; every parameter must get one (DDP without find_unused_parameters needs it).
+    """
     model = build_tiny(tiny_vit, decoder_num_layers=2, num_frames=3, decoder_num_heads=2).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.1)
         feats = model.forward_features(clips(t=3))
-        torch.testing.assert_close(model.forward_head(feats), spec_decoder(model, feats), atol=1e-4, rtol=1e-4)
+    names = [n for n, _ in model.named_parameters()]
+    probe = torch.randn(2, model.proj[2].out_features)
+
+    def grads(logits):
+        return dict(zip(names, torch.autograd.grad((logits * probe).sum(), list(model.parameters()),
+                                                    allow_unused=True)))
+
+    want_logits = spec_decoder(model, feats)
+    want = grads(want_logits)
+    for inputs in (feats, attention_features(feats)):
+        logits = model.forward_head(inputs)
+        torch.testing.assert_close(logits, want_logits, atol=1e-4, rtol=1e-4)
+        got = grads(logits)
+        for n in names:
+            assert got[n] is not None, n
+            torch.testing.assert_close(got[n], want[n] if want[n] is not None else torch.zeros_like(got[n]),
+                                       atol=1e-4, rtol=1e-3, msg=n)
 
 
 @pytest.mark.parametrize("module", ["temporal_conv", "temporal_pos_embed", "cross_attention"])
