@@ -18,6 +18,7 @@ Without ``--train_list`` it uses the built-in demo data and tiny backbone (CPU-s
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -175,7 +176,13 @@ def ensure_cache(cfg) -> str:
     """Build the training feature cache for ``cfg`` once (``python -m evl.cache build``)."""
     from evl.cache import main as cache_main
 
-    out = os.path.join(os.path.dirname(cfg.output_dir or tempfile.gettempdir()), "feature_cache")
+    # One cache per list and geometry: a run on other videos (VP9 for DALI, long videos) or
+    # another backbone must not find, and be refused by, a cache built for different settings.
+    key = json.dumps([os.path.abspath(cfg.train_list_path), cfg.backbone, cfg.backbone_path, cfg.num_frames,
+                      cfg.sampling_rate, cfg.sampling, cfg.auto_augment, list(cfg.crop_scale), cfg.decoder_num_layers,
+                      cfg.seed])
+    out = os.path.join(os.path.dirname(cfg.output_dir or tempfile.gettempdir()), "feature_cache",
+                       hashlib.sha256(key.encode()).hexdigest()[:12])
     if not os.path.isfile(os.path.join(out, "train", "manifest.json")):
         argv = ["build", "--split", "train", "--list_path", cfg.train_list_path, "--output", out,
                 "--backbone", cfg.backbone, "--num_frames", str(cfg.num_frames), "--sampling_rate",
