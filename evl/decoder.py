@@ -24,6 +24,44 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+class _PooledAttention(torch.autograd.Function):
+    """``softmax(q_y @ y^T + shift) @ y`` for a few queries ``q_y [B, M, C]`` over many tokens
+    ``y [B, N, C]``, with a backward written for that shape.
+
+    Autograd's own backward builds the token gradient from two outer products (``K = 1``
+    matrix products, slow on the CPU) and a full-size add; here it is one product,
+    ``[a; g_logits]^T @ [g_pooled; q_y]`` (``K = 2M``). Under autocast the products run in
+    the autocast dtype and the softmax and its backward in float32, as autocast would.
+    """
+
+    @staticmethod
+    def forward(ctx, q_y: torch.Tensor, shift: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        attn = torch.baddbmm(shift, q_y, y.transpose(1, 2)).float().softmax(dim=-1)  # [B, M, N]
+        mm_dtype = torch.promote_types(q_y.dtype, y.dtype)
+        if torch.is_autocast_enabled(y.device.type):
+            mm_dtype = torch.get_autocast_dtype(y.device.type)
+        ctx.save_for_backward(attn, q_y, y)
+        ctx.mm_dtype = mm_dtype
+        return torch.bmm(attn.to(mm_dtype), y.to(mm_dtype))
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        attn, q_y, y = ctx.saved_tensors
+        dt = ctx.mm_dtype
+        g, y_ = g.to(dt), y.to(dt)
+        g_attn = torch.bmm(g, y_.transpose(1, 2)).float()  # [B, M, N]
+        g_logits = attn * (g_attn - (g_attn * attn).sum(-1, keepdim=True))  # softmax backward
+        g_q = g_shift = g_y = None
+        if ctx.needs_input_grad[0]:
+            g_q = torch.bmm(g_logits.to(dt), y_).to(q_y.dtype)
+        if ctx.needs_input_grad[1]:
+            g_shift = g_logits.sum(-1, keepdim=True)
+        if ctx.needs_input_grad[2]:
+            left = torch.cat([attn, g_logits], 1).to(dt)  # [B, 2M, N]
+            g_y = torch.bmm(left.transpose(1, 2), torch.cat([g, q_y.to(dt)], 1)).to(y.dtype)
+        return g_q, g_shift, g_y
+
+
 class CrossAttention(nn.Module):
     """Multi-head attention with separate q/k/v/out projections (xavier weights, zero bias).
 
@@ -62,8 +100,7 @@ class CrossAttention(nn.Module):
         q_y = (q @ wk).flatten(1, 2)  # [B, h*Lq, C]: each head's query in token space
         # The key bias adds the same logit to every token (softmax drops it); kept for exactness.
         shift = (q @ self.k_proj.bias.view(h, d, 1)).flatten(1, 2)  # [B, h*Lq, 1]
-        attn = torch.baddbmm(shift, q_y, y.transpose(1, 2)).softmax(dim=-1)  # [B, h*Lq, N]
-        pooled = (attn @ y).view(b, h, lq, c)  # sum_j a_j y_j
+        pooled = _PooledAttention.apply(q_y, shift, y).view(b, h, lq, c)  # sum_j a_j y_j
         wv = self.v_proj.weight.view(h, d, c)
         o = pooled @ wv.transpose(1, 2) + self.v_proj.bias.view(h, 1, d)  # [B, h, Lq, d]
         return self.out_proj(o.transpose(1, 2).flatten(2))

@@ -19,7 +19,7 @@ flattened; ``manifest["fields"]`` gives every field's offset and shape. Shards a
 under a temporary name and renamed when complete, so a half-written shard is never read; every
 row has a CRC-32 (checked on every read) and every shard a SHA-256 (``python -m evl.cache
 verify``). Training views: view ``v`` of clip ``i`` is the sampler's training clip of "epoch"
-``v``; in training epoch ``e`` clip ``i`` uses view :func:`train_view` ``(seed, e, i, K)``.
+``v``; in training epoch ``e`` clip ``i`` uses view :func:`train_views` ``(seed, e, N, K)[i]``.
 Evaluation stores every temporal x spatial view of each video, as the live pipeline decodes.
 """
 
@@ -43,7 +43,7 @@ from .loader import train_shard
 from .sampling import epoch_permutation, shard_indices
 
 __all__ = ["CacheError", "CacheMismatch", "CachePipeline", "FeatureStore", "FORMAT", "bytes_per_view",
-           "check_manifest", "read_manifest", "record_fields", "split_dir", "train_view"]
+           "check_manifest", "read_manifest", "record_fields", "split_dir", "train_views"]
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +93,13 @@ def bytes_per_view(num_frames: int, num_tokens: int, width: int, num_blocks: int
     return row_elems(record_fields(num_frames, num_tokens, width, num_blocks)) * np.dtype(DTYPE).itemsize
 
 
-def train_view(seed: int, epoch: int, index: int, num_views: int) -> int:
-    """Which stored view clip ``index`` uses in training epoch ``epoch``: keyed like the sampler's draws."""
-    return int(np.random.default_rng([seed, epoch, index, _VIEW_STREAM]).integers(num_views))
+def train_views(seed: int, epoch: int, num_clips: int, num_views: int) -> np.ndarray:
+    """The stored view each clip uses in training epoch ``epoch`` (``out[i]`` for clip ``i``).
+
+    One draw per epoch, keyed by (seed, epoch) on a stream of its own: the same on every rank
+    and for every batch size and worker count, like the sampler's draws.
+    """
+    return np.random.default_rng([seed, epoch, _VIEW_STREAM]).integers(num_views, size=num_clips)
 
 
 def read_json(path: str) -> dict:
@@ -174,22 +178,29 @@ class FeatureStore:
                                  f"{np.dtype(DTYPE)} {(sh['num_clips'] * self.views, self.elems)}")
             self.shards.append(arr)
             self.crc.append(np.asarray(sh["row_crc32"], dtype=np.uint32))
+        self.checked = [np.zeros(len(c), dtype=bool) for c in self.crc]
 
     def read(self, rows: np.ndarray) -> np.ndarray:
-        """Global rows -> ``[len(rows), row_elems]`` float16, every row's CRC-32 checked."""
+        """Global rows -> ``[len(rows), row_elems]`` float16.
+
+        Each row's CRC-32 is checked the first time this store reads it (a corrupted row is
+        never used); later reads of a row that passed skip the check, which otherwise cost as
+        much as the copy. ``python -m evl.cache verify`` checks whole shards.
+        """
         out = np.empty((len(rows), self.elems), dtype=DTYPE)
         shard_of, local = np.divmod(rows, self.rows_per_shard)
         for k in np.unique(shard_of).tolist():
             sel = np.flatnonzero(shard_of == k)
             out[sel] = self.shards[k][local[sel]]
             if self.verify:
-                for j in sel.tolist():
+                for j in sel[~self.checked[k][local[sel]]].tolist():
                     if zlib.crc32(out[j]) != self.crc[k][local[j]]:
                         clip, view = divmod(int(rows[j]), self.views)
                         path = os.path.join(self.directory, self.manifest["shards"][k]["file"])
                         raise CacheError(f"feature cache shard {path} is corrupted: row {int(local[j])} (clip "
                                          f"{clip}, view {view}) fails its checksum; delete the shard and rerun "
                                          "the build to rewrite it")
+                    self.checked[k][local[j]] = True
         return out
 
 
@@ -225,8 +236,13 @@ class CachePipeline:
         self.labels = torch.tensor([r.label for r in self.records], dtype=torch.long)
         self.fields = manifest["fields"]
         self.num_blocks = 1 + max(f["block"] for f in self.fields)
+        # Per block, (start, stop, shape) of each field of a row, in AttentionFeatures order.
+        where = {(f["block"], f["name"]): (f["offset"], f["offset"] + int(np.prod(f["shape"])), tuple(f["shape"]))
+                 for f in self.fields}
+        self._slices = [[where[b, name] for name in FIELDS] for b in range(self.num_blocks)]
         n = len(self.valid)
         self.epoch, self.skip = 0, 0
+        self._views, self._views_epoch = None, None
         self.shard_len = len(self._clips())
         self.batches_per_epoch = self.shard_len // cfg.batch_size if cfg.train else -(-self.shard_len // cfg.batch_size)
         if cfg.train and self.batches_per_epoch == 0:
@@ -253,17 +269,18 @@ class CachePipeline:
 
         # fp16 to the device (half the bytes), fp32 there: the live backbone hands over fp32 too.
         x = torch.from_numpy(data).to(self.cfg.device, non_blocking=True).float()
-        by_name = {}
-        for f in self.fields:
-            size = int(np.prod(f["shape"]))
-            by_name[f["block"], f["name"]] = x[:, f["offset"]:f["offset"] + size].view(len(data), *f["shape"])
-        return [AttentionFeatures(*(by_name[b, name] for name in FIELDS)) for b in range(self.num_blocks)]
+        n = len(data)
+        return [AttentionFeatures(*(x[:, start:stop].view(n, *shape) for start, stop, shape in block))
+                for block in self._slices]
 
     def _rows(self, chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """A batch's clips -> (store rows, clip index and view of each sample)."""
         views = self.views
         if self.cfg.train:
-            view = np.array([train_view(self.cfg.seed, self.epoch, int(i), views) for i in chunk], dtype=np.int64)
+            if self._views_epoch != self.epoch:
+                self._views = train_views(self.cfg.seed, self.epoch, self.num_samples, views)
+                self._views_epoch = self.epoch
+            view = self._views[chunk]
             # The Batch contract: view 0 in training.
             return chunk * views + view, chunk, np.zeros_like(chunk)
         index = np.repeat(chunk, views)

@@ -13,7 +13,7 @@ import evl.cache as cache_cli
 from evl.decoder import attention_features
 from pipelines import PipelineConfig
 from pipelines.base import thwc_uint8_to_bcthw
-from pipelines.cache import CacheError, CacheMismatch, CachePipeline, train_view
+from pipelines.cache import CacheError, CacheMismatch, CachePipeline, train_views
 from conftest import build_tiny
 
 FRAMES, STRIDE, VIEWS, LAYERS = 4, 2, 2, 2
@@ -70,7 +70,8 @@ def test_cached_loss_and_gradients_equal_the_live_path(data):
     # Live: the same clips, decoded and run through the backbone, with the view the cache chose.
     records, infos = load_dataset(cfg)
     ds = ClipDataset(records, infos, make_sampler(cfg), read_frames, train=True)
-    keys = [(train_view(cfg.seed, 1, int(i), VIEWS), int(i)) for i in batch.index]
+    views = train_views(cfg.seed, 1, len(pipe.records), VIEWS)
+    keys = [(int(views[i]), int(i)) for i in batch.index]
     clips = thwc_uint8_to_bcthw(torch.cat([ds.load(k)[0] for k in keys]), "cpu")
     live_feats = attention_features(model.forward_features(clips))
     for live, cached in zip(live_feats, batch.features):
@@ -116,6 +117,44 @@ def test_sharding_padded_for_training_exact_for_eval(data):
     assert sorted(seen) == sorted(list(range(4)) * 2)  # every video once, all its views
     mem = CachePipeline(pipe_cfg(data, extra={"feature_cache": data.root, "cache_in_memory": True}))
     assert not isinstance(mem.store.shards[0], np.memmap)
+
+
+def test_training_views_and_checksums(data, monkeypatch):
+    """Views: one draw per epoch, the same whatever the batch size or rank; every view gets used.
+    Checksums: each row's CRC-32 is computed once however often the row is read."""
+    import pipelines.cache as pc
+
+    n = 8
+    assert np.array_equal(train_views(0, 3, n, VIEWS), train_views(0, 3, n, VIEWS))
+    assert set(np.concatenate([train_views(0, e, n, VIEWS) for e in range(8)]).tolist()) == set(range(VIEWS))
+    assert not all(np.array_equal(train_views(0, 0, n, VIEWS), train_views(0, e, n, VIEWS)) for e in range(1, 8))
+
+    def used(**kw):
+        got = {}
+        for rank in range(kw.get("world_size", 1)):
+            pipe = CachePipeline(pipe_cfg(data, rank=rank, **kw))
+            pipe.set_epoch(2)
+            for b in pipe:
+                rows = b.features[0].out.flatten(1)
+                for i, r in zip(b.index.tolist(), rows):
+                    got[i] = r
+        return got
+
+    one, two = used(batch_size=4), used(batch_size=2, world_size=2)
+    assert one.keys() == two.keys()
+    assert all(torch.equal(one[i], two[i]) for i in one)
+
+    calls = []
+    crc32 = pc.zlib.crc32
+    monkeypatch.setattr(pc.zlib, "crc32", lambda b: calls.append(1) or crc32(b))
+    pipe = CachePipeline(pipe_cfg(data, batch_size=4))
+    rows = set()
+    for epoch in range(6):
+        pipe.set_epoch(epoch)
+        views = train_views(0, epoch, len(pipe.records), VIEWS)
+        for b in pipe:
+            rows.update((i, int(views[i])) for i in b.index.tolist())
+    assert len(calls) == len(rows) < 6 * len(pipe) * 4
 
 
 def test_read_ahead_thread_runs_no_torch(data, monkeypatch):
@@ -180,8 +219,10 @@ def test_corrupted_shard_is_detected(data, tmp_path):
     shard.write_bytes(bytes(raw))
     pipe = CachePipeline(pipe_cfg(data, extra={"feature_cache": str(root)}))
     with pytest.raises(CacheError, match="shard-00001.npy is corrupted"):
-        for _ in pipe:
-            pass
+        for epoch in range(20):  # a training epoch reads one of each clip's views
+            pipe.set_epoch(epoch)
+            for _ in pipe:
+                pass
     with pytest.raises(SystemExit, match="shard-00001.npy is corrupted"):
         cache_cli.main(["verify", str(root)])
     shard.write_bytes(bytes(raw[:-100]))  # truncated: caught when the cache is opened
