@@ -330,6 +330,7 @@ def main(argv=None) -> dict:
         jobs.append(("cache", "cache"))
     for stage, name in tqdm(jobs, desc="benchmark", disable=None):
         rec = {"stage": stage, "pipeline": name}
+        it = None
         try:
             if stage == "data":
                 pipe = pipeline(cfg, name, device)
@@ -340,7 +341,7 @@ def main(argv=None) -> dict:
                 if name == "pyav":
                     rec.update(decode_ceiling(cfg, pipe, 256, os.cpu_count() or 1))
                     rec["ceiling_fraction"] = rec["clips_per_s"] / rec["ceiling_clips_per_s"]
-                del it, pipe
+                del pipe
             else:
                 model = make_model(cfg, device)
                 opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as evl.train
@@ -370,6 +371,9 @@ def main(argv=None) -> dict:
                 rec["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         except Exception as e:  # noqa: BLE001 -- one unavailable pipeline must not hide the others
             rec["error"] = f"{type(e).__name__}: {e}"
+        finally:
+            if it is not None:  # stop the pipeline's workers: they must not run during the next stage
+                it.close()
         results.append(rec)
     if "model" in stages:
         results.append({"stage": "memory", "frozen_backbone": step_memory(cfg, device, args.batch_size, False),

@@ -169,34 +169,20 @@ class TemporalCrossAttention(nn.Module):
         over their next frame), each ``[B, T-1, hw, hw]``."""
         return cls.frame_attention(q[:, 1:], k[:, :-1]), cls.frame_attention(q[:, :-1], k[:, 1:])
 
-    def offset_maps(self, attn_prev: torch.Tensor, attn_next: torch.Tensor) -> torch.Tensor:
-        """The maps regrouped by relative offset: ``[B, T, L, 2R]`` for ``R`` offsets.
-
-        Row ``(t, 1 + q)`` holds, at column ``offset(q, k)``, frame t's attention on patch k of
-        frame t-1, and at ``R + offset(q, k)`` its attention on patch k of frame t+1 (zeros
-        where there is no such frame, and on the CLS row). Then the module's output is one
-        matrix product, ``offset_maps @ [w1; w2]``, instead of a gather of ``w[idx]``
-        (``hw x hw x C``: 118 MB per layer for ViT-B/16) and a batched product per patch.
-        """
-        b, t1, hw = attn_prev.shape[:3]
+    def check_maps(self, attn: torch.Tensor) -> None:
+        hw = attn.shape[2]
         if hw != self.grid[0] * self.grid[1]:
             raise ValueError(f"cross-attention built for a {self.grid} patch grid got maps over {hw} patches")
-        r = self.w1.shape[0]
-        out = attn_prev.new_zeros(b, t1 + 1, hw + 1, 2 * r)
-        idx = self.idx.expand(b, t1, hw, hw)
-        out[:, 1:, 1:, :r].scatter_(-1, idx, attn_prev)  # frames 1..T-1 look back
-        out[:, :-1, 1:, r:].scatter_(-1, idx, attn_next)  # frames 0..T-2 look ahead
-        return out
-
-    def add_maps(self, frames: torch.Tensor, attn_prev: torch.Tensor, attn_next: torch.Tensor) -> torch.Tensor:
-        """``frames [B, T, L, C]`` plus the module's output on these maps (nothing on CLS)."""
-        a = self.offset_maps(attn_prev, attn_next)
-        w = torch.cat([self.w1, self.w2])
-        return torch.addmm(frames.reshape(-1, w.shape[1]), a.flatten(0, 2), w).view(frames.shape)
 
     def forward_maps(self, attn_prev: torch.Tensor, attn_next: torch.Tensor) -> torch.Tensor:
         """Adjacent-frame attention maps (``attention_maps``) -> ``[B, T, L, C]`` (zero on CLS)."""
-        return self.offset_maps(attn_prev, attn_next) @ torch.cat([self.w1, self.w2])
+        self.check_maps(attn_prev)
+        b, _, hw = attn_prev.shape[:3]
+        prev = torch.einsum("btqk,qkc->btqc", attn_prev, self.w1[self.idx])  # frames 1..T-1 look back
+        nxt = torch.einsum("btqk,qkc->btqc", attn_next, self.w2[self.idx])  # frames 0..T-2 look ahead
+        zero = prev.new_zeros(b, 1, hw, prev.shape[-1])
+        patches = torch.cat([zero, prev], 1) + torch.cat([nxt, zero], 1)
+        return F.pad(patches, (0, 0, 1, 0))  # CLS gets nothing
 
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """q, k ``[B, T, L, heads, d]`` -> ``[B, T, L, C]`` to add to the frame tokens (zero on CLS)."""
@@ -246,13 +232,29 @@ class EVLDecoder(nn.Module):
         ) if enable_temporal_cross_attention else None
         self.cls_token = nn.Parameter(torch.zeros(dim))
 
-    def _local_temporal(self, i: int, f: torch.Tensor) -> torch.Tensor:
-        """Layer ``i``'s temporal convolution and position embedding on block output ``f``."""
-        if self.temporal_conv is not None:
-            f = _depthwise_time_conv(f, self.temporal_conv[i])
-        if self.temporal_pos_embed is not None:
-            t, c = f.shape[1], f.shape[3]
-            f = f + self.temporal_pos_embed[i].view(1, t, 1, c)
+    def frame_tokens(self, i: int, out: torch.Tensor, maps: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """Layer ``i``'s input tokens: block output ``out [B, T, L, C]`` plus its temporal
+        convolution, temporal position embedding and cross-attention on ``maps``."""
+        conv = self.temporal_conv[i] if self.temporal_conv is not None else None
+        pos = self.temporal_pos_embed[i] if self.temporal_pos_embed is not None else None
+        ca = self.cross_attention[i] if self.cross_attention is not None else None
+        if ca is not None:
+            ca.check_maps(maps[0])
+        frozen = not (torch.is_grad_enabled() and (out.requires_grad or (maps and any(m.requires_grad for m in maps))))
+        if frozen:  # always so in EVL training: the backbone is frozen, its features need no gradient
+            return _FrameTokens.apply(out, *(maps if ca is not None else (None, None)),
+                                      conv.weight if conv is not None else None, conv.bias if conv is not None else None,
+                                      pos, ca.w1 if ca is not None else None, ca.w2 if ca is not None else None,
+                                      ca.idx if ca is not None else None)
+        # The same function in plain autograd ops, for features that need gradients (a fine-tuned tower).
+        f = out
+        if conv is not None:
+            t, c = out.shape[1], out.shape[3]
+            f = f + conv(out.permute(0, 2, 3, 1).flatten(0, 1)).view(out.shape[0], -1, c, t).permute(0, 3, 1, 2)
+        if pos is not None:
+            f = f + pos.view(1, pos.shape[0], 1, -1)
+        if ca is not None:
+            f = f + ca.forward_maps(*maps)
         return f
 
     def forward(self, features: Sequence[BlockFeatures | AttentionFeatures]) -> torch.Tensor:
@@ -265,30 +267,89 @@ class EVLDecoder(nn.Module):
                              f"got clips of {t} frames")
         x = self.cls_token.view(1, 1, c).expand(b, 1, c)
         for i, feat in enumerate(features):
-            f = self._local_temporal(i, feat.out)
+            maps = None
             if self.cross_attention is not None:
-                ca = self.cross_attention[i]
                 maps = ((feat.attn_prev, feat.attn_next) if isinstance(feat, AttentionFeatures)
-                        else ca.attention_maps(feat.q, feat.k))
-                f = ca.add_maps(f, *maps)
+                        else TemporalCrossAttention.attention_maps(feat.q, feat.k))
+            f = self.frame_tokens(i, feat.out, maps)
             x = self.decoder_layers[i](x, f.flatten(1, 2))
         return x[:, 0]
 
 
-def _depthwise_time_conv(f: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
-    """``f + conv(f)`` over time at every token: f ``[B, T, L, C]`` -> ``[B, T, L, C]``.
+class _FrameTokens(torch.autograd.Function):
+    """``EVLDecoder.frame_tokens`` for frozen features, fused: one autograd node, float32.
 
-    ``f`` in memory is ``[B, C, T, L]`` in channels-last order, so a 2-D depthwise convolution
-    with a ``(k, 1)`` kernel reads and writes it without a transpose; the residual is folded
-    into the kernel's centre tap (one pass over the tokens instead of three).
+    Forward: the temporal convolution as a ``(3, 1)`` depthwise conv2d on the channels-last view
+    of the ``[B, T, L, C]`` tokens (no transposes; the residual folded into the centre tap), the
+    position embedding added in place, and the cross-attention as one batched product per
+    direction over the query patches, ``attn[q] @ w[idx[q]]``. Backward computes only the
+    parameters' gradients (the features are frozen): a reduction per convolution tap, sums for
+    the biases and position embedding, and one batched product per direction.
+
+    ``conv_w``/``conv_b``, ``pos`` and ``w1``/``w2``/``idx`` (with the maps) may each be None
+    (the module disabled). Autocast is switched off inside: these are memory-bound element-wise
+    passes over the tokens, and float32 keeps them equal to the unfused path.
     """
-    k = conv.kernel_size[0]
-    centre = torch.zeros(k, dtype=conv.weight.dtype, device=conv.weight.device)
-    centre[k // 2] = 1
-    weight = conv.weight + centre  # [C, 1, k]
-    x = f.permute(0, 3, 1, 2)  # [B, C, T, L], a view: channels-last strides
-    y = F.conv2d(x, weight.unsqueeze(-1), conv.bias, padding=(conv.padding[0], 0), groups=conv.groups)
-    return y.permute(0, 2, 3, 1)  # back to [B, T, L, C]; contiguous when the conv kept channels-last
+
+    @staticmethod
+    def forward(ctx, out, attn_prev, attn_next, conv_w, conv_b, pos, w1, w2, idx):
+        with torch.autocast(out.device.type, enabled=False):
+            b, t, length, c = out.shape
+            out = out.float()
+            if conv_w is not None:
+                k = conv_w.shape[-1]
+                weight = conv_w.detach().float().clone()
+                weight[:, 0, k // 2] += 1  # f = out + conv(out)
+                f = F.conv2d(out.permute(0, 3, 1, 2), weight.unsqueeze(-1), conv_b.detach().float(),
+                             padding=(k // 2, 0), groups=c).permute(0, 2, 3, 1).contiguous()
+            else:
+                f = out.clone(memory_format=torch.contiguous_format)
+            if pos is not None:
+                f += pos.detach().float().view(1, t, 1, c)
+            prepared = []
+            if w1 is not None:
+                hw = attn_prev.shape[2]
+                for attn, w, frames in ((attn_prev, w1, slice(1, None)), (attn_next, w2, slice(None, -1))):
+                    a = attn.float().permute(2, 0, 1, 3).reshape(hw, b * (t - 1), hw)  # [q, B*(T-1), k]
+                    o = torch.bmm(a, w.detach().float()[idx])  # [q, B*(T-1), C]
+                    f[:, frames, 1:] += o.view(hw, b, t - 1, c).permute(1, 2, 0, 3)
+                    prepared.append(a)
+        ctx.save_for_backward(out if conv_w is not None else None, *prepared)
+        ctx.has = (conv_w is not None, pos is not None, w1 is not None)
+        ctx.kernel = conv_w.shape[-1] if conv_w is not None else 0
+        ctx.idx, ctx.offsets = idx, w1.shape[0] if w1 is not None else 0
+        ctx.dtypes = [x.dtype if x is not None else None for x in (conv_w, conv_b, pos, w1, w2)]
+        return f
+
+    @staticmethod
+    def backward(ctx, g):
+        has_conv, has_pos, has_ca = ctx.has
+        out, *prepared = ctx.saved_tensors
+        g = g.float().contiguous()
+        b, t, length, c = g.shape
+        grads = [None] * 9
+        if has_pos:
+            grads[5] = g.sum(0).sum(1)  # [T, C]: sum over clips and tokens
+        if has_conv:
+            # The convolution's own weight-and-bias backward: one pass over the tokens, where a
+            # product and a reduction per tap would take three (and on two threads reduce
+            # across the split of the product that produced them: 6x slower here).
+            k = ctx.kernel
+            _, w_grad, b_grad = torch.ops.aten.convolution_backward(
+                g.permute(0, 3, 1, 2), out.permute(0, 3, 1, 2), g.new_empty(c, 1, k, 1), [c], [1, 1], [k // 2, 0],
+                [1, 1], False, [0, 0], c, [False, True, True])
+            grads[3], grads[4] = w_grad.view(c, 1, k), b_grad
+        if has_ca:
+            idx = ctx.idx
+            for j, (a, frames) in enumerate(zip(prepared, (slice(1, None), slice(None, -1)))):
+                go = g[:, frames, 1:].permute(2, 0, 1, 3).reshape(a.shape[0], -1, c)  # [q, B*(T-1), C]
+                per_pair = torch.bmm(a.transpose(1, 2), go)  # [q, k, C]
+                # Pairs at the same relative offset share a row of w.
+                grads[6 + j] = per_pair.new_zeros(ctx.offsets, c).index_add_(0, idx.flatten(), per_pair.reshape(-1, c))
+        for j, dtype in zip(range(3, 8), ctx.dtypes):
+            if grads[j] is not None:
+                grads[j] = grads[j].to(dtype)
+        return tuple(grads)
 
 
 def EVLHead(dim: int, num_classes: int, dropout: float = 0.5) -> nn.Sequential:

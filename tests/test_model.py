@@ -191,6 +191,53 @@ def test_decoder_matches_spec_with_nonzero_parameters(tiny_vit):
                                        atol=1e-4, rtol=1e-3, msg=n)
 
 
+@pytest.mark.parametrize("disabled", [(), ("enable_temporal_conv",), ("enable_temporal_pos_embed",),
+                                      ("enable_temporal_cross_attention",),
+                                      ("enable_temporal_conv", "enable_temporal_pos_embed")])
+def test_fused_frame_tokens_equal_the_autograd_path(tiny_vit, disabled):
+    """Frozen features take the fused path (parameter gradients only); features that need
+    gradients (a fine-tuned tower) take plain autograd ops. Same outputs, same parameter grads."""
+    model = build_tiny(tiny_vit, decoder_num_layers=2, num_frames=3, **{k: False for k in disabled}).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+        feats = attention_features(model.forward_features(clips(t=3)))
+    params = list(model.parameters())
+
+    def run(features):
+        logits = model.forward_head(features)
+        return logits, torch.autograd.grad(logits.square().sum(), params + [t for f in features for t in f
+                                                                             if t.requires_grad], allow_unused=True)
+
+    fused, g_fused = run(feats)
+    leaves = [type(f)(*(t.clone().requires_grad_() for t in f)) for f in feats]
+    plain, g_plain = run(leaves)
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-4)
+    for a, b in zip(g_fused, g_plain[:len(params)]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert g_plain[len(params)].abs().sum() > 0  # the block output of layer 0 got its gradient
+
+
+def test_decoder_under_bf16_autocast(tiny_vit):
+    """The custom autograd functions under autocast (bf16 also runs on the CPU): close to fp32,
+    and float32 gradients for the float32 parameters."""
+    model = build_tiny(tiny_vit, decoder_num_layers=2, num_frames=3).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+        feats = attention_features(model.forward_features(clips(t=3)))
+    params = list(model.parameters())
+    want = model.forward_head(feats)
+    g_want = torch.autograd.grad(want.square().sum(), params)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model.forward_head(feats)
+    g_got = torch.autograd.grad(got.float().square().sum(), params)
+    torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.05)
+    for a, b in zip(g_got, g_want):
+        assert a.dtype == torch.float32 and torch.isfinite(a).all()
+        assert (a - b).norm() <= 0.05 * b.norm() + 1e-3
+
+
 @pytest.mark.parametrize("module", ["temporal_conv", "temporal_pos_embed", "cross_attention"])
 def test_each_temporal_module_matters(tiny_vit, module):
     flag = {"temporal_conv": "enable_temporal_conv", "temporal_pos_embed": "enable_temporal_pos_embed",
