@@ -279,9 +279,32 @@ def demo_argv(dataset: DemoDataset, backbone_json: str, output_dir: str, *, pipe
     ]
 
 
+def build_demo_cache(dataset: DemoDataset, backbone_json: str, train_argv: list[str]) -> str:
+    """The demo's feature cache (4 views per training clip, the val views), built once."""
+    from .cache import main as cache_main
+    from .config import parse_config
+
+    cfg = parse_config(train_argv)
+    out = os.path.join(dataset.root, "feature_cache")
+    common = ["--backbone", backbone_json, "--data_root", dataset.root, "--num_frames", str(cfg.num_frames),
+              "--sampling_rate", str(cfg.sampling_rate), "--crop_scale", *map(str, cfg.crop_scale),
+              "--auto_augment", "none", "--decoder_num_layers", str(cfg.decoder_num_layers),
+              "--num_temporal_views", str(cfg.num_temporal_views), "--num_spatial_views", str(cfg.num_spatial_views),
+              "--seed", str(cfg.seed), "--num_workers", str(cfg.num_workers), "--device", "cpu", "--output", out]
+    for split, list_path in (("train", dataset.train_list), ("val", dataset.val_list)):
+        if not os.path.isfile(os.path.join(out, split, "manifest.json")):
+            print(f"demo: caching the backbone's features of the {split} clips in {out}", flush=True)
+            cache_main(["build", "--split", split, "--list_path", list_path, "--num_views", "4", *common])
+    return out
+
+
 def run_demo(root: str = "data/demo", output_dir: str = "runs/demo", *, pipeline: str = "pyav",
              num_steps: int = 1000, extra_argv: tuple[str, ...] = ()) -> dict:
-    """Write the demo dataset (once), train on it on the CPU and report val top-1."""
+    """Write the demo dataset (once), train on it on the CPU and report val top-1.
+
+    ``pipeline``: ``pyav`` (the default), ``dali`` (DALI's CPU decoder, on VP9 copies of the
+    clips) or ``cache`` (the backbone's features cached once, then the decoder trained alone).
+    """
     import time
     import warnings
 
@@ -290,6 +313,8 @@ def run_demo(root: str = "data/demo", output_dir: str = "runs/demo", *, pipeline
 
     codec = "vp9" if pipeline == "dali" else "h264"  # DALI's CPU decoder reads VP9, not H.264
     root = os.path.join(root, codec)
+    if pipeline not in ("pyav", "dali", "cache"):
+        raise ValueError(f"the demo runs with --pipeline pyav, dali or cache, not {pipeline!r}")
     t0 = time.perf_counter()
     # 8-frame clips whose object moves 2-4 px per frame (spec §6); enough clips that the decoder
     # must learn motion rather than memorise backgrounds (256 clips are memorised: val at chance).
@@ -301,11 +326,30 @@ def run_demo(root: str = "data/demo", output_dir: str = "runs/demo", *, pipeline
           f"{len(read_list(dataset.val_list, data_root=root))} val clips in {root} "
           f"({', '.join(dataset.class_names)}); training a tiny random-backbone EVL for {num_steps} steps "
           f"on the CPU", flush=True)
+    argv = demo_argv(dataset, backbone_json, output_dir, pipeline=pipeline, num_steps=num_steps)
+    if pipeline == "cache":
+        argv += ["--feature_cache", build_demo_cache(dataset, backbone_json, argv)]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="no backbone_path given")  # random on purpose here
-        result = train(parse_config(demo_argv(dataset, backbone_json, output_dir, pipeline=pipeline,
-                                              num_steps=num_steps) + list(extra_argv)))
+        result = train(parse_config(argv + list(extra_argv)))
     elapsed = time.perf_counter() - t0
     print(f"demo: val top-1 {result.get('best_top1', float('nan')):.1f}% (chance 25%) in {elapsed:.0f} s; "
           f"checkpoints, metrics.jsonl and curves.png in {output_dir}", flush=True)
     return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m evl.demo", description="Train the built-in demo on the CPU "
+                                "(`python -m evl.train` with no arguments runs it with PyAV).")
+    p.add_argument("--pipeline", choices=["pyav", "dali", "cache"], default="pyav")
+    p.add_argument("--num_steps", type=int, default=1000)
+    p.add_argument("--output_dir", help="default: runs/demo (runs/demo-PIPELINE for dali and cache)")
+    args = p.parse_args(argv)
+    out = args.output_dir or ("runs/demo" if args.pipeline == "pyav" else f"runs/demo-{args.pipeline}")
+    return run_demo(output_dir=out, pipeline=args.pipeline, num_steps=args.num_steps)
+
+
+if __name__ == "__main__":
+    main()

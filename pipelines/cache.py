@@ -135,6 +135,9 @@ def expected_settings(cfg: PipelineConfig, model_config: dict | None) -> dict:
     if model_config:
         want.update(backbone_id=model_config.get("backbone_id"), backbone_sha256=model_config.get("backbone_sha256"),
                     decoder_num_layers=model_config.get("decoder_num_layers"))
+        if model_config.get("backbone_sha256") is None:
+            # A random backbone (tests, the demo) has no weights file to hash: it is the seed's.
+            want["seed"] = cfg.seed
     if cfg.list_path:
         want["list_sha256"] = file_sha256(cfg.list_path)
     return want

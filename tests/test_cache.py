@@ -105,6 +105,19 @@ def test_manifest_mismatch_names_the_fields(data):
         CachePipeline(pipe_cfg(data, train=False, num_temporal_views=3))
 
 
+def test_random_backbone_cache_is_tied_to_its_seed(data, tmp_path):
+    """Without a weights file the backbone is the seed's: another seed is another backbone."""
+    out = tmp_path / "features"
+    argv = build_argv(data, "train", out)
+    i = argv.index("--backbone_path")
+    cache_cli.main(argv[:i] + argv[i + 2:] + ["--seed", "5"])
+    model = build_tiny(data.tiny_vit, seed=5, num_classes=4, num_frames=FRAMES, decoder_num_layers=LAYERS)
+    cfg = dict(extra={"feature_cache": str(out), "model_config": model.config})
+    CachePipeline(pipe_cfg(data, seed=5, **cfg))
+    with pytest.raises(CacheMismatch, match="seed: cache 5, this run 0"):
+        CachePipeline(pipe_cfg(data, seed=0, **cfg))
+
+
 def test_sharding_padded_for_training_exact_for_eval(data):
     train = [CachePipeline(pipe_cfg(data, batch_size=2, rank=r, world_size=3)) for r in range(3)]
     assert len({len(p) for p in train}) == 1
