@@ -314,6 +314,8 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.ERROR)
     from tqdm import tqdm
 
+    from evl.distributed import threads_beside_decoders
+
     torch.manual_seed(0)
     device = torch.device(args.device)
     cfg = setup(args)
@@ -331,49 +333,53 @@ def main(argv=None) -> dict:
     for stage, name in tqdm(jobs, desc="benchmark", disable=None):
         rec = {"stage": stage, "pipeline": name}
         it = None
-        try:
-            if stage == "data":
-                pipe = pipeline(cfg, name, device)
-                it = cycle(pipe)
-                per = timed(lambda: next(it), args.warmup, args.iters, args.repeats, sync)
-                rec["clips_per_s"] = args.batch_size / statistics.median(per)
-                rec["frames_per_s"] = rec["clips_per_s"] * cfg.num_frames
-                if name == "pyav":
-                    rec.update(decode_ceiling(cfg, pipe, 256, os.cpu_count() or 1))
-                    rec["ceiling_fraction"] = rec["clips_per_s"] / rec["ceiling_clips_per_s"]
-                del pipe
-            else:
-                model = make_model(cfg, device)
-                opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as evl.train
-                precision = "bf16" if device.type == "cuda" else "fp32"
-                if stage == "model":
-                    from pipelines.base import Batch
-
-                    s = model.spec
-                    x = torch.randn(args.batch_size, 3, cfg.num_frames, *s.image_size, device=device)
-                    y = torch.zeros(args.batch_size, dtype=torch.long, device=device)
-                    batch = Batch(x, y, y, y)
-                    get = lambda: batch  # noqa: E731
+        # Compute threads as evl.train sets them: a core left to each decoding worker.
+        decoders = args.num_workers if name in ("pyav", "dali", "fulldecode") and stage in ("data", "train") else 0
+        with threads_beside_decoders(decoders):
+            rec["threads"] = torch.get_num_threads()
+            try:
+                if stage == "data":
+                    pipe = pipeline(cfg, name, device)
+                    it = cycle(pipe)
+                    per = timed(lambda: next(it), args.warmup, args.iters, args.repeats, sync)
+                    rec["clips_per_s"] = args.batch_size / statistics.median(per)
+                    rec["frames_per_s"] = rec["clips_per_s"] * cfg.num_frames
+                    if name == "pyav":
+                        rec.update(decode_ceiling(cfg, pipe, 256, os.cpu_count() or 1))
+                        rec["ceiling_fraction"] = rec["clips_per_s"] / rec["ceiling_clips_per_s"]
+                    del pipe
                 else:
-                    it = cycle(pipeline(cfg, name, device))
-                    get = lambda: next(it)  # noqa: E731
-                per = timed(step_fn(model, opt, get, device, precision), args.warmup, args.iters, args.repeats, sync)
-                rec["clips_per_s"] = args.batch_size / statistics.median(per)
-                if stage == "model":
-                    macs = vit_macs_per_frame(model.spec) * cfg.num_frames
-                    rec["backbone_gmacs_per_clip"] = macs / 1e9
-                    peak = gpu_peak_flops(device)
-                    if peak:
-                        rec["flop_ceiling_clips_per_s"] = peak / (2 * macs)
-                        rec["ceiling_fraction"] = rec["clips_per_s"] / rec["flop_ceiling_clips_per_s"]
-            rec["peak_rss_mb"] = peak_rss_mb()
-            if device.type == "cuda":
-                rec["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-        except Exception as e:  # noqa: BLE001 -- one unavailable pipeline must not hide the others
-            rec["error"] = f"{type(e).__name__}: {e}"
-        finally:
-            if it is not None:  # stop the pipeline's workers: they must not run during the next stage
-                it.close()
+                    model = make_model(cfg, device)
+                    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as evl.train
+                    precision = "bf16" if device.type == "cuda" else "fp32"
+                    if stage == "model":
+                        from pipelines.base import Batch
+
+                        s = model.spec
+                        x = torch.randn(args.batch_size, 3, cfg.num_frames, *s.image_size, device=device)
+                        y = torch.zeros(args.batch_size, dtype=torch.long, device=device)
+                        batch = Batch(x, y, y, y)
+                        get = lambda: batch  # noqa: E731
+                    else:
+                        it = cycle(pipeline(cfg, name, device))
+                        get = lambda: next(it)  # noqa: E731
+                    per = timed(step_fn(model, opt, get, device, precision), args.warmup, args.iters, args.repeats, sync)
+                    rec["clips_per_s"] = args.batch_size / statistics.median(per)
+                    if stage == "model":
+                        macs = vit_macs_per_frame(model.spec) * cfg.num_frames
+                        rec["backbone_gmacs_per_clip"] = macs / 1e9
+                        peak = gpu_peak_flops(device)
+                        if peak:
+                            rec["flop_ceiling_clips_per_s"] = peak / (2 * macs)
+                            rec["ceiling_fraction"] = rec["clips_per_s"] / rec["flop_ceiling_clips_per_s"]
+                rec["peak_rss_mb"] = peak_rss_mb()
+                if device.type == "cuda":
+                    rec["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+            except Exception as e:  # noqa: BLE001 -- one unavailable pipeline must not hide the others
+                rec["error"] = f"{type(e).__name__}: {e}"
+            finally:
+                if it is not None:  # stop the pipeline's workers: they must not run during the next stage
+                    it.close()
         results.append(rec)
     if "model" in stages:
         results.append({"stage": "memory", "frozen_backbone": step_memory(cfg, device, args.batch_size, False),
@@ -386,7 +392,7 @@ def main(argv=None) -> dict:
     live, full, pyav_data = rate("train", "pyav"), rate("data", "fulldecode"), rate("data", "pyav")
     print(f"\nconfig: backbone {cfg.backbone}, {cfg.num_frames} frames x stride {cfg.sampling_rate}, "
           f"batch {args.batch_size}, {args.num_workers} workers, device {device}")
-    print(f"{'stage':<7} {'pipeline':<10} {'clips/s':>10} {'frames/s':>10}  ceiling / notes")
+    print(f"{'stage':<7} {'pipeline':<10} {'threads':>7} {'clips/s':>10} {'frames/s':>10}  ceiling / notes")
     for r in results:
         if r["stage"] == "memory":
             for label, m in (("frozen", r["frozen_backbone"]), ("trainable", r["trainable_backbone"])):
@@ -395,7 +401,7 @@ def main(argv=None) -> dict:
                       f"{m['activations_mb']:.0f}, grads {m['grads_mb']:.0f}, optimizer {m['optimizer_mb']:.0f}){gpu}")
             continue
         if "error" in r:
-            print(f"{r['stage']:<7} {r['pipeline']:<10} {'-':>10} {'-':>10}  unavailable: {r['error'][:90]}")
+            print(f"{r['stage']:<7} {r['pipeline']:<10} {'-':>7} {'-':>10} {'-':>10}  unavailable: {r['error'][:90]}")
             continue
         note = ""
         if "ceiling_clips_per_s" in r:
@@ -412,7 +418,7 @@ def main(argv=None) -> dict:
         if r["stage"] == "data" and r["pipeline"] == "dali" and pyav_data:
             note += f"{r['clips_per_s'] / pyav_data:.1f}x PyAV"
         frames = f"{r['frames_per_s']:.0f}" if "frames_per_s" in r else "-"
-        print(f"{r['stage']:<7} {r['pipeline']:<10} {r['clips_per_s']:>10.1f} {frames:>10}  {note}")
+        print(f"{r['stage']:<7} {r['pipeline']:<10} {r['threads']:>7} {r['clips_per_s']:>10.1f} {frames:>10}  {note}")
     report = {
         "results": results, "config": cfg.to_dict(), "argv": sys.argv[1:], "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or

@@ -28,6 +28,7 @@ from pipelines.cache import (BUILD, DTYPE, FORMAT, MANIFEST, CacheError, Feature
                              record_fields, row_elems, shard_name, split_dir)
 
 from .decoder import attention_features
+from .distributed import threads_beside_decoders
 from .model import build_model
 from .weights import file_sha256
 
@@ -350,7 +351,8 @@ def main(argv: list[str] | None = None) -> dict | None:
                 args.auto_augment = None
             if args.num_views < 1:
                 raise SystemExit("error: --num_views must be at least 1")
-            return build_cache(args, progress=args.progress)
+            with threads_beside_decoders(args.num_workers):  # it decodes with PyAV workers, as training does
+                return build_cache(args, progress=args.progress)
         dirs = [args.directory]
         if not os.path.isfile(os.path.join(args.directory, MANIFEST)):
             dirs = [d for d in (split_dir(args.directory, True), split_dir(args.directory, False))

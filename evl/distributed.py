@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -35,6 +36,34 @@ def init_distributed(device: str | None = None) -> World:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return World(rank, world_size, local_rank, dev)
+
+
+def compute_threads(decode_workers: int) -> int | None:
+    """Intra-op threads for this process, leaving a core to each of its decoding workers.
+
+    PyTorch takes every core for its own ops, while the pipeline's worker processes (PyAV) or
+    threads (DALI on the CPU) decode on the same cores: on 2 cores with 2 workers, the demo
+    trained 20% faster with one compute thread (104 s against 131 s). The cores are shared by
+    the ``LOCAL_WORLD_SIZE`` processes of a node. None when ``OMP_NUM_THREADS`` is set: the
+    user's choice stands.
+    """
+    if "OMP_NUM_THREADS" in os.environ:
+        return None
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    cores = max(1, (os.cpu_count() or 1) // local)
+    return max(1, cores - max(0, decode_workers))
+
+
+@contextlib.contextmanager
+def threads_beside_decoders(decode_workers: int):
+    """Run the block with :func:`compute_threads`; the previous setting is restored after."""
+    previous, n = torch.get_num_threads(), compute_threads(decode_workers)
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt_io
 from .config import TrainConfig, parse_config
-from .distributed import World, all_reduce_sum, barrier, cleanup, init_distributed
+from .distributed import World, all_reduce_sum, barrier, cleanup, init_distributed, threads_beside_decoders
 from .eval import evaluate, write_predictions
 from .model import build_model
 from .precision import autocast, grad_scaler, resolve_precision
@@ -179,8 +179,19 @@ def batches_forever(pipeline, start_step: int):
         epoch, skip = epoch + 1, 0
 
 
+def decode_workers(cfg: TrainConfig) -> int:
+    """How many workers of this process decode videos on its cores (PyAV processes, DALI threads)."""
+    return cfg.num_workers if cfg.pipeline in ("pyav", "dali") else 0
+
+
 def train(cfg: TrainConfig) -> dict:
+    """Train (or evaluate, with ``eval_only``) as configured; returns the final metrics."""
     check_inputs(cfg)
+    with threads_beside_decoders(decode_workers(cfg)):
+        return _train(cfg)
+
+
+def _train(cfg: TrainConfig) -> dict:
     world = init_distributed(cfg.device)
     device = world.device
     precision = resolve_precision(cfg.mixed_precision, device)

@@ -170,3 +170,33 @@ def test_two_gloo_processes_match_one(tiny_vit, demo_data, tmp_path):
     eb = [e for e in events(tmp_path / "two") if "top1" in e]
     assert ea[0]["num_videos"] == eb[0]["num_videos"] == 12
     assert ea[0]["top1"] == pytest.approx(eb[0]["top1"]) and ea[0]["top5"] == pytest.approx(eb[0]["top5"])
+
+
+def test_compute_threads_leave_a_core_to_each_decoder(tiny_vit, demo_data, tmp_path, monkeypatch):
+    from evl import distributed
+    from evl.config import parse_config
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(distributed.os, "cpu_count", lambda: 16)
+    assert distributed.compute_threads(4) == 12
+    assert distributed.compute_threads(0) == 16
+    assert distributed.compute_threads(32) == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 8 ranks share the node's cores
+    assert distributed.compute_threads(1) == 1 and distributed.compute_threads(0) == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice stands
+    assert distributed.compute_threads(1) is None
+
+    # evl.train runs with them and puts the previous setting back.
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    seen = []
+    monkeypatch.setattr(train_mod, "_train", lambda cfg: seen.append(torch.get_num_threads()) or {})
+    before = torch.get_num_threads()
+    for pipeline, workers, want in (("pyav", 6, 10), ("cache", 6, 16), ("dummy", 2, 16)):
+        argv = train_argv(tiny_vit, demo_data, tmp_path / pipeline, "--pipeline", pipeline, "--num_workers",
+                          str(workers))
+        if pipeline == "cache":
+            argv += ["--feature_cache", str(tmp_path)]
+        train_mod.train(parse_config(argv))
+        assert seen[-1] == want and torch.get_num_threads() == before
