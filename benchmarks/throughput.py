@@ -141,7 +141,7 @@ def full_decode_read(path: str, frame_indices) -> "np.ndarray":
     return np.stack([ordered[i].to_ndarray(format="rgb24") for i in frame_indices])
 
 
-def pipeline(cfg, name, device, train=True):
+def pipeline(cfg, name, device, train=True, cache_views=4, work_dir=None):
     from evl.backbone import resolve_backbone
     from evl.distributed import World
     from evl.train import make_pipeline
@@ -151,7 +151,9 @@ def pipeline(cfg, name, device, train=True):
         from pipelines.loader import DecodingPipeline
 
         return DecodingPipeline(make_pipeline_config(cfg, device, train, size), full_decode_read)
-    extra = {"feature_cache": ensure_cache(cfg)} if name == "cache" else {}
+    extra = {}
+    if name == "cache":
+        extra["feature_cache"] = ensure_cache(cfg, work_dir or tempfile.gettempdir(), cache_views)
     c = type(cfg)(**{**cfg.to_dict(), "pipeline": name, **extra})
     return make_pipeline(c, World(0, 1, 0, device), train, size, None)
 
@@ -172,7 +174,7 @@ def cycle(pipe):
         epoch += 1
 
 
-def ensure_cache(cfg) -> str:
+def ensure_cache(cfg, work_dir: str, views: int = 4) -> str:
     """Build the training feature cache for ``cfg`` once (``python -m evl.cache build``)."""
     from evl.cache import main as cache_main
 
@@ -180,13 +182,12 @@ def ensure_cache(cfg) -> str:
     # another backbone must not find, and be refused by, a cache built for different settings.
     key = json.dumps([os.path.abspath(cfg.train_list_path), cfg.backbone, cfg.backbone_path, cfg.num_frames,
                       cfg.sampling_rate, cfg.sampling, cfg.auto_augment, list(cfg.crop_scale), cfg.decoder_num_layers,
-                      cfg.seed])
-    out = os.path.join(os.path.dirname(cfg.output_dir or tempfile.gettempdir()), "feature_cache",
-                       hashlib.sha256(key.encode()).hexdigest()[:12])
+                      cfg.seed, views])
+    out = os.path.join(work_dir, "feature_cache", hashlib.sha256(key.encode()).hexdigest()[:12])
     if not os.path.isfile(os.path.join(out, "train", "manifest.json")):
         argv = ["build", "--split", "train", "--list_path", cfg.train_list_path, "--output", out,
                 "--backbone", cfg.backbone, "--num_frames", str(cfg.num_frames), "--sampling_rate",
-                str(cfg.sampling_rate), "--sampling", cfg.sampling, "--num_views", "4",
+                str(cfg.sampling_rate), "--sampling", cfg.sampling, "--num_views", str(views),
                 "--auto_augment", cfg.auto_augment or "none", "--crop_scale", *map(str, cfg.crop_scale),
                 "--decoder_num_layers", str(cfg.decoder_num_layers), "--seed", str(cfg.seed),
                 "--num_workers", str(cfg.num_workers), "--device", cfg.device or "cpu", "--no_progress"]
@@ -304,6 +305,7 @@ def main(argv=None) -> dict:
     p.add_argument("--iters", type=int, default=10, help="batches per measurement")
     p.add_argument("--repeats", type=int, default=3, help="measurements; the median is reported")
     p.add_argument("--work_dir", default=os.path.join(ROOT, "runs", "bench"))
+    p.add_argument("--cache_views", type=int, default=4, help="views per clip in the benchmark's feature cache")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     args.pipelines = [x for x in args.pipelines.split(",") if x]
@@ -339,7 +341,7 @@ def main(argv=None) -> dict:
             rec["threads"] = torch.get_num_threads()
             try:
                 if stage == "data":
-                    pipe = pipeline(cfg, name, device)
+                    pipe = pipeline(cfg, name, device, cache_views=args.cache_views, work_dir=args.work_dir)
                     it = cycle(pipe)
                     per = timed(lambda: next(it), args.warmup, args.iters, args.repeats, sync)
                     rec["clips_per_s"] = args.batch_size / statistics.median(per)
@@ -361,9 +363,10 @@ def main(argv=None) -> dict:
                         batch = Batch(x, y, y, y)
                         get = lambda: batch  # noqa: E731
                     else:
-                        it = cycle(pipeline(cfg, name, device))
+                        it = cycle(pipeline(cfg, name, device, cache_views=args.cache_views, work_dir=args.work_dir))
                         get = lambda: next(it)  # noqa: E731
-                    per = timed(step_fn(model, opt, get, device, precision), args.warmup, args.iters, args.repeats, sync)
+                    step = step_fn(model, opt, get, device, precision)
+                    per = timed(step, args.warmup, args.iters, args.repeats, sync)
                     rec["clips_per_s"] = args.batch_size / statistics.median(per)
                     if stage == "model":
                         macs = vit_macs_per_frame(model.spec) * cfg.num_frames

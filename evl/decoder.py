@@ -240,12 +240,12 @@ class EVLDecoder(nn.Module):
         ca = self.cross_attention[i] if self.cross_attention is not None else None
         if ca is not None:
             ca.check_maps(maps[0])
-        frozen = not (torch.is_grad_enabled() and (out.requires_grad or (maps and any(m.requires_grad for m in maps))))
-        if frozen:  # always so in EVL training: the backbone is frozen, its features need no gradient
-            return _FrameTokens.apply(out, *(maps if ca is not None else (None, None)),
-                                      conv.weight if conv is not None else None, conv.bias if conv is not None else None,
-                                      pos, ca.w1 if ca is not None else None, ca.w2 if ca is not None else None,
-                                      ca.idx if ca is not None else None)
+        needs_grad = out.requires_grad or any(m.requires_grad for m in maps or ())
+        if not (torch.is_grad_enabled() and needs_grad):  # always so in EVL training: the backbone is frozen
+            conv_wb = (conv.weight, conv.bias) if conv is not None else (None, None)
+            ca_args = (*maps, ca.w1, ca.w2, ca.idx) if ca is not None else (None,) * 5
+            attn_prev, attn_next, w1, w2, idx = ca_args
+            return _FrameTokens.apply(out, attn_prev, attn_next, *conv_wb, pos, w1, w2, idx)
         # The same function in plain autograd ops, for features that need gradients (a fine-tuned tower).
         f = out
         if conv is not None:
@@ -283,8 +283,8 @@ class _FrameTokens(torch.autograd.Function):
     of the ``[B, T, L, C]`` tokens (no transposes; the residual folded into the centre tap), the
     position embedding added in place, and the cross-attention as one batched product per
     direction over the query patches, ``attn[q] @ w[idx[q]]``. Backward computes only the
-    parameters' gradients (the features are frozen): a reduction per convolution tap, sums for
-    the biases and position embedding, and one batched product per direction.
+    parameters' gradients (the features are frozen): the convolution's own weight-and-bias
+    backward, a sum for the position embedding, and one batched product per direction.
 
     ``conv_w``/``conv_b``, ``pos`` and ``w1``/``w2``/``idx`` (with the maps) may each be None
     (the module disabled). Autocast is switched off inside: these are memory-bound element-wise

@@ -223,7 +223,8 @@ def _train(cfg: TrainConfig) -> dict:
     model.to(device)
     ddp = model
     if world.world_size > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     amp = lambda: autocast(precision, device)  # noqa: E731
     metrics = MetricsLog(out_dir, world.is_primary)
 

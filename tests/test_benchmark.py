@@ -28,13 +28,15 @@ def test_vit_b16_macs_match_the_paper():
 @pytest.mark.slow
 def test_benchmark_reports_every_stage(tmp_path, capsys):
     report = load_benchmark().main([
-        "--stages", "data,model,train", "--pipelines", "dummy,pyav", "--iters", "1", "--repeats", "1",
-        "--warmup", "1", "--batch_size", "4", "--num_workers", "0", "--work_dir", str(tmp_path),
+        "--stages", "data,model,train,cache", "--pipelines", "dummy,pyav,cache", "--iters", "1", "--repeats", "1",
+        "--warmup", "1", "--batch_size", "4", "--num_workers", "0", "--cache_views", "1", "--work_dir", str(tmp_path),
         "--json", str(tmp_path / "r.json")])
     out = capsys.readouterr().out
     rows = {(r["stage"], r.get("pipeline")): r for r in report["results"]}
-    for key in (("data", "dummy"), ("data", "pyav"), ("model", "synthetic"), ("train", "pyav")):
+    for key in (("data", "dummy"), ("data", "pyav"), ("model", "synthetic"), ("train", "pyav"), ("cache", "cache")):
         assert rows[key]["clips_per_s"] > 0, key
+    assert "x live PyAV" in out
+    assert len(os.listdir(tmp_path / "feature_cache")) == 1  # built under --work_dir, nowhere else
     pyav = rows["data", "pyav"]
     assert pyav["frames_per_clip"] >= 8 and pyav["ceiling_clips_per_s"] > 0
     mem = rows["memory", None]
