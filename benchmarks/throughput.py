@@ -141,19 +141,60 @@ def full_decode_read(path: str, frame_indices) -> "np.ndarray":
     return np.stack([ordered[i].to_ndarray(format="rgb24") for i in frame_indices])
 
 
-def pipeline(cfg, name, device, train=True, cache_views=4, work_dir=None):
+class ReferenceLoader:
+    """The reference implementation's own training loader, run from a checkout of it.
+
+    ``video_dataset.dataloader.create_train_loader`` of github.com/OpenGVLab/efficient-video-recognition
+    (``--reference_repo PATH``; not shipped here), given the run's list, workers, batch and clip
+    geometry as the reference's own flags, with its recipes' CLIP mean and std. Data stage only:
+    it yields ``(clips, labels)`` without our sampler, so it is compared on throughput alone.
+    """
+
+    def __init__(self, repo: str, cfg, batch_size: int, num_workers: int, size: int, num_batches: int):
+        if not os.path.isfile(os.path.join(repo, "video_dataset", "dataloader.py")):
+            raise FileNotFoundError(f"--reference_repo {repo}: no video_dataset/dataloader.py there (a checkout of "
+                                    "github.com/OpenGVLab/efficient-video-recognition is expected)")
+        sys.path.insert(0, os.path.abspath(repo))
+        from video_dataset.dataloader import create_train_loader
+
+        flags = argparse.Namespace(
+            train_list_path=cfg.train_list_path, train_data_root=cfg.data_root or "", data_root=cfg.data_root or "",
+            batch_size=batch_size, num_steps=num_batches, num_workers=num_workers, auto_augment=cfg.auto_augment,
+            interpolation="bicubic", mirror=cfg.mirror, num_frames=cfg.num_frames, sampling_rate=cfg.sampling_rate,
+            tsn_sampling=cfg.sampling == "segment", spatial_size=size, dummy_dataset=False,
+            mean=[0.48145466, 0.4578275, 0.40821073], std=[0.26862954, 0.26130258, 0.27577711])
+        self.loader = create_train_loader(flags)
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __iter__(self):
+        from pipelines.base import Batch
+
+        for clips, labels in self.loader:
+            yield Batch(clips, labels, labels, labels)
+
+
+def pipeline(cfg, name, device, args=None, train=True):
+    """Pipeline ``name`` for the run ``cfg``; ``args``: the benchmark's flags (cache, reference)."""
     from evl.backbone import resolve_backbone
     from evl.distributed import World
     from evl.train import make_pipeline
 
     size = resolve_backbone(cfg.backbone).image_size[0]
+    if name == "reference":
+        if not (args and args.reference_repo):
+            raise ValueError("the reference pipeline needs --reference_repo PATH (a checkout of the reference)")
+        batches = args.warmup + args.iters * args.repeats + 1
+        return ReferenceLoader(args.reference_repo, cfg, args.batch_size, args.num_workers, size, batches)
     if name == "fulldecode":
         from pipelines.loader import DecodingPipeline
 
         return DecodingPipeline(make_pipeline_config(cfg, device, train, size), full_decode_read)
     extra = {}
     if name == "cache":
-        extra["feature_cache"] = ensure_cache(cfg, work_dir or tempfile.gettempdir(), cache_views)
+        work_dir = args.work_dir if args else tempfile.gettempdir()
+        extra["feature_cache"] = ensure_cache(cfg, work_dir, args.cache_views if args else 4)
     c = type(cfg)(**{**cfg.to_dict(), "pipeline": name, **extra})
     return make_pipeline(c, World(0, 1, 0, device), train, size, None)
 
@@ -287,7 +328,9 @@ def main(argv=None) -> dict:
     p.add_argument("--stages", default="data,model,train,cache")
     p.add_argument("--pipelines", default="pyav,dali,cache",
                    help="comma-separated: dummy, pyav, dali, cache, fulldecode (the reference loader's strategy: "
-                        "decode whole files)")
+                        "decode whole files, in our workers), reference (the reference's own loader, data stage; "
+                        "needs --reference_repo)")
+    p.add_argument("--reference_repo", help="a checkout of github.com/OpenGVLab/efficient-video-recognition")
     p.add_argument("--video_frames", type=int, default=8,
                    help="frames per demo video; e.g. 300 for Kinetics-like 10 s clips (sparse 8x16 sampling)")
     p.add_argument("--train_list")
@@ -329,19 +372,20 @@ def main(argv=None) -> dict:
     if "model" in stages:
         jobs.append(("model", "synthetic"))
     if "train" in stages:
-        jobs += [("train", name) for name in args.pipelines if name != "cache"]
+        jobs += [("train", name) for name in args.pipelines if name not in ("cache", "reference")]
     if "cache" in stages and "cache" in args.pipelines:
         jobs.append(("cache", "cache"))
     for stage, name in tqdm(jobs, desc="benchmark", disable=None):
         rec = {"stage": stage, "pipeline": name}
         it = None
         # Compute threads as evl.train sets them: a core left to each decoding worker.
-        decoders = args.num_workers if name in ("pyav", "dali", "fulldecode") and stage in ("data", "train") else 0
+        decoding = ("pyav", "dali", "fulldecode", "reference")
+        decoders = args.num_workers if name in decoding and stage in ("data", "train") else 0
         with threads_beside_decoders(decoders):
             rec["threads"] = torch.get_num_threads()
             try:
                 if stage == "data":
-                    pipe = pipeline(cfg, name, device, cache_views=args.cache_views, work_dir=args.work_dir)
+                    pipe = pipeline(cfg, name, device, args)
                     it = cycle(pipe)
                     per = timed(lambda: next(it), args.warmup, args.iters, args.repeats, sync)
                     rec["clips_per_s"] = args.batch_size / statistics.median(per)
@@ -363,7 +407,7 @@ def main(argv=None) -> dict:
                         batch = Batch(x, y, y, y)
                         get = lambda: batch  # noqa: E731
                     else:
-                        it = cycle(pipeline(cfg, name, device, cache_views=args.cache_views, work_dir=args.work_dir))
+                        it = cycle(pipeline(cfg, name, device, args))
                         get = lambda: next(it)  # noqa: E731
                     step = step_fn(model, opt, get, device, precision)
                     per = timed(step, args.warmup, args.iters, args.repeats, sync)
@@ -393,6 +437,7 @@ def main(argv=None) -> dict:
                      and "clips_per_s" in r), None)
 
     live, full, pyav_data = rate("train", "pyav"), rate("data", "fulldecode"), rate("data", "pyav")
+    ref = rate("data", "reference")
     print(f"\nconfig: backbone {cfg.backbone}, {cfg.num_frames} frames x stride {cfg.sampling_rate}, "
           f"batch {args.batch_size}, {args.num_workers} workers, device {device}")
     print(f"{'stage':<7} {'pipeline':<10} {'threads':>7} {'clips/s':>10} {'frames/s':>10}  ceiling / notes")
@@ -417,7 +462,9 @@ def main(argv=None) -> dict:
         if r["stage"] in ("train", "cache") and live and r["pipeline"] != "pyav":
             note += f"{r['clips_per_s'] / live:.1f}x live PyAV"
         if r["stage"] == "data" and r["pipeline"] == "pyav" and full:
-            note += f"; {r['clips_per_s'] / full:.1f}x full-file decoding (the reference's loader)"
+            note += f"; {r['clips_per_s'] / full:.1f}x full-file decoding (the reference's strategy)"
+        if r["stage"] == "data" and r["pipeline"] == "pyav" and ref:
+            note += f"; {r['clips_per_s'] / ref:.1f}x the reference's own loader"
         if r["stage"] == "data" and r["pipeline"] == "dali" and pyav_data:
             note += f"{r['clips_per_s'] / pyav_data:.1f}x PyAV"
         frames = f"{r['frames_per_s']:.0f}" if "frames_per_s" in r else "-"

@@ -46,3 +46,38 @@ def test_benchmark_reports_every_stage(tmp_path, capsys):
     assert "decode ceiling" in out and "memory" in out
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["versions"]["torch"] and saved["config"]["num_frames"] == 8
+
+
+# The flags the reference's create_train_loader and VideoDataset read (its video_dataset/dataloader.py).
+REFERENCE_FLAGS = {"train_list_path", "train_data_root", "data_root", "batch_size", "num_steps", "num_workers",
+                   "dummy_dataset", "auto_augment", "interpolation", "mirror", "num_frames", "sampling_rate",
+                   "tsn_sampling", "spatial_size", "mean", "std"}
+
+FAKE_REFERENCE = '''
+import json, os, torch
+
+def create_train_loader(args):
+    with open(os.path.join(os.path.dirname(__file__), "args.json"), "w") as f:
+        json.dump(vars(args), f)
+    data = [(torch.zeros(3, args.num_frames, args.spatial_size, args.spatial_size), 0)] * (args.num_steps * args.batch_size)
+    return torch.utils.data.DataLoader(data, batch_size=args.batch_size, num_workers=args.num_workers, drop_last=True)
+'''
+
+
+@pytest.mark.slow
+def test_reference_loader_adapter(tmp_path, capsys):
+    """`--pipelines reference` runs the reference's own create_train_loader from a checkout, with
+    the flags it reads; a stand-in checkout here (the reference is not shipped)."""
+    ref = tmp_path / "reference" / "video_dataset"
+    ref.mkdir(parents=True)
+    (ref / "__init__.py").write_text("")
+    (ref / "dataloader.py").write_text(FAKE_REFERENCE)
+    report = load_benchmark().main([
+        "--stages", "data", "--pipelines", "pyav,reference", "--iters", "1", "--repeats", "1", "--warmup", "1",
+        "--batch_size", "4", "--num_workers", "0", "--work_dir", str(tmp_path), "--reference_repo", str(ref.parent)])
+    rows = {r["pipeline"]: r for r in report["results"]}
+    assert rows["reference"]["clips_per_s"] > 0 and "error" not in rows["reference"]
+    args = json.loads((ref / "args.json").read_text())
+    assert REFERENCE_FLAGS <= set(args)
+    assert args["num_frames"] == 8 and args["spatial_size"] == 64 and args["batch_size"] == 4
+    assert "x the reference's own loader" in capsys.readouterr().out
