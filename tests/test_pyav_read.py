@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from pipelines import pyav
 from pipelines.pyav import VideoReadError, frame_index, read_frames
@@ -200,3 +201,22 @@ def test_missing_frames_retry_from_earlier(videos, monkeypatch):
     monkeypatch.setattr(pyav.FrameIndex, "start_keyframes",
                         lambda self, first, min_decode_pos: np.array([48, 24]))
     assert np.array_equal(read_frames(path, [30, 5]), ref[[30, 5]])
+
+
+class _ThreadsSeen(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        from pipelines.pyav import _decoder_threads
+
+        return _decoder_threads()
+
+
+def test_one_decoding_thread_per_dataloader_worker():
+    """Workers decode one video each per core: no FFmpeg threads on top. Elsewhere, FFmpeg's choice."""
+    from pipelines.pyav import _decoder_threads
+
+    assert _decoder_threads() == "AUTO"
+    loader = torch.utils.data.DataLoader(_ThreadsSeen(), num_workers=1, batch_size=None)
+    assert list(loader) == ["NONE"]
