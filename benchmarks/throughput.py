@@ -267,14 +267,17 @@ def decode_ceiling(cfg, pipe, clips: int, workers: int) -> dict:
             s.thread_type = threads
             return sum(1 for _ in c.decode(s))
 
-    # The faster of one decoding thread per file (files in parallel) and FFmpeg's own threads.
+    # The faster of one decoding thread per file (files in parallel) and FFmpeg's own threads,
+    # best of 3 trials of at least half a second each (a short run of small files is noisy).
     rate = 0.0
-    for threads in ("NONE", "AUTO"):
-        decode_all(paths[0], threads)
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(workers) as ex:
-            frames = sum(ex.map(lambda p: decode_all(p, threads), paths))
-        rate = max(rate, frames / (time.perf_counter() - t0))
+    with ThreadPoolExecutor(workers) as ex:
+        for threads in ("NONE", "AUTO"):
+            decode_all(paths[0], threads)
+            for _ in range(3):
+                frames, t0 = 0, time.perf_counter()
+                while time.perf_counter() - t0 < 0.5:
+                    frames += sum(ex.map(lambda p: decode_all(p, threads), paths))
+                rate = max(rate, frames / (time.perf_counter() - t0))
     per_clip = statistics.mean(need)
     return {"frames_per_clip": per_clip, "decode_fps": rate, "ceiling_clips_per_s": rate / per_clip}
 
