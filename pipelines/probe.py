@@ -5,6 +5,12 @@ Each file is probed with the same single demux pass that numbers its frames for 
 Results are cached in a JSON file keyed by (absolute path, size, mtime_ns), so a dataset is read
 once; ``check_videos`` flags files that random access will be slow or inexact on (long GOPs,
 variable frame rate; see docs/decoding-notes.md, "What it buys").
+
+The frame indexes themselves (every frame's pts, dts, decode position and keyframe flag) are
+kept too, in a binary file beside the JSON (``<list>.probe.json.frames-<token>``, 21 bytes per
+frame), and registered with ``pipelines.pyav``: DataLoader workers then read a file's index from
+it instead of demuxing the whole video again before decoding a clip (0.43 of the 1.5 ms a
+64 px 8-frame clip took, 1.8 of 9.9 ms for 8 frames of a 300-frame 256 px video).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from pipelines import pyav
 
 __all__ = ["VideoInfo", "check_videos", "probe_video", "probe_videos", "video_info"]
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: frame indexes kept in a frames file
 MAX_KEYFRAME_INTERVAL = 15  # a clip frame then costs at most ~15 decoded frames
 VFR_TOLERANCE = 0.05  # relative pts-delta jitter still called constant (ms-rounded mkv pts)
 
@@ -66,43 +72,78 @@ def probe_video(path: str) -> VideoInfo:
     return video_info(pyav.frame_index(path))
 
 
-def _probe_one(path: str) -> tuple[dict | None, str | None]:
+def _probe_one(path: str) -> tuple[dict | None, str | None, pyav.FrameIndex | None]:
     # Never raises: a failure is returned, so one bad file cannot stop the pool.
     try:
-        return asdict(probe_video(path)), None
+        index = pyav.frame_index(path)
+        return asdict(video_info(index)), None, index
     except (pyav.VideoReadError, OSError) as e:
-        return None, str(e)
+        return None, str(e), None
 
 
-def _load_cache(cache_path: str) -> dict[str, dict]:
+def _load_cache(cache_path: str) -> tuple[dict[str, dict], str | None]:
+    """(videos, the frames file's name) of a probe cache; empty when missing or unusable."""
     try:
         with open(cache_path, encoding="utf-8") as f:
             data = json.load(f)
     except FileNotFoundError:
-        return {}
+        return {}, None
     except (OSError, ValueError) as e:
         warnings.warn(f"ignoring unreadable probe cache {cache_path}: {e}", stacklevel=3)
-        return {}
+        return {}, None
     if not isinstance(data, dict) or not isinstance(data.get("videos"), dict):
         warnings.warn(f"ignoring malformed probe cache {cache_path}", stacklevel=3)
-        return {}
+        return {}, None
     if data.get("version") != CACHE_VERSION:
-        return {}
-    return data["videos"]
+        return {}, None
+    frames = data.get("frames_file")
+    return data["videos"], frames if isinstance(frames, str) and os.sep not in frames else None
 
 
-def _save_cache(cache_path: str, videos: dict[str, dict]) -> None:
+def _save_cache(cache_path: str, videos: dict[str, dict], frames_file: str | None) -> None:
     directory = os.path.dirname(os.path.abspath(cache_path))
     os.makedirs(directory, exist_ok=True)
     # Temp file + rename: a reader (or a crash) never sees a half-written cache.
     fd, tmp = tempfile.mkstemp(prefix=".probe-", suffix=".json.tmp", dir=directory)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"version": CACHE_VERSION, "videos": videos}, f)
+            json.dump({"version": CACHE_VERSION, "frames_file": frames_file, "videos": videos}, f)
         os.replace(tmp, cache_path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+class _FramesWriter:
+    """Writes a new frames file beside the cache: rows kept from the old one, then new ones.
+
+    The file gets a new name, and the JSON that points at it is written after it, so a crash
+    leaves the old pair intact (or an orphan frames file, removed by the next write).
+    """
+
+    def __init__(self, cache_path: str):
+        self.directory = os.path.dirname(os.path.abspath(cache_path))
+        self.prefix = os.path.basename(cache_path) + ".frames-"
+        os.makedirs(self.directory, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(prefix=".frames-", suffix=".tmp", dir=self.directory)
+        self.file = os.fdopen(fd, "wb")
+        self.rows = 0
+
+    def add(self, records: np.ndarray) -> list[int]:
+        self.file.write(np.ascontiguousarray(records, dtype=pyav.FRAME_RECORD).tobytes())
+        first, self.rows = self.rows, self.rows + len(records)
+        return [first, len(records)]
+
+    def finish(self) -> str:
+        self.file.close()
+        name = self.prefix + os.path.basename(self.tmp)[len(".frames-"):-len(".tmp")]
+        os.replace(self.tmp, os.path.join(self.directory, name))
+        return name
+
+    def abort(self) -> None:
+        self.file.close()
+        if os.path.exists(self.tmp):
+            os.unlink(self.tmp)
 
 
 def _from_entry(
@@ -121,24 +162,29 @@ def _from_entry(
         return None
 
 
-def _probe_many(
-    paths: list[str], num_workers: int, progress: bool
-) -> list[tuple[dict | None, str | None]]:
-    results = []
+def _old_rows(directory: str, frames_file: str | None) -> np.ndarray | None:
+    if not frames_file:
+        return None
+    try:
+        return np.memmap(os.path.join(directory, frames_file), dtype=pyav.FRAME_RECORD, mode="r")
+    except (OSError, ValueError):
+        return None
+
+
+def _probe_many(paths: list[str], num_workers: int, progress: bool, on_result) -> None:
     # disable=None: no bar when stderr is not a terminal (CI logs, redirected output).
     with tqdm(total=len(paths), desc="probing videos", unit="video", disable=None if progress else True) as bar:
         if num_workers <= 0:
-            for path in paths:
-                results.append(_probe_one(path))
+            for j, path in enumerate(paths):
+                on_result(j, _probe_one(path))
                 bar.update()
-            return results
+            return
         # Threads, not processes: demuxing is mostly I/O and FFmpeg work outside the GIL, and a
         # spawned pool would re-import the caller's unguarded __main__ script.
         with ThreadPoolExecutor(num_workers) as pool:
-            for result in pool.map(_probe_one, paths):
-                results.append(result)
+            for j, result in enumerate(pool.map(_probe_one, paths)):
+                on_result(j, result)
                 bar.update()
-    return results
 
 
 def probe_videos(
@@ -150,9 +196,11 @@ def probe_videos(
     """Probes ``paths``: one VideoInfo per path (None if unreadable), and (path, reason) failures.
 
     With ``cache_path``, results (failures included) are read from and written to that JSON
-    file, and only new or changed files are probed. ``num_workers > 0`` probes in a thread pool.
+    file, only new or changed files are probed, and the files' frame indexes are shared with
+    the PyAV reader (see the module docstring). ``num_workers > 0`` probes in a thread pool.
     """
-    cache = _load_cache(cache_path) if cache_path else {}
+    cache, frames_file = _load_cache(cache_path) if cache_path else ({}, None)
+    directory = os.path.dirname(os.path.abspath(cache_path)) if cache_path else ""
     results: list[tuple[VideoInfo | None, str | None]] = [(None, None)] * len(paths)
     todo: list[tuple[int, str, int, int]] = []  # (position, absolute path, size, mtime_ns)
     for i, path in enumerate(paths):
@@ -169,12 +217,48 @@ def probe_videos(
             todo.append((i, key, st.st_size, st.st_mtime_ns))
 
     if todo:
-        probed = _probe_many([key for _, key, _, _ in todo], num_workers, progress)
-        for (i, key, size, mtime_ns), (info, error) in zip(todo, probed):
-            results[i] = (None if info is None else VideoInfo(**info), error)
-            cache[key] = {"size": size, "mtime_ns": mtime_ns, "info": info, "error": error}
-        if cache_path:
-            _save_cache(cache_path, cache)
+        writer = _FramesWriter(cache_path) if cache_path else None
+        try:
+            if writer:  # the rows of every other file the cache knows, carried over
+                old = _old_rows(directory, frames_file)
+                changed = {key for _, key, _, _ in todo}
+                for key, entry in cache.items():
+                    span = entry.get("frames")
+                    rows = old[span[0]:span[0] + span[1]] if old is not None and span and key not in changed else None
+                    if rows is not None and len(rows) == span[1]:
+                        entry["frames"] = writer.add(rows)
+                    else:
+                        entry.pop("frames", None)
+
+            def on_result(j, result):
+                i, key, size, mtime_ns = todo[j]
+                info, error, index = result
+                results[i] = (None if info is None else VideoInfo(**info), error)
+                entry = {"size": size, "mtime_ns": mtime_ns, "info": info, "error": error}
+                if writer and index is not None:
+                    entry["frames"], entry["meta"] = writer.add(pyav.index_records(index)), pyav.index_meta(index)
+                cache[key] = entry
+
+            _probe_many([key for _, key, _, _ in todo], num_workers, progress, on_result)
+            if writer:
+                old_file, frames_file = frames_file, writer.finish()
+                _save_cache(cache_path, cache, frames_file)
+                if old_file and old_file != frames_file and os.path.exists(os.path.join(directory, old_file)):
+                    os.remove(os.path.join(directory, old_file))
+        except BaseException:
+            if writer:
+                writer.abort()
+            raise
+
+    if cache_path and frames_file:
+        shared = {}
+        for path, (info, _) in zip(paths, results):
+            key = os.path.abspath(os.fspath(path))
+            entry = cache.get(key)
+            if info is not None and entry and entry.get("frames") and entry.get("meta"):
+                shared[key] = (entry["size"], entry["mtime_ns"], os.path.join(directory, frames_file),
+                               *entry["frames"], entry["meta"])
+        pyav.register_shared_indexes(shared)
 
     infos = [info for info, _ in results]
     failures = [(str(path), error) for path, (info, error) in zip(paths, results) if info is None]

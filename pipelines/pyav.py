@@ -185,9 +185,65 @@ def _build_index(path: str) -> FrameIndex:
             codec=ctx.name, stream_index=stream.index, has_pts=has_pts)
 
 
+# -- frame indexes shared through the probe cache -------------------------------------------
+
+# One record per frame, in presentation order: what FrameIndex holds per frame.
+FRAME_RECORD = np.dtype([("pts", "<i8"), ("dts", "<i8"), ("decode_pos", "<i4"), ("keyframe", "u1")])
+
+
+def index_records(index: FrameIndex) -> np.ndarray:
+    """A frame index's per-frame arrays as ``FRAME_RECORD`` rows (for ``pipelines.probe``)."""
+    rec = np.empty(index.num_frames, dtype=FRAME_RECORD)
+    rec["pts"], rec["dts"], rec["decode_pos"], rec["keyframe"] = (
+        index.pts, index.dts, index.decode_pos, index.keyframe)
+    return rec
+
+
+def index_meta(index: FrameIndex) -> dict:
+    """The rest of a frame index, JSON-serialisable."""
+    return {"time_base": [index.time_base.numerator, index.time_base.denominator], "fps": index.fps,
+            "width": index.width, "height": index.height, "codec": index.codec,
+            "stream_index": index.stream_index, "has_pts": index.has_pts}
+
+
+# abspath -> (size, mtime_ns, frames file, first row, rows, meta): registered by the probe in
+# the training process, inherited by forked DataLoader workers, which then read a file's index
+# from the shared frames file instead of demuxing the video once more.
+_shared: dict[str, tuple] = {}
+_frames_files: dict[str, np.ndarray] = {}  # per process: frames file -> its memory map
+
+
+def register_shared_indexes(entries: dict[str, tuple]) -> None:
+    _shared.update(entries)
+
+
+def _shared_index(path: str, size: int, mtime_ns: int) -> FrameIndex | None:
+    entry = _shared.get(path)
+    if entry is None or entry[:2] != (size, mtime_ns):
+        return None
+    _, _, frames_file, first, count, meta = entry
+    try:
+        table = _frames_files.get(frames_file)
+        if table is None:
+            table = _frames_files[frames_file] = np.memmap(frames_file, dtype=FRAME_RECORD, mode="r")
+        rows = np.array(table[first:first + count])
+    except (OSError, ValueError):  # the file went away or is short: demux instead
+        return None
+    if len(rows) != count or count == 0:
+        return None
+    arrays = [rows[name].astype(np.int64 if name != "keyframe" else bool) for name in FRAME_RECORD.names]
+    for arr in arrays:
+        arr.flags.writeable = False
+    pts, dts, decode_pos, keyframe = arrays
+    return FrameIndex(pts=pts, dts=dts, decode_pos=decode_pos, keyframe=keyframe,
+                      time_base=Fraction(*meta["time_base"]), fps=meta["fps"], width=meta["width"],
+                      height=meta["height"], codec=meta["codec"], stream_index=meta["stream_index"],
+                      has_pts=meta["has_pts"])
+
+
 @functools.lru_cache(maxsize=INDEX_CACHE_SIZE)
 def _cached_index(path: str, size: int, mtime_ns: int) -> FrameIndex:
-    return _build_index(path)
+    return _shared_index(path, size, mtime_ns) or _build_index(path)
 
 
 def frame_index(path: str) -> FrameIndex:

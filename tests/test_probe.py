@@ -58,7 +58,8 @@ def test_cache_hit_and_invalidation(dataset, tmp_path, monkeypatch):
     changing = write_video(str(tmp_path / "changing.mp4"), 24, gop=12)
     paths = [dataset["short"], dataset["junk"], changing]
     first = probe_videos(paths, cache_path=cache)
-    assert os.listdir(tmp_path / "cache") == ["probe.json"]  # no temp file left behind
+    names = sorted(os.listdir(tmp_path / "cache"))  # no temp file left behind
+    assert names[0] == "probe.json" and len(names) == 2 and names[1].startswith("probe.json.frames-")
 
     probed = []
 
@@ -112,3 +113,52 @@ def test_check_videos(dataset):
     assert dataset["long"] in messages[0] and "30 frames" in messages[0]
     assert dataset["vfr"] in messages[1] and "variable frame rate" in messages[1]
     assert all("python -m evl.prepare" in m for m in messages)
+
+
+def _index_fields(index):
+    return (index.pts.tolist(), index.dts.tolist(), index.decode_pos.tolist(), index.keyframe.tolist(),
+            index.time_base, index.fps, index.width, index.height, index.codec, index.stream_index, index.has_pts)
+
+
+def test_readers_take_frame_indexes_from_the_probe_cache(dataset, tmp_path, monkeypatch):
+    """After probing, a reader (a DataLoader worker) gets a file's frame index from the frames
+    file beside the cache instead of demuxing the video again; a changed file, or a lost frames
+    file, falls back to demuxing."""
+    import shutil
+
+    files = {name: shutil.copy(dataset[name], tmp_path / os.path.basename(dataset[name]))
+             for name in ("short", "vp9", "vfr")}
+    paths = [str(p) for p in files.values()]
+    want = {p: _index_fields(pyav._build_index(os.path.abspath(p))) for p in paths}
+    frames = {p: pyav.read_frames(p, [0, 5, 3]) for p in paths}
+    cache = str(tmp_path / "list.txt.probe.json")
+    probe_videos(paths, cache_path=cache)
+
+    built = []
+    build = pyav._build_index
+    monkeypatch.setattr(pyav, "_build_index", lambda p: built.append(p) or build(p))
+    pyav._cached_index.cache_clear()  # a fresh worker
+    for p in paths:
+        assert _index_fields(pyav.frame_index(p)) == want[p]
+        assert (pyav.read_frames(p, [0, 5, 3]) == frames[p]).all()
+    assert built == []
+
+    # A file changed since the probe: its shared index is stale and is not used.
+    write_video(paths[0], 30, gop=10)
+    pyav._cached_index.cache_clear()
+    assert pyav.frame_index(paths[0]).num_frames == 30 and built == [os.path.abspath(paths[0])]
+
+    # Re-probing rewrites the frames file (with the changed file) and removes the old one.
+    old = [n for n in os.listdir(tmp_path) if ".frames-" in n]
+    probe_videos(paths, cache_path=cache)
+    new = [n for n in os.listdir(tmp_path) if ".frames-" in n]
+    assert len(new) == 1 and new != old
+    pyav._cached_index.cache_clear()
+    built.clear()
+    assert [pyav.frame_index(p).num_frames for p in paths] == [30, 30, 20] and built == []
+
+    # The frames file lost: readers demux, as without a cache.
+    os.remove(tmp_path / new[0])
+    pyav._frames_files.clear()
+    pyav._cached_index.cache_clear()
+    assert _index_fields(pyav.frame_index(paths[1])) == want[paths[1]] and len(built) == 1
