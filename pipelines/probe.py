@@ -118,7 +118,7 @@ class _FramesWriter:
     """Writes a new frames file beside the cache: rows kept from the old one, then new ones.
 
     The file gets a new name, and the JSON that points at it is written after it, so a crash
-    leaves the old pair intact (or an orphan frames file, removed by the next write).
+    leaves the old pair intact (at worst beside an orphaned frames file).
     """
 
     def __init__(self, cache_path: str):
