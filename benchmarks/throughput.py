@@ -89,7 +89,8 @@ def setup(args):
             argv += ["--backbone_path", args.backbone_path]
     else:
         on_gpu = torch.device(args.device).type == "cuda"
-        codec = "h264" if on_gpu or "dali" not in args.pipelines else "vp9"  # DALI's CPU decoder: VP9 only
+        dali_cpu = not on_gpu and any(name.startswith("dali") for name in args.pipelines)
+        codec = "vp9" if dali_cpu else "h264"  # DALI's CPU decoders read VP9, not H.264
         frames = args.video_frames
         # Long videos (Kinetics-like 10 s clips) are 256 px and fewer, so that writing them stays quick.
         long = frames > 16
@@ -175,6 +176,83 @@ class ReferenceLoader:
             yield Batch(clips, labels, labels, labels)
 
 
+class DALIReaderPipeline:
+    """DALI's file readers instead of our ``fn.decoders.video`` graph, to choose between them.
+
+    The benchmark issue asks for the DALI operator to be chosen by measurement. This feeds
+    ``fn.experimental.readers.video`` (``dali_reader``; CPU and GPU) or ``fn.readers.video``
+    (``dali_legacy_reader``; GPU only) a per-epoch file list of frame ranges, one per video, in
+    the shared sampler's epoch order with its start frames: the same clips as ``--pipeline
+    dali`` for dense sampling of videos long enough to hold a clip (no repeated last frame, no
+    segment sampling: what the readers cannot express; and a start within ``stride`` frames of
+    the end moves back, as the readers want ``T * stride`` frames of room). Whole frames resized to the input size,
+    flip and crop left out: a throughput harness for the decoding operator, not a pipeline.
+    """
+
+    def __init__(self, cfg, device, legacy: bool, work_dir: str):
+        import nvidia.dali as dali
+        import nvidia.dali.fn as fn
+        import nvidia.dali.types as types
+
+        from evl.backbone import resolve_backbone
+        from pipelines.base import CLIP_MEAN, CLIP_STD
+        from pipelines.dali import _device_id
+        from pipelines.loader import clip_specs, load_dataset, make_sampler
+
+        pcfg = make_pipeline_config(cfg, device, True, resolve_backbone(cfg.backbone).image_size[0])
+        records, infos = load_dataset(pcfg)
+        sampler = make_sampler(pcfg)
+        from pipelines.sampling import epoch_permutation
+
+        order = epoch_permutation(len(records), pcfg.seed, 0)
+        # The readers want room for sequence_length * stride frames in a range (not the clip's
+        # (T - 1) * stride + 1): a start the sampler put closer to the end moves back by < stride.
+        span = cfg.num_frames * cfg.sampling_rate
+        lines = []
+        for i in order.tolist():
+            if infos[i].num_frames < span:
+                continue
+            start = int(clip_specs(sampler, True, (0, i), records[i], infos[i])[0].frame_indices[0])
+            start = min(start, infos[i].num_frames - span)
+            lines.append(f"{records[i].path} {records[i].label} {start} {start + span}")
+        os.makedirs(work_dir, exist_ok=True)
+        self.list_path = os.path.join(work_dir, "dali_reader_list.txt")
+        with open(self.list_path, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+        self.device_id = _device_id(device)
+        if legacy and self.device_id is None:
+            raise ValueError("fn.readers.video decodes on the GPU only")
+        reader = fn.readers.video if legacy else fn.experimental.readers.video
+        size, list_path, fmt = pcfg.input_size, self.list_path, {}
+        fmt = {"file_list_frame_num": True} if legacy else {"file_list_format": "frames"}
+        gpu = self.device_id is not None
+
+        @dali.pipeline_def(batch_size=pcfg.batch_size, num_threads=max(1, pcfg.num_workers), device_id=self.device_id,
+                           prefetch_queue_depth=2)
+        def graph():
+            video, label = reader(device="gpu" if gpu else "cpu", file_list=list_path, sequence_length=cfg.num_frames,
+                                  stride=cfg.sampling_rate, step=span, random_shuffle=False, name="reader", **fmt)
+            video = fn.resize(video, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
+            video = fn.crop_mirror_normalize(video, dtype=types.FLOAT, output_layout="CFHW",
+                                             mean=[255 * m for m in CLIP_MEAN], std=[255 * s for s in CLIP_STD])
+            return video, label
+
+        self.pipe = graph()
+        self.pipe.build()
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __iter__(self):
+        from pipelines.base import Batch
+
+        while True:
+            video, label = self.pipe.run()
+            clips = torch.from_dlpack(video.as_tensor())
+            labels = torch.from_dlpack(label.as_tensor()).flatten().long()
+            yield Batch(clips, labels, labels, labels)
+
+
 def pipeline(cfg, name, device, args=None, train=True):
     """Pipeline ``name`` for the run ``cfg``; ``args``: the benchmark's flags (cache, reference)."""
     from evl.backbone import resolve_backbone
@@ -187,6 +265,9 @@ def pipeline(cfg, name, device, args=None, train=True):
             raise ValueError("the reference pipeline needs --reference_repo PATH (a checkout of the reference)")
         batches = args.warmup + args.iters * args.repeats + 1
         return ReferenceLoader(args.reference_repo, cfg, args.batch_size, args.num_workers, size, batches)
+    if name in ("dali_reader", "dali_legacy_reader"):
+        return DALIReaderPipeline(cfg, device, name == "dali_legacy_reader",
+                                  args.work_dir if args else tempfile.gettempdir())
     if name == "fulldecode":
         from pipelines.loader import DecodingPipeline
 
@@ -335,7 +416,8 @@ def main(argv=None) -> dict:
     p.add_argument("--pipelines", default="pyav,dali,cache",
                    help="comma-separated: dummy, pyav, dali, cache, fulldecode (the reference loader's strategy: "
                         "decode whole files, in our workers), reference (the reference's own loader, data stage; "
-                        "needs --reference_repo)")
+                        "needs --reference_repo), dali_reader / dali_legacy_reader (fn.experimental.readers.video / "
+                        "fn.readers.video (GPU) on the sampler's frame ranges, data stage: the operator comparison)")
     p.add_argument("--reference_repo", help="a checkout of github.com/OpenGVLab/efficient-video-recognition")
     p.add_argument("--video_frames", type=int, default=8,
                    help="frames per demo video; e.g. 300 for Kinetics-like 10 s clips (sparse 8x16 sampling)")
@@ -378,14 +460,15 @@ def main(argv=None) -> dict:
     if "model" in stages:
         jobs.append(("model", "synthetic"))
     if "train" in stages:
-        jobs += [("train", name) for name in args.pipelines if name not in ("cache", "reference")]
+        data_only = ("cache", "reference", "dali_reader", "dali_legacy_reader")
+        jobs += [("train", name) for name in args.pipelines if name not in data_only]
     if "cache" in stages and "cache" in args.pipelines:
         jobs.append(("cache", "cache"))
     for stage, name in tqdm(jobs, desc="benchmark", disable=None):
         rec = {"stage": stage, "pipeline": name}
         it = None
         # Compute threads as evl.train sets them: a core left to each decoding worker.
-        decoding = ("pyav", "dali", "fulldecode", "reference")
+        decoding = ("pyav", "dali", "fulldecode", "reference", "dali_reader", "dali_legacy_reader")
         decoders = args.num_workers if name in decoding and stage in ("data", "train") else 0
         with threads_beside_decoders(decoders):
             rec["threads"] = torch.get_num_threads()
@@ -443,7 +526,7 @@ def main(argv=None) -> dict:
                      and "clips_per_s" in r), None)
 
     live, full, pyav_data = rate("train", "pyav"), rate("data", "fulldecode"), rate("data", "pyav")
-    ref = rate("data", "reference")
+    ref, dali_data = rate("data", "reference"), rate("data", "dali")
     print(f"\nconfig: backbone {cfg.backbone}, {cfg.num_frames} frames x stride {cfg.sampling_rate}, "
           f"batch {args.batch_size}, {args.num_workers} workers, device {device}")
     print(f"{'stage':<7} {'pipeline':<10} {'threads':>7} {'clips/s':>10} {'frames/s':>10}  ceiling / notes")
@@ -471,8 +554,10 @@ def main(argv=None) -> dict:
             note += f"; {r['clips_per_s'] / full:.1f}x full-file decoding (the reference's strategy)"
         if r["stage"] == "data" and r["pipeline"] == "pyav" and ref:
             note += f"; {r['clips_per_s'] / ref:.1f}x the reference's own loader"
-        if r["stage"] == "data" and r["pipeline"] == "dali" and pyav_data:
+        if r["stage"] == "data" and r["pipeline"].startswith("dali") and pyav_data:
             note += f"{r['clips_per_s'] / pyav_data:.1f}x PyAV"
+        if r["stage"] == "data" and r["pipeline"] in ("dali_reader", "dali_legacy_reader") and dali_data:
+            note += f"; {r['clips_per_s'] / dali_data:.2f}x our fn.decoders.video graph (dali)"
         frames = f"{r['frames_per_s']:.0f}" if "frames_per_s" in r else "-"
         print(f"{r['stage']:<7} {r['pipeline']:<10} {r['threads']:>7} {r['clips_per_s']:>10.1f} {frames:>10}  {note}")
     report = {

@@ -2,7 +2,9 @@
 # GPU checks of the DALI pipeline, in a few minutes on one GPU:
 #   1. the `gpu`-marked tests (NVDEC H.264/VP9 decode vs PyAV, batches on cuda vs the PyAV pipeline);
 #   2. data throughput, DALI (GPU) vs PyAV (CPU workers), on the same videos: clips/s of training
-#      batches, a few hundred clips each, with the videos written here (H.264 and VP9, 256 px).
+#      batches, a few hundred clips each, with the videos written here (H.264 and VP9, 256 px);
+#   3. the DALI operator comparison of benchmarks/throughput.py (our fn.decoders.video graph vs
+#      DALI's two video readers) on 300-frame videos.
 # Results go to $OUT (pytest.txt, throughput.json) when it is set, else to runs/gpu_check.
 # Usage: scripts/gpu_check.sh [python]     (default: .venv/bin/python if present, else python3)
 # GPU_CHECK_DEVICE / GPU_CHECK_SIZE / GPU_CHECK_CLIPS change the device, frame size and clips per
@@ -82,6 +84,14 @@ EOF
 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} "$PY" "$BENCH" "$DATA" "$OUT_DIR/throughput.json" \
     "${GPU_CHECK_DEVICE:-cuda:0}" "${GPU_CHECK_SIZE:-256}" "${GPU_CHECK_CLIPS:-320}" 2>&1 | tee "$OUT_DIR/throughput.txt" || status=1
 rm -f "$BENCH"
+
+echo "== DALI operators"
+# Which DALI operator to decode with (the DALI issue asks for a measurement): our
+# fn.decoders.video graph (dali) against fn.experimental.readers.video and fn.readers.video fed
+# the sampler's frame ranges, on 300-frame 256 px H.264 videos (8 frames at stride 16).
+"$PY" benchmarks/throughput.py --stages data --pipelines pyav,dali,dali_reader,dali_legacy_reader \
+    --video_frames 300 --device "${GPU_CHECK_DEVICE:-cuda:0}" --num_workers "$(nproc)" --iters 5 --repeats 2 \
+    --work_dir "$DATA/bench" --json "$OUT_DIR/dali_operators.json" 2>&1 | tee "$OUT_DIR/dali_operators.txt" || status=1
 
 echo "== done (status $status); results in $OUT_DIR"
 exit $status
