@@ -17,8 +17,8 @@ Layout of a split directory (``DIR/train``, ``DIR/val``)::
 A row is the concatenation, block by block, of ``out``, ``attn_prev`` and ``attn_next``
 flattened; ``manifest["fields"]`` gives every field's offset and shape. Shards are written
 under a temporary name and renamed when complete, so a half-written shard is never read; every
-row has a CRC-32 (checked on every read) and every shard a SHA-256 (``python -m evl.cache
-verify``). Training views: view ``v`` of clip ``i`` is the sampler's training clip of "epoch"
+row has a CRC-32 (checked the first time a store reads the row) and every shard a SHA-256
+(``python -m evl.cache verify``). Training views: view ``v`` of clip ``i`` is the sampler's training clip of "epoch"
 ``v``; in training epoch ``e`` clip ``i`` uses view :func:`train_views` ``(seed, e, N, K)[i]``.
 Evaluation stores every temporal x spatial view of each video, as the live pipeline decodes.
 """
