@@ -81,3 +81,24 @@ def test_reference_loader_adapter(tmp_path, capsys):
     assert REFERENCE_FLAGS <= set(args)
     assert args["num_frames"] == 8 and args["spatial_size"] == 64 and args["batch_size"] == 4
     assert "x the reference's own loader" in capsys.readouterr().out
+
+
+def test_dali_reader_pipeline_reads_the_sampler_ranges(tmp_path):
+    """The operator comparison's reader pipeline (CPU, VP9): clips of the run's geometry, in the
+    file list's order, one frame range per video from the shared sampler."""
+    pytest.importorskip("nvidia.dali")
+    import torch
+
+    from evl.config import parse_config
+    from evl.demo import DEMO_BACKBONE, demo_argv, write_demo_dataset
+
+    ds = write_demo_dataset(str(tmp_path / "demo"), codec="vp9", num_train=8, num_val=4, num_frames=8)
+    bb = tmp_path / "tiny-vit.json"
+    bb.write_text(json.dumps(DEMO_BACKBONE))
+    cfg = parse_config(demo_argv(ds, str(bb), str(tmp_path / "run")) + ["--batch_size", "4"])
+    pipe = load_benchmark().DALIReaderPipeline(cfg, torch.device("cpu"), legacy=False, work_dir=str(tmp_path))
+    lines = open(pipe.list_path).read().split("\n")[:-1]
+    assert len(lines) == 8 and all(line.split()[2:] == ["0", "8"] for line in lines)  # 8-frame clips of 8-frame videos
+    batch = next(iter(pipe))
+    assert batch.clips.shape == (4, 3, 8, 64, 64) and batch.clips.dtype == torch.float32
+    assert batch.labels.tolist() == [int(line.split()[1]) for line in lines[:4]]
