@@ -336,7 +336,7 @@ class _FrameTokens(torch.autograd.Function):
             # across the split of the product that produced them: 6x slower here).
             k = ctx.kernel
             _, w_grad, b_grad = torch.ops.aten.convolution_backward(
-                g.permute(0, 3, 1, 2), out.permute(0, 3, 1, 2), g.new_empty(c, 1, k, 1), [c], [1, 1], [k // 2, 0],
+                g.permute(0, 3, 1, 2), out.permute(0, 3, 1, 2), g.new_zeros(c, 1, k, 1), [c], [1, 1], [k // 2, 0],
                 [1, 1], False, [0, 0], c, [False, True, True])
             grads[3], grads[4] = w_grad.view(c, 1, k), b_grad
         if has_ca:
