@@ -59,18 +59,23 @@ def gpu_peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in GPU_BF16_PEAK.items() if k in name), None)
 
 
-def timed(fn, warmup: int, iters: int, repeats: int, sync) -> list[float]:
-    """Seconds per iteration of ``fn`` for each repeat, after ``warmup`` calls."""
+def timed(fn, warmup: int, iters: int, repeats: int, sync, min_seconds: float = 0.0) -> list[float]:
+    """Seconds per iteration of ``fn`` for each repeat, after ``warmup`` calls.
+
+    A repeat runs ``iters`` calls, and more until it has lasted ``min_seconds``: ten batches of
+    a fast stage take a fraction of a second, too short to average out a shared machine.
+    """
     for _ in range(warmup):
         fn()
     sync()
     out = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(iters):
+        n, t0 = 0, time.perf_counter()
+        while n < iters or time.perf_counter() - t0 < min_seconds:
             fn()
+            n += 1
         sync()
-        out.append((time.perf_counter() - t0) / iters)
+        out.append((time.perf_counter() - t0) / n)
     return out
 
 
@@ -435,6 +440,7 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=3, help="batches before timing")
     p.add_argument("--iters", type=int, default=10, help="batches per measurement")
     p.add_argument("--repeats", type=int, default=3, help="measurements; the median is reported")
+    p.add_argument("--min_seconds", type=float, default=2.0, help="each measurement lasts at least this long")
     p.add_argument("--work_dir", default=os.path.join(ROOT, "runs", "bench"))
     p.add_argument("--cache_views", type=int, default=4, help="views per clip in the benchmark's feature cache")
     p.add_argument("--json", help="write the results here")
@@ -476,7 +482,7 @@ def main(argv=None) -> dict:
                 if stage == "data":
                     pipe = pipeline(cfg, name, device, args)
                     it = cycle(pipe)
-                    per = timed(lambda: next(it), args.warmup, args.iters, args.repeats, sync)
+                    per = timed(lambda: next(it), args.warmup, args.iters, args.repeats, sync, args.min_seconds)
                     rec["clips_per_s"] = args.batch_size / statistics.median(per)
                     rec["frames_per_s"] = rec["clips_per_s"] * cfg.num_frames
                     if name == "pyav":
@@ -499,7 +505,7 @@ def main(argv=None) -> dict:
                         it = cycle(pipeline(cfg, name, device, args))
                         get = lambda: next(it)  # noqa: E731
                     step = step_fn(model, opt, get, device, precision)
-                    per = timed(step, args.warmup, args.iters, args.repeats, sync)
+                    per = timed(step, args.warmup, args.iters, args.repeats, sync, args.min_seconds)
                     rec["clips_per_s"] = args.batch_size / statistics.median(per)
                     if stage == "model":
                         macs = vit_macs_per_frame(model.spec) * cfg.num_frames

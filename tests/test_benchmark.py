@@ -29,7 +29,8 @@ def test_vit_b16_macs_match_the_paper():
 def test_benchmark_reports_every_stage(tmp_path, capsys):
     report = load_benchmark().main([
         "--stages", "data,model,train,cache", "--pipelines", "dummy,pyav,cache", "--iters", "1", "--repeats", "1",
-        "--warmup", "1", "--batch_size", "4", "--num_workers", "0", "--cache_views", "1", "--work_dir", str(tmp_path),
+        "--warmup", "1", "--min_seconds", "0", "--batch_size", "4", "--num_workers", "0", "--cache_views", "1",
+        "--work_dir", str(tmp_path),
         "--json", str(tmp_path / "r.json")])
     out = capsys.readouterr().out
     rows = {(r["stage"], r.get("pipeline")): r for r in report["results"]}
@@ -74,6 +75,7 @@ def test_reference_loader_adapter(tmp_path, capsys):
     (ref / "dataloader.py").write_text(FAKE_REFERENCE)
     report = load_benchmark().main([
         "--stages", "data", "--pipelines", "pyav,reference", "--iters", "1", "--repeats", "1", "--warmup", "1",
+        "--min_seconds", "0",
         "--batch_size", "4", "--num_workers", "0", "--work_dir", str(tmp_path), "--reference_repo", str(ref.parent)])
     rows = {r["pipeline"]: r for r in report["results"]}
     assert rows["reference"]["clips_per_s"] > 0 and "error" not in rows["reference"]
