@@ -190,8 +190,9 @@ class DALIReaderPipeline:
     the shared sampler's epoch order with its start frames: the same clips as ``--pipeline
     dali`` for dense sampling of videos long enough to hold a clip (no repeated last frame, no
     segment sampling: what the readers cannot express; and a start within ``stride`` frames of
-    the end moves back, as the readers want ``T * stride`` frames of room). Whole frames resized to the input size,
-    flip and crop left out: a throughput harness for the decoding operator, not a pipeline.
+    the end moves back, as the readers want ``T * stride`` frames of room). Whole frames resized
+    to the input size, flip and crop left out: a throughput harness for the decoding operator,
+    not a pipeline.
     """
 
     def __init__(self, cfg, device, legacy: bool, work_dir: str):
@@ -203,12 +204,11 @@ class DALIReaderPipeline:
         from pipelines.base import CLIP_MEAN, CLIP_STD
         from pipelines.dali import _device_id
         from pipelines.loader import clip_specs, load_dataset, make_sampler
+        from pipelines.sampling import epoch_permutation
 
         pcfg = make_pipeline_config(cfg, device, True, resolve_backbone(cfg.backbone).image_size[0])
         records, infos = load_dataset(pcfg)
         sampler = make_sampler(pcfg)
-        from pipelines.sampling import epoch_permutation
-
         order = epoch_permutation(len(records), pcfg.seed, 0)
         # The readers want room for sequence_length * stride frames in a range (not the clip's
         # (T - 1) * stride + 1): a start the sampler put closer to the end moves back by < stride.
@@ -228,7 +228,7 @@ class DALIReaderPipeline:
         if legacy and self.device_id is None:
             raise ValueError("fn.readers.video decodes on the GPU only")
         reader = fn.readers.video if legacy else fn.experimental.readers.video
-        size, list_path, fmt = pcfg.input_size, self.list_path, {}
+        size, list_path = pcfg.input_size, self.list_path
         fmt = {"file_list_frame_num": True} if legacy else {"file_list_format": "frames"}
         gpu = self.device_id is not None
 
@@ -250,12 +250,12 @@ class DALIReaderPipeline:
 
     def __iter__(self):
         from pipelines.base import Batch
+        from pipelines.dali import to_torch
 
         while True:
             video, label = self.pipe.run()
-            clips = torch.from_dlpack(video.as_tensor())
-            labels = torch.from_dlpack(label.as_tensor()).flatten().long()
-            yield Batch(clips, labels, labels, labels)
+            labels = to_torch(label, self.device_id).flatten().long()
+            yield Batch(to_torch(video, self.device_id), labels, labels, labels)
 
 
 def pipeline(cfg, name, device, args=None, train=True):

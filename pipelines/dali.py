@@ -43,7 +43,7 @@ from .base import (CLIP_MEAN, CLIP_STD, Batch, PipelineConfig, check_bad_videos,
 from .loader import MAX_REPLACEMENTS, EpochKeys, clip_specs, load_dataset, make_sampler
 from .pyav import VideoReadError, frame_index, requested_positions
 
-__all__ = ["CPU_CODECS", "GPU_CODECS", "DALIPipeline", "UnsupportedCodecError", "read_frames"]
+__all__ = ["CPU_CODECS", "GPU_CODECS", "DALIPipeline", "UnsupportedCodecError", "read_frames", "to_torch"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,15 @@ def _device_id(device: str | torch.device) -> int | None:
     if device.type != "cuda":
         return None
     return torch.cuda.current_device() if device.index is None else device.index
+
+
+def to_torch(out, device_id: int | None) -> torch.Tensor:
+    """A DALI output batch as one torch tensor, on DALI's device, without a copy."""
+    tensor = out.as_tensor()
+    if device_id is None:
+        return torch.from_dlpack(tensor)
+    with torch.cuda.device(device_id):
+        return torch.from_dlpack(tensor)
 
 
 # -- read_frames -----------------------------------------------------------------------------
@@ -326,15 +335,8 @@ class DALIPipeline:
     def _check_limit(self) -> None:
         check_bad_videos(self.bad, len(self.keys), self.cfg.max_bad_fraction)
 
-    def _to_torch(self, out) -> torch.Tensor:
-        tensor = out.as_tensor()
-        if self.device_id is None:
-            return torch.from_dlpack(tensor)
-        with torch.cuda.device(self.device_id):
-            return torch.from_dlpack(tensor)
-
     def _batch(self, outputs, fed: _Pending) -> Batch:
-        clips = [self._to_torch(o) for o in outputs]  # num_views x [B, 3, T, S, S]
+        clips = [to_torch(o, self.device_id) for o in outputs]  # num_views x [B, 3, T, S, S]
         # Rows video-major, views in order within a video: as the PyAV pipeline's collate.
         clips = clips[0] if len(clips) == 1 else torch.stack(clips, 1).flatten(0, 1)
         v = self.num_views
