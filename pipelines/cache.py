@@ -267,13 +267,26 @@ class CachePipeline:
         order = self.valid[epoch_permutation(n, cfg.seed, self.epoch)]
         return np.asarray(train_shard(order, cfg.batch_size, cfg.rank, cfg.world_size), dtype=np.int64)
 
-    def _features(self, data: np.ndarray) -> list:
+    def _field_major(self, data: np.ndarray) -> np.ndarray:
+        """Rows ``[n, row_elems]`` -> one flat array holding each field's ``[n, ...]`` in turn.
+
+        Fields are consecutive in a row, so field ``[start, stop)`` lands at ``[n*start, n*stop)``.
+        The decoder then gets contiguous tensors: views into the row-major batch had the row
+        as their batch stride, and the convolution and layer norm copied them (6% of the step).
+        """
+        n = len(data)
+        flat = np.empty(data.size, dtype=data.dtype)
+        for block in self._slices:
+            for start, stop, _ in block:
+                flat[n * start:n * stop].reshape(n, stop - start)[...] = data[:, start:stop]
+        return flat
+
+    def _features(self, flat: np.ndarray, n: int) -> list:
         from evl.backbone import AttentionFeatures
 
         # fp16 to the device (half the bytes), fp32 there: the live backbone hands over fp32 too.
-        x = torch.from_numpy(data).to(self.cfg.device, non_blocking=True).float()
-        n = len(data)
-        return [AttentionFeatures(*(x[:, start:stop].view(n, *shape) for start, stop, shape in block))
+        x = torch.from_numpy(flat).to(self.cfg.device, non_blocking=True).float()
+        return [AttentionFeatures(*(x[n * start:n * stop].view(n, *shape) for start, stop, shape in block))
                 for block in self._slices]
 
     def _rows(self, chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -292,12 +305,12 @@ class CachePipeline:
 
     def _read(self, chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         rows, index, view = self._rows(chunk)
-        return self.store.read(rows), index, view
+        return self._field_major(self.store.read(rows)), index, view
 
     def _batch(self, data: np.ndarray, index: np.ndarray, view: np.ndarray) -> Batch:
         device, idx = self.cfg.device, torch.from_numpy(index)
         return Batch(None, self.labels[idx].to(device), idx.to(device), torch.from_numpy(view).to(device),
-                     features=self._features(data))
+                     features=self._features(data, len(index)))
 
     def __iter__(self) -> Iterator[Batch]:
         bs, clips = self.cfg.batch_size, self._clips()
