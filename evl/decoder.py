@@ -281,10 +281,11 @@ class _FrameTokens(torch.autograd.Function):
 
     Forward: the temporal convolution as a ``(3, 1)`` depthwise conv2d on the channels-last view
     of the ``[B, T, L, C]`` tokens (no transposes; the residual folded into the centre tap), the
-    position embedding added in place, and the cross-attention as one batched product per
-    direction over the query patches, ``attn[q] @ w[idx[q]]``. Backward computes only the
-    parameters' gradients (the features are frozen): the convolution's own weight-and-bias
-    backward, a sum for the position embedding, and one batched product per direction.
+    position embedding added in place, and the cross-attention as one batched product over the
+    query patches for both directions, ``[attn_prev | attn_next][q] @ [w1 ; w2][idx[q]]``.
+    Backward computes only the parameters' gradients (the features are frozen): the
+    convolution's own weight-and-bias backward, a sum for the position embedding, and one
+    batched product for the cross-attention.
 
     ``conv_w``/``conv_b``, ``pos`` and ``w1``/``w2``/``idx`` (with the maps) may each be None
     (the module disabled). Autocast is switched off inside: these are memory-bound element-wise
@@ -306,15 +307,19 @@ class _FrameTokens(torch.autograd.Function):
                 f = out.clone(memory_format=torch.contiguous_format)
             if pos is not None:
                 f += pos.detach().float().view(1, t, 1, c)
-            prepared = []
+            a = None
             if w1 is not None:
+                # Both directions in one product per query patch q: frame t's row of maps is
+                # [over frame t-1 | over frame t+1] (zeros where there is no such frame), its
+                # weights [w1[idx[q]] ; w2[idx[q]]], accumulated straight into the patch tokens.
                 hw = attn_prev.shape[2]
-                for attn, w, frames in ((attn_prev, w1, slice(1, None)), (attn_next, w2, slice(None, -1))):
-                    a = attn.float().permute(2, 0, 1, 3).reshape(hw, b * (t - 1), hw)  # [q, B*(T-1), k]
-                    o = torch.bmm(a, w.detach().float()[idx])  # [q, B*(T-1), C]
-                    f[:, frames, 1:] += o.view(hw, b, t - 1, c).permute(1, 2, 0, 3)
-                    prepared.append(a)
-        ctx.save_for_backward(out if conv_w is not None else None, *prepared)
+                a = out.new_zeros(hw, b, t, 2 * hw)
+                a[:, :, 1:, :hw] = attn_prev.permute(2, 0, 1, 3)
+                a[:, :, :-1, hw:] = attn_next.permute(2, 0, 1, 3)
+                a = a.view(hw, b * t, 2 * hw)  # [q, B*T, 2k]
+                w = torch.cat([w1.detach().float()[idx], w2.detach().float()[idx]], 1)  # [q, 2k, C]
+                f[:, :, 1:].permute(2, 0, 1, 3).view(hw, b * t, c).baddbmm_(a, w)
+        ctx.save_for_backward(out if conv_w is not None else None, a)
         ctx.has = (conv_w is not None, pos is not None, w1 is not None)
         ctx.kernel = conv_w.shape[-1] if conv_w is not None else 0
         ctx.idx, ctx.offsets = idx, w1.shape[0] if w1 is not None else 0
@@ -324,7 +329,7 @@ class _FrameTokens(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         has_conv, has_pos, has_ca = ctx.has
-        out, *prepared = ctx.saved_tensors
+        out, a = ctx.saved_tensors
         g = g.float().contiguous()
         b, t, length, c = g.shape
         grads = [None] * 9
@@ -340,12 +345,13 @@ class _FrameTokens(torch.autograd.Function):
                 [1, 1], False, [0, 0], c, [False, True, True])
             grads[3], grads[4] = w_grad.view(c, 1, k), b_grad
         if has_ca:
-            idx = ctx.idx
-            for j, (a, frames) in enumerate(zip(prepared, (slice(1, None), slice(None, -1)))):
-                go = g[:, frames, 1:].permute(2, 0, 1, 3).reshape(a.shape[0], -1, c)  # [q, B*(T-1), C]
-                per_pair = torch.bmm(a.transpose(1, 2), go)  # [q, k, C]
-                # Pairs at the same relative offset share a row of w.
-                grads[6 + j] = per_pair.new_zeros(ctx.offsets, c).index_add_(0, idx.flatten(), per_pair.reshape(-1, c))
+            idx, rows = ctx.idx, ctx.offsets
+            go = g[:, :, 1:].permute(2, 0, 1, 3).reshape(a.shape[0], b * t, c)  # [q, B*T, C]
+            per_pair = torch.bmm(a.transpose(1, 2), go)  # [q, 2k, C]
+            # Pairs at the same relative offset share a row of w1 (first k) or w2 (last k).
+            rows_of = torch.cat([idx, idx + rows], 1).flatten()
+            w_grad = per_pair.new_zeros(2 * rows, c).index_add_(0, rows_of, per_pair.reshape(-1, c))
+            grads[6], grads[7] = w_grad[:rows], w_grad[rows:]
         for j, dtype in zip(range(3, 8), ctx.dtypes):
             if grads[j] is not None:
                 grads[j] = grads[j].to(dtype)
