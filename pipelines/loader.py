@@ -129,7 +129,15 @@ def collate(items: list[dict]) -> dict:
     good = [it for it in items if it["clips"] is not None]
     out = {"failures": [f for it in items for f in it["failures"]]}
     if good:
-        out["clips"] = torch.cat([it["clips"] for it in good])
+        clips = [it["clips"] for it in good]
+        into = None
+        if torch.utils.data.get_worker_info() is not None:
+            # Straight into shared memory, as torch's default_collate does: the batch then
+            # leaves the worker without the copy that sending a private tensor costs.
+            first = clips[0]
+            shared = first._typed_storage()._new_shared(sum(c.numel() for c in clips), device=first.device)
+            into = first.new(shared).view(sum(len(c) for c in clips), *first.shape[1:])
+        out["clips"] = torch.cat(clips, out=into)
         out["labels"] = torch.tensor([it["label"] for it in good for _ in it["index"]], dtype=torch.long)
         out["index"] = torch.tensor([i for it in good for i in it["index"]], dtype=torch.long)
         out["view"] = torch.tensor([v for it in good for v in it["view"]], dtype=torch.long)
