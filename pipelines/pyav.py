@@ -393,8 +393,10 @@ class _ClipReader:
 def _segments(index: FrameIndex, frames: np.ndarray) -> list[np.ndarray]:
     """Splits sorted unique positions where seeking to a later keyframe skips decoding.
 
-    A new segment starts at a frame whose start keyframe decodes after every frame of the
-    current segment: continuing would decode the packets between them for nothing.
+    A new segment starts at a frame whose start keyframe decodes at least two packets after
+    every frame of the current segment: continuing would decode the packets between them for
+    nothing. A keyframe right after the segment (a dense clip across a GOP boundary) is
+    reached by decoding on, without a seek and a new demux.
     """
     dec = index.decode_pos[frames]
     suffix_min = np.minimum.accumulate(dec[::-1])[::-1]
@@ -407,7 +409,7 @@ def _segments(index: FrameIndex, frames: np.ndarray) -> list[np.ndarray]:
         j += 1
         seg_max_dec = dec[bounds[-1] : j].max()
         keys = index.start_keyframes(int(frames[j]), int(suffix_min[j]))
-        if len(keys) and index.decode_pos[keys[0]] > seg_max_dec:
+        if len(keys) and index.decode_pos[keys[0]] > seg_max_dec + 1:
             bounds.append(j)
     bounds.append(len(frames))
     return [frames[a:b] for a, b in zip(bounds[:-1], bounds[1:])]

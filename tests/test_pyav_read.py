@@ -105,6 +105,21 @@ def test_sparse_clip_seeks_between_gops(videos, monkeypatch):
     assert count[0] < 30  # a single pass from frame 0 would decode 52
 
 
+def test_segments_seek_only_past_frames_nobody_wants(tmp_path, monkeypatch):
+    path = write_video(str(tmp_path / "gop5.mp4"), 20, gop=5)
+    index, ref = frame_index(path), decode_all(path)[1]
+    dense = np.arange(3, 9)  # across the keyframe at 5: decoding on reaches it
+    assert [s.tolist() for s in pyav._segments(index, dense)] == [dense.tolist()]
+    sparse = np.array([0, 1, 8, 9])  # the keyframe at 5 skips frames 2-4
+    assert [s.tolist() for s in pyav._segments(index, sparse)] == [[0, 1], [8, 9]]
+    count = _count_decoded(monkeypatch)
+    assert np.array_equal(read_frames(path, dense), ref[dense])
+    assert count[0] <= 9  # frames 0-8 at most, each once
+    count[0] = 0
+    assert np.array_equal(read_frames(path, sparse), ref[sparse])
+    assert count[0] <= 7  # 0-1 then 5-9, not 0-9
+
+
 def test_file_change_invalidates_index(tmp_path):
     path = str(tmp_path / "v.mp4")
     write_video(path, 20, gop=5)
