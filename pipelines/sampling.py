@@ -195,7 +195,7 @@ class ClipSampler:
         crop = _random_resized_crop(
             _rng(self.seed, epoch, index, _CROP), height, width, self.scale, self.ratio
         )
-        flip = bool(_rng(self.seed, epoch, index, _FLIP).random() < self.hflip)
+        flip = self.hflip > 0 and bool(_rng(self.seed, epoch, index, _FLIP).random() < self.hflip)
         aug_seed = int(_rng(self.seed, epoch, index, _AUG).integers(0, 2**31))
         return ClipSpec(
             index=index,
