@@ -171,3 +171,19 @@ def test_vp9_is_deterministic(tmp_path):
     b = write_demo_dataset(str(tmp_path / "b"), num_train=1, num_val=1, codec="vp9")
     clip = "videos/train/00000.webm"
     assert _bytes(os.path.join(a.root, clip)) == _bytes(os.path.join(b.root, clip))
+
+
+def test_demo_cache_is_rebuilt_when_its_settings_change(tmp_path, tiny_vit, capsys):
+    """A cache built for other settings is left alone; the demo builds one for the new ones."""
+    from evl.demo import build_demo_cache, demo_argv
+    from pipelines.cache import read_manifest
+
+    demo = write_demo_dataset(str(tmp_path / "demo"), num_train=4, num_val=2, num_frames=8)
+    argv = demo_argv(demo, tiny_vit, str(tmp_path / "run")) + ["--num_workers", "0"]
+    first = build_demo_cache(demo, tiny_vit, argv)
+    assert build_demo_cache(demo, tiny_vit, argv) == first  # unchanged settings: reused
+    assert capsys.readouterr().out.count("demo: caching") == 2  # train and val, once
+    second = build_demo_cache(demo, tiny_vit, argv + ["--sampling_rate", "2"])
+    assert second != first and "demo: caching" in capsys.readouterr().out
+    for directory, rate in ((first, 1), (second, 2)):
+        assert read_manifest(os.path.join(directory, "train"))["sampling_rate"] == rate
