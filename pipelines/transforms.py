@@ -54,8 +54,10 @@ def crop_resize(frames: np.ndarray | torch.Tensor, crop: tuple[int, int, int, in
     top, left, h, w = crop
     x = x[:, top:top + h, left:left + w].permute(0, 3, 1, 2)
     if (h, w) != (size, size):
-        x = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        x = x.round_().clamp_(0, 255).to(torch.uint8)
+        # uint8 in and out: PyTorch's uint8 kernel (the one torchvision resizes uint8 images
+        # with), within one level of resizing in float and 8-10x faster on the CPU (8 frames
+        # of a 256 px video to 224 px: 1.1 against 11 ms per clip).
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     if flip:
         x = x.flip(-1)
     return x.permute(0, 2, 3, 1).contiguous()

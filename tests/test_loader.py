@@ -53,6 +53,28 @@ def test_clip_is_the_samplers_decision(demo_data):
     torch.testing.assert_close(got.permute(1, 2, 3, 0), expect.float(), atol=1e-3, rtol=0)
 
 
+def test_crop_resize_matches_resizing_in_float():
+    """The uint8 resize stays within one level of an antialiased bilinear resize in float."""
+    import torch.nn.functional as F
+
+    from pipelines.transforms import crop_resize
+
+    g = torch.Generator().manual_seed(0)
+    frames = torch.randint(0, 256, (3, 90, 120, 3), generator=g, dtype=torch.uint8)
+    frames[:, 30:60, 40:80] = 200  # flat regions and edges, not only noise
+    for crop, size, flip in (((5, 10, 70, 90), 48, False), ((0, 0, 90, 120), 32, True), ((10, 20, 20, 20), 48, False)):
+        top, left, h, w = crop
+        box = frames[:, top:top + h, left:left + w].permute(0, 3, 1, 2).float()
+        ref = F.interpolate(box, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        ref = ref.round().clamp(0, 255).permute(0, 2, 3, 1)
+        if flip:
+            ref = ref.flip(2)
+        got = crop_resize(frames.numpy(), crop, size, flip)
+        assert got.dtype == torch.uint8 and got.shape == (3, size, size, 3) and got.is_contiguous()
+        diff = (got.float() - ref).abs()
+        assert diff.max() <= 1 and diff.mean() < 0.3
+
+
 def test_same_batches_with_any_worker_count_and_epochs_differ(demo_data):
     a = collect(build_pipeline("pyav", cfg(demo_data, num_workers=0)), epoch=1)
     b = collect(build_pipeline("pyav", cfg(demo_data, num_workers=2)), epoch=1)
