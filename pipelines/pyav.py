@@ -306,10 +306,13 @@ class _ClipReader:
         return packet.dts is not None and key_dts != NO_TS and packet.dts <= key_dts
 
     def _attempt(
-        self, want: set[int], last_pts: int, key: int | None, seek_ts: int | None
+        self, want: set[int], last_pts: int, drain_at: int, key: int | None, seek_ts: int | None
     ) -> set[int] | None:
         """Decodes from keyframe ``key`` (``seek_ts`` in stream time base) or from the start.
 
+        ``drain_at`` is the pts of the wanted frame whose packet decodes last: once that packet
+        is in, the decoder is drained instead of fed more packets to push out the frames it
+        holds back for reordering (B-frames; frame threads hold one per thread).
         Returns the wanted pts that did not come out, or None when the seek landed after the
         keyframe (the demuxer seeks by dts, or ignores keyframe flags: MPEG-TS).
         """
@@ -336,7 +339,11 @@ class _ClipReader:
                 if packet.pts != skip_to:
                     continue
                 skip_to = None
-            for frame in _decode_packet(stream, packet):
+            last_in = packet.pts == drain_at and packet.size > 0
+            frames = _decode_packet(stream, packet)
+            if last_in:  # every wanted packet is in: flush the rest out (a seek resets the decoder)
+                frames = [*frames, *_decode_packet(stream, None)]
+            for frame in frames:
                 pts = frame.pts
                 if pts in missing:
                     self._store(pts, frame)
@@ -344,6 +351,8 @@ class _ClipReader:
                 # Frames come out in presentation order: nothing wanted can follow this one.
                 if pts is not None and pts >= last_pts:
                     return missing
+            if last_in:
+                return missing
         return missing
 
     def read_segment(self, frames: np.ndarray) -> None:
@@ -351,6 +360,7 @@ class _ClipReader:
         index = self.index
         want = set(index.pts[frames].tolist())
         last_pts = int(index.pts[frames[-1]])
+        drain_at = int(index.pts[frames[np.argmax(index.decode_pos[frames])]])
         keys = index.start_keyframes(int(frames[0]), int(index.decode_pos[frames].min()))
         attempts: list[tuple[int | None, int | None]] = []
         # The best keyframe, then one earlier (the first may not decode what we need), each by
@@ -366,7 +376,7 @@ class _ClipReader:
         for key, seek_ts in attempts:
             if key is not None and key == failed_key:
                 continue  # it landed right but frames were missing: another ts will not help
-            missing = self._attempt(want, last_pts, key, seek_ts)
+            missing = self._attempt(want, last_pts, drain_at, key, seek_ts)
             if missing is None:
                 continue
             if not missing:

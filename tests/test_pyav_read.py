@@ -85,13 +85,31 @@ def _count_decoded(monkeypatch) -> list[int]:
     return count
 
 
+def _count_packets(monkeypatch) -> list[int]:
+    count = [0]
+    original = pyav._decode_packet
+
+    def counting(stream, packet):
+        count[0] += packet is not None and packet.size > 0
+        return original(stream, packet)
+
+    monkeypatch.setattr(pyav, "_decode_packet", counting)
+    return count
+
+
 def test_long_gop_clip_near_end_is_not_fully_decoded(tmp_path, monkeypatch):
-    # Keyframes at 0 and 60; B-frames reorder, so a few frames past the clip may come out.
+    # Keyframes at 0 and 60; B-frames reorder, so frames come out a few packets late.
     path = write_video(str(tmp_path / "long.mp4"), 120, bframes=3, gop=60)
-    ref = decode_all(path)[1]
+    ref, index = decode_all(path)[1], frame_index(path)
+    count = _count_packets(monkeypatch)
+    assert np.array_equal(read_frames(path, [100, 104, 108]), ref[[100, 104, 108]])
+    # From keyframe 60 to the last packet a wanted frame needs, not from frame 0, and no
+    # packet after it: the decoder is drained instead of fed until the frames come out.
+    last = max(index.decode_pos[[100, 104, 108]])
+    assert count[0] == last - index.decode_pos[60] + 1
     count = _count_decoded(monkeypatch)
     assert np.array_equal(read_frames(path, [100, 104, 108]), ref[[100, 104, 108]])
-    assert 49 <= count[0] <= 60  # from keyframe 60 to frame 108, not from frame 0
+    assert count[0] <= 49  # frames 60-108 at most
     count[0] = 0
     assert np.array_equal(read_frames(path, [5]), ref[[5]])
     assert count[0] <= 10  # stops after the last requested frame
