@@ -93,17 +93,23 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Queries ``x [B, Lq, C]`` attend to tokens ``y [B, N, C]`` -> ``[B, Lq, C]``."""
         h, (b, lq, _), c = self.num_heads, x.shape, y.shape[-1]
-        q = self.q_proj(x).unflatten(-1, (h, -1)).transpose(1, 2)  # [B, h, Lq, d]
-        d = q.shape[-1]
-        wk = self.k_proj.weight.view(h, d, c)
-        q = q * d ** -0.5
-        q_y = (q @ wk).flatten(1, 2)  # [B, h*Lq, C]: each head's query in token space
+        d = self.q_proj.out_features // h
+        # Head-major products, batched over heads with the B*Lq queries as rows: a weight
+        # broadcast over the batch (``[B, h, Lq, d] @ [h, d, C]``) makes autograd build one
+        # outer product per clip for its gradient and then sum them (half the decoder's
+        # backward on the CPU at the demo's size).
+        q = (self.q_proj(x) * d ** -0.5).view(b * lq, h, d).transpose(0, 1)  # [h, B*Lq, d]
+        q_y = torch.bmm(q, self.k_proj.weight.view(h, d, c))  # each head's query in token space
         # The key bias adds the same logit to every token (softmax drops it); kept for exactness.
-        shift = (q @ self.k_proj.bias.view(h, d, 1)).flatten(1, 2)  # [B, h*Lq, 1]
-        pooled = _PooledAttention.apply(q_y, shift, y).view(b, h, lq, c)  # sum_j a_j y_j
-        wv = self.v_proj.weight.view(h, d, c)
-        o = pooled @ wv.transpose(1, 2) + self.v_proj.bias.view(h, 1, d)  # [B, h, Lq, d]
-        return self.out_proj(o.transpose(1, 2).flatten(2))
+        shift = torch.bmm(q, self.k_proj.bias.view(h, d, 1))  # [h, B*Lq, 1]
+
+        def per_clip(t: torch.Tensor) -> torch.Tensor:  # [h, B*Lq, n] -> [B, h*Lq, n]
+            return t.view(h, b, lq, -1).transpose(0, 1).reshape(b, h * lq, -1)
+
+        pooled = _PooledAttention.apply(per_clip(q_y), per_clip(shift), y)  # sum_j a_j y_j: [B, h*Lq, C]
+        pooled = pooled.view(b, h, lq, c).transpose(0, 1).reshape(h, b * lq, c)
+        o = torch.baddbmm(self.v_proj.bias.view(h, 1, d), pooled, self.v_proj.weight.view(h, d, c).transpose(1, 2))
+        return self.out_proj(o.view(h, b, lq, d).permute(1, 2, 0, 3).reshape(b, lq, h * d))
 
 
 class DecoderLayer(nn.Module):

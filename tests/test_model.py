@@ -311,3 +311,35 @@ def test_gpu_backbone_runs_in_half_precision(tiny_vit):
     assert model.backbone.visual.conv1.weight.dtype in (torch.bfloat16, torch.float16)
     assert out.shape == (2, 5) and torch.isfinite(out).all()
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_cross_attention_equals_plain_multi_head_attention():
+    """Query-side projections, head-major products: still softmax(q k^T / sqrt(d)) v per head,
+    for several queries and heads, with every bias non-zero; outputs and all gradients."""
+    from evl.decoder import CrossAttention
+
+    torch.manual_seed(0)
+    attn = CrossAttention(dim=32, qkv_dim=48, num_heads=4)
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    x, y = torch.randn(3, 5, 32, requires_grad=True), torch.randn(3, 7, 32, requires_grad=True)
+
+    def plain(x, y):
+        h = attn.num_heads
+        q = attn.q_proj(x).unflatten(-1, (h, -1)).transpose(1, 2)
+        k = attn.k_proj(y).unflatten(-1, (h, -1)).transpose(1, 2)
+        v = attn.v_proj(y).unflatten(-1, (h, -1)).transpose(1, 2)
+        a = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1)
+        return attn.out_proj((a @ v).transpose(1, 2).flatten(2))
+
+    probe = torch.randn(3, 5, 32)
+    results = []
+    for fn in (attn, plain):
+        attn.zero_grad()
+        x.grad = y.grad = None
+        out = fn(x, y)
+        (out * probe).sum().backward()
+        results.append([out.detach(), x.grad, y.grad] + [p.grad.clone() for p in attn.parameters()])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
