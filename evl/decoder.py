@@ -323,8 +323,8 @@ class _FrameTokens(torch.autograd.Function):
                 a[:, :, 1:, :hw] = attn_prev.permute(2, 0, 1, 3)
                 a[:, :, :-1, hw:] = attn_next.permute(2, 0, 1, 3)
                 a = a.view(hw, b * t, 2 * hw)  # [q, B*T, 2k]
-                # One gather from the stacked tables ([q, 2k, C]: 236 MB a layer at ViT-B/16, batch
-                # 32); gathering each table and concatenating would copy it all a second time.
+                # One gather from the stacked tables ([q, 2k, C]: 236 MB a layer at ViT-B/16,
+                # whatever the batch); gathering each table and concatenating copied it twice.
                 rows = w1.shape[0]
                 w = torch.cat([w1, w2]).detach().float()[torch.cat([idx, idx + rows], 1)]
                 f[:, :, 1:].permute(2, 0, 1, 3).view(hw, b * t, c).baddbmm_(a, w)
