@@ -347,8 +347,12 @@ def decode_ceiling(cfg, pipe, clips: int, workers: int) -> dict:
         need.append(len(decoded))
     paths = [r.path for r in ds.records[:max(64, workers * 8)]]
 
+    formats = {p: frame_index(p).container_format for p in paths}
+
     def decode_all(path, threads):
-        with av.open(path) as c:
+        # Opened as the pipeline opens it (the demuxer named, not probed), so that the ceiling
+        # stays an upper bound for the pipeline's own decoding.
+        with av.open(path, format=formats[path]) as c:
             s = c.streams.video[0]
             s.thread_type = threads
             return sum(1 for _ in c.decode(s))

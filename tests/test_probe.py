@@ -117,7 +117,8 @@ def test_check_videos(dataset):
 
 def _index_fields(index):
     return (index.pts.tolist(), index.dts.tolist(), index.decode_pos.tolist(), index.keyframe.tolist(),
-            index.time_base, index.fps, index.width, index.height, index.codec, index.stream_index, index.has_pts)
+            index.time_base, index.fps, index.width, index.height, index.codec, index.stream_index, index.has_pts,
+            index.container_format)
 
 
 def test_readers_take_frame_indexes_from_the_probe_cache(dataset, tmp_path, monkeypatch):

@@ -138,6 +138,23 @@ def test_segments_seek_only_past_frames_nobody_wants(tmp_path, monkeypatch):
     assert count[0] <= 7  # 0-1 then 5-9, not 0-9
 
 
+def test_reader_names_the_indexed_demuxer_and_falls_back_to_probing(videos, monkeypatch):
+    import dataclasses
+
+    mp4, webm = videos["h264_bframes"][0], videos["vp9_webm"][0]
+    assert frame_index(mp4).container_format == "mov" and frame_index(webm).container_format == "matroska"
+    want = decode_all(mp4)[1][[3, 7]]
+    opened = []
+    real_open = pyav.av.open
+    monkeypatch.setattr(pyav.av, "open", lambda path, **kw: opened.append(kw.get("format")) or real_open(path, **kw))
+    assert np.array_equal(read_frames(mp4, [3, 7]), want) and opened == ["mov"]
+    # An index naming a demuxer that cannot read the file: FFmpeg probes it instead.
+    wrong = dataclasses.replace(frame_index(mp4), container_format="mpegts")
+    monkeypatch.setattr(pyav, "frame_index", lambda path: wrong)
+    opened.clear()
+    assert np.array_equal(read_frames(mp4, [3, 7]), want) and opened == ["mpegts", None]
+
+
 def test_file_change_invalidates_index(tmp_path):
     path = str(tmp_path / "v.mp4")
     write_video(path, 20, gop=5)
