@@ -12,6 +12,7 @@ reported, never duplicated, so metrics count every readable video exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
@@ -40,14 +41,51 @@ def probe_cache_path(list_path: str) -> str | None:
     return path if os.access(os.path.dirname(os.path.abspath(path)), os.W_OK) else None
 
 
+@contextlib.contextmanager
+def local_leader_first():
+    """Under ``torchrun``, a node's local rank 0 runs the block before its other ranks do.
+
+    For the probe: one process per node demuxes the new videos and writes the cache, and the
+    node's other ranks then read the cache instead of each probing the whole list at once
+    (8 GPUs: 8 full demux passes over the dataset fighting for the same cores and disk).
+    Every rank passes one barrier, the leader after the block even when it raises, so a
+    failure cannot leave the others waiting. The barrier runs in a gloo group of its own with
+    a day's timeout: a first probe of a large dataset outlasts the default group's timeout.
+    """
+    import datetime
+
+    import torch.distributed as dist
+
+    global _waiting
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        yield
+        return
+    if _waiting is None or _waiting[0] is not dist.group.WORLD:
+        # Every rank gets here in the same order (new_group is collective), once per process group.
+        _waiting = (dist.group.WORLD, dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1)))
+    group = _waiting[1]
+    leader = int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0
+    if not leader:
+        dist.barrier(group=group)
+    try:
+        yield
+    finally:
+        if leader:
+            dist.barrier(group=group)
+
+
+_waiting = None  # (the default process group, its long-timeout gloo group for waiting)
+
+
 def load_dataset(cfg: PipelineConfig) -> tuple[list[VideoRecord], list[VideoInfo]]:
     """Read and validate the list, probe its videos, exclude (and report) unreadable ones."""
     from .probe import check_videos, probe_videos
 
     records = read_list(cfg.list_path, data_root=cfg.data_root, num_classes=cfg.num_classes)
-    infos, failures = probe_videos([r.path for r in records], probe_cache_path(cfg.list_path),
-                                   num_workers=min(cfg.num_workers, os.cpu_count() or 1),
-                                   progress=cfg.rank == 0 and len(records) > 200)
+    with local_leader_first():
+        infos, failures = probe_videos([r.path for r in records], probe_cache_path(cfg.list_path),
+                                       num_workers=min(cfg.num_workers, os.cpu_count() or 1),
+                                       progress=cfg.rank == 0 and len(records) > 200)
     warnings = check_videos(infos, [r.path for r in records])
     if warnings:  # one summary, not one line per file of a large dataset
         more = f"\n  ... and {len(warnings) - 5} more" if len(warnings) > 5 else ""

@@ -1,6 +1,7 @@
 """The PyAV pipeline: batches, determinism across workers, sharding, bad input (issue: data layer)."""
 
 import logging
+import os
 import shutil
 
 import pytest
@@ -146,3 +147,42 @@ def test_dummy_pipeline_shapes(demo_data):
 def test_unknown_pipeline_name():
     with pytest.raises(ValueError, match="unknown pipeline 'nvdec'"):
         build_pipeline("nvdec", PipelineConfig(list_path=None, num_classes=2))
+
+
+def _probe_rank(rank: int, init_file: str, list_path: str, root: str, out_dir: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    from pipelines import probe
+    from pipelines.loader import load_dataset
+
+    os.environ["LOCAL_RANK"] = str(rank)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    probed = []
+    one = probe._probe_one
+    probe._probe_one = lambda path: probed.append(path) or one(path)
+    records, infos = load_dataset(cfg_for_probe(list_path, root))
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"probed": len(probed), "videos": len(records), "frames": [i.num_frames for i in infos]}, f)
+    dist.destroy_process_group()
+
+
+def cfg_for_probe(list_path, root):
+    return PipelineConfig(list_path=list_path, num_classes=4, num_frames=4, sampling_rate=2, input_size=48,
+                          batch_size=4, train=True, data_root=root, num_workers=0)
+
+
+@pytest.mark.slow
+def test_one_rank_per_node_probes_the_others_read_its_cache(demo_data, tmp_path):
+    import json
+    import shutil
+
+    import torch.multiprocessing as mp
+
+    list_path = str(tmp_path / "train.txt")
+    shutil.copy(demo_data.train_list, list_path)  # a list with no probe cache yet
+    mp.spawn(_probe_rank, args=(str(tmp_path / "init"), list_path, demo_data.root, str(tmp_path)), nprocs=2)
+    ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
+    assert ranks[0]["probed"] == ranks[0]["videos"] == 32 and ranks[1]["probed"] == 0
+    assert ranks[0]["frames"] == ranks[1]["frames"]
