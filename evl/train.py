@@ -5,7 +5,8 @@ trains a tiny-backbone EVL on the CPU for a few minutes and prints its val top-1
 AdamW on the trainable part only, cosine schedule per step with optional linear warmup,
 gradient accumulation (``--batch_split``), bf16 autocast on GPU (fp16 with a grad scaler on
 request), periodic multi-view evaluation, atomic checkpoints with exact resume, and
-``metrics.jsonl`` plus a curves PNG in ``--output_dir``.
+``metrics.jsonl`` plus a curves PNG in ``--output_dir``. ``metrics.jsonl`` keeps every run made
+in the directory; the curves show the current one (see :func:`curves`).
 """
 
 from __future__ import annotations
@@ -124,9 +125,7 @@ class MetricsLog:
         import matplotlib.pyplot as plt
 
         with open(self.path, encoding="utf-8") as f:
-            events = [json.loads(line) for line in f if line.strip()]
-        train = [e for e in events if "loss" in e]
-        evals = [e for e in events if "top1" in e]
+            train, evals = curves([json.loads(line) for line in f if line.strip()])
         fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
         a.plot([e["step"] for e in train], [e["loss"] for e in train])
         a.set(xlabel="step", ylabel="training loss", yscale="log")
@@ -137,6 +136,22 @@ class MetricsLog:
         fig.tight_layout()
         fig.savefig(os.path.join(os.path.dirname(self.path), "curves.png"), dpi=100)
         plt.close(fig)
+
+
+def curves(events: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The current run's (training, evaluation) events from a ``metrics.jsonl`` history.
+
+    The file only grows: each run of the trainer starts with ``{"event": "start", "step": S}``,
+    S the steps its checkpoint had done. A resumed run keeps what earlier runs logged up to step
+    S and replaces the steps it repeats after it; a fresh run (S = 0) replaces everything.
+    """
+    kept: list[dict] = []
+    for e in events:
+        if e.get("event") == "start":
+            kept = [k for k in kept if k.get("step", 0) <= e["step"]] if e["step"] > 0 else []
+        else:
+            kept.append(e)
+    return [e for e in kept if "loss" in e], [e for e in kept if "top1" in e]
 
 
 class StopRequest:
@@ -277,6 +292,7 @@ def _train(cfg: TrainConfig) -> dict:
         progress = tqdm(total=cfg.num_steps, initial=start, desc="train", dynamic_ncols=True,
                         disable=None)  # None: no bar when stderr is not a terminal
     last = {}
+    metrics.write(event="start", step=start)  # what the curves of earlier runs this run supersedes
     model.train()
     t_log, clips_since = time.perf_counter(), 0
     step = start

@@ -40,6 +40,26 @@ def test_training_writes_run_directory(tiny_vit, demo_data, tmp_path):
     assert ckpt["next_step"] == 6 and ckpt["config"]["num_steps"] == 6
     assert ckpt["model_config"]["backbone_id"].startswith("tiny-vit")
     assert not any(k.startswith("backbone") for k in ckpt["model"])
+    assert ev[0] == {"event": "start", "step": 0}
+    # A fresh run in the same directory: the history keeps both, the curves show the new one.
+    train_mod.main(train_argv(tiny_vit, demo_data, out, "--num_steps", "3", "--eval_freq", "3"))
+    ev = events(out)
+    assert len([e for e in ev if "loss" in e]) == 9
+    train, evals = train_mod.curves(ev)
+    assert [e["step"] for e in train] == [1, 2, 3] and [e["step"] for e in evals] == [3]
+    assert train == [e for e in ev if "loss" in e][6:]
+
+
+def test_curves_after_a_resume_replace_the_repeated_steps():
+    loss = [{"step": s, "loss": 1.0 / s} for s in range(1, 7)]
+    resumed = [{"step": s, "loss": 2.0 / s} for s in range(5, 9)]
+    ev = [{"event": "start", "step": 0}, *loss, {"step": 4, "top1": 50.0}, {"event": "start", "step": 4},
+          *resumed, {"step": 8, "top1": 60.0}]
+    train, evals = train_mod.curves(ev)
+    # Resumed from the checkpoint of step 4: the first run's steps 5-6 are replaced.
+    assert [(e["step"], e["loss"]) for e in train] == [(s, 1.0 / s) for s in range(1, 5)] + \
+        [(s, 2.0 / s) for s in range(5, 9)]
+    assert [e["step"] for e in evals] == [4, 8]
 
 
 def test_resume_continues_exactly(tiny_vit, demo_data, tmp_path):
