@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt_io
 from .config import TrainConfig, parse_config
-from .distributed import World, all_reduce_sum, barrier, cleanup, init_distributed, threads_beside_decoders
+from .distributed import (World, all_reduce_max, all_reduce_sum, barrier, cleanup, init_distributed,
+                          threads_beside_decoders)
 from .eval import evaluate, write_predictions
 from .model import build_model
 from .precision import autocast, grad_scaler, resolve_precision
@@ -296,6 +297,18 @@ def _train(cfg: TrainConfig) -> dict:
     model.train()
     t_log, clips_since = time.perf_counter(), 0
     step = start
+    # The first step (0-based) whose loss was not finite, kept on the device: testing the loss on
+    # the host every step would wait for the GPU each step and stall the launch queue. It is
+    # read where the run logs, evaluates or saves, so nothing after a bad step is ever written.
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)
+
+    def check_finite(done: int) -> None:
+        first = int(all_reduce_max(bad_step.clone()).item())  # every rank stops at the same step
+        if first >= 0:
+            kept = checkpoint_files(out_dir)[-1][1] if out_dir and checkpoint_files(out_dir) else "none"
+            raise FloatingPointError(f"non-finite loss at step {first + 1} (found at step {done}); stopping. "
+                                     f"Last good checkpoint: {kept}")
+
     with StopRequest() as stop:
         for step, batch in batches_forever(train_pipe, start) if start < cfg.num_steps else ():
             optimizer.zero_grad(set_to_none=True)
@@ -312,16 +325,14 @@ def _train(cfg: TrainConfig) -> dict:
                     loss = F.cross_entropy(logits.float(), batch.labels[sl]) / cfg.batch_split
                 scaler.scale(loss).backward()
                 loss_sum += loss.detach()
-            if not torch.isfinite(loss_sum):
-                kept = checkpoint_files(out_dir)[-1][1] if out_dir and checkpoint_files(out_dir) else "none"
-                raise FloatingPointError(f"non-finite loss ({loss_sum.item()}) at step {step}; stopping. "
-                                         f"Last good checkpoint: {kept}")
+            bad_step = torch.where((bad_step >= 0) | torch.isfinite(loss_sum), bad_step, step)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
             clips_since += n * world.world_size
             done = step + 1
             if done % cfg.print_freq == 0 or done == cfg.num_steps:
+                check_finite(done)
                 now = time.perf_counter()
                 loss_all = all_reduce_sum(loss_sum.clone()) / world.world_size  # the global batch's loss
                 last = {"step": done, "loss": loss_all.item(), "lr": optimizer.param_groups[0]["lr"],
@@ -337,6 +348,7 @@ def _train(cfg: TrainConfig) -> dict:
             if progress is not None:
                 progress.update(1)
             if done % cfg.eval_freq == 0 or done == cfg.num_steps:
+                check_finite(done)
                 r = run_eval(done)
                 if r and r["top1"] > best["top1"]:
                     best = {"top1": r["top1"], "top5": r["top5"], "step": done}
@@ -347,6 +359,7 @@ def _train(cfg: TrainConfig) -> dict:
                 if world.is_primary:
                     metrics.plot()
             if done % cfg.save_freq == 0 or done == cfg.num_steps or stop.signal is not None:
+                check_finite(done)
                 path = save(done)
                 if stop.signal is not None:
                     print0(world, f"stopped by signal {stop.signal} after step {done}; checkpoint: {path}")

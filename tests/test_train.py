@@ -157,6 +157,29 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_vit, demo_dat
     assert all(torch.isfinite(v).all() for v in safe_load(str(out / last))["model"].values())
 
 
+def test_non_finite_loss_between_checks_is_caught_before_anything_is_written(tiny_vit, demo_data, tmp_path,
+                                                                            monkeypatch):
+    """The loss is tested on the device every step and read only where the run logs, evaluates
+    or saves: the step it went bad is named, and no checkpoint or metric comes after it."""
+    calls = []
+    cross_entropy = train_mod.F.cross_entropy
+
+    def from_step_7_nan(*args, **kw):
+        calls.append(1)
+        loss = cross_entropy(*args, **kw)
+        return loss * float("nan") if len(calls) >= 7 else loss
+
+    monkeypatch.setattr(train_mod.F, "cross_entropy", from_step_7_nan)
+    out = tmp_path / "nan"
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 7 \(found at step 8\)") as e:
+        train_mod.main(train_argv(tiny_vit, demo_data, out, "--num_steps", "40", "--save_freq", "6",
+                                  "--print_freq", "4", "--eval_freq", "100"))
+    assert "checkpoint-6.pth" in str(e.value)
+    assert [ev["step"] for ev in events(out) if "loss" in ev] == [4]  # step 8 was never logged
+    assert sorted(k for k in os.listdir(out) if k.startswith("checkpoint-")) == ["checkpoint-6.pth"]
+    assert all(torch.isfinite(v).all() for v in safe_load(str(out / "checkpoint-6.pth"))["model"].values())
+
+
 def run_cli(args, **kw):
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
