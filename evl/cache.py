@@ -26,6 +26,7 @@ import torch
 from pipelines.base import PipelineConfig, thwc_uint8_to_bcthw
 from pipelines.cache import (BUILD, DTYPE, FORMAT, MANIFEST, CacheError, FeatureStore, read_json, read_manifest,
                              record_fields, row_elems, shard_name, split_dir)
+from pipelines.loader import cat_for_transfer
 
 from .decoder import attention_features
 from .distributed import threads_beside_decoders
@@ -84,8 +85,11 @@ class _Items(torch.utils.data.Dataset):
             return {"key": key, "clips": None, "error": f"{type(e).__name__}: {e}"}
 
 
-def _collate(items: list[dict]) -> list[dict]:
-    return items
+def _collate(items: list[dict]) -> tuple[list[dict], torch.Tensor | None]:
+    """The items without their clips, and the readable items' clips as one tensor: one
+    shared-memory transfer a batch instead of one a clip."""
+    good = [it["clips"] for it in items if it["clips"] is not None]
+    return [{**it, "clips": None} for it in items], cat_for_transfer(good) if good else None
 
 
 class _ShardWriter:
@@ -235,11 +239,10 @@ def build_cache(args: argparse.Namespace, say=print, progress: bool = True) -> d
                    desc=f"cache {args.split}", unit="view", dynamic_ncols=True, disable=not progress or None)
         writers: dict[int, _ShardWriter] = {}
         try:
-            for items in loader:
-                good = [it for it in items if it["clips"] is not None]
+            for items, clips in loader:
                 data = None
-                if good:
-                    x = thwc_uint8_to_bcthw(torch.cat([it["clips"] for it in good]), device)
+                if clips is not None:
+                    x = thwc_uint8_to_bcthw(clips, device)
                     feats = attention_features(model.forward_features(x))
                     data = torch.cat([t.flatten(1) for f in feats for t in f], 1).to(torch.float16).cpu().numpy()
                     if not np.isfinite(data).all():
@@ -254,7 +257,7 @@ def build_cache(args: argparse.Namespace, say=print, progress: bool = True) -> d
                     w = writers[k]
                     first = local_clip * views + (epoch if train else 0)
                     rows = np.arange(first, first + per_item)
-                    if it["clips"] is None:
+                    if it["error"] is not None:
                         w.bad[i] = it["error"]
                         say(f"warning: {records[i].path}: {it['error']} (left out of the cache)")
                         w.remaining -= per_item  # its rows stay zero and are never read
