@@ -44,8 +44,10 @@ def _index_sets(n: int, seed: int) -> list[list[int]]:
     return sets
 
 
+@pytest.mark.parametrize("threads", ["AUTO", "NONE"])  # the main process, a DataLoader worker
 @pytest.mark.parametrize("name", list(VIDEOS))
-def test_read_equals_sequential_decode(videos, name):
+def test_read_equals_sequential_decode(videos, name, threads, monkeypatch):
+    monkeypatch.setattr(pyav, "_decoder_threads", lambda: threads)
     path, ref, hidden = videos[name]
     n = len(ref)
     assert frame_index(path).num_frames == n == VIDEOS[name][1] - hidden
@@ -109,7 +111,8 @@ def test_long_gop_clip_near_end_is_not_fully_decoded(tmp_path, monkeypatch):
     assert count[0] == last - index.decode_pos[60] + 1
     count = _count_decoded(monkeypatch)
     assert np.array_equal(read_frames(path, [100, 104, 108]), ref[[100, 104, 108]])
-    assert count[0] <= 49  # frames 60-108 at most
+    # Frames no other frame references and nobody wants (B-frames) are not even decoded.
+    assert 3 <= count[0] < last - index.decode_pos[60] + 1
     count[0] = 0
     assert np.array_equal(read_frames(path, [5]), ref[[5]])
     assert count[0] <= 10  # stops after the last requested frame
