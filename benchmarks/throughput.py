@@ -480,6 +480,8 @@ def main(argv=None) -> dict:
         # Compute threads as evl.train sets them: a core left to each decoding worker.
         decoding = ("pyav", "dali", "fulldecode", "reference", "dali_reader", "dali_legacy_reader")
         decoders = args.num_workers if name in decoding and stage in ("data", "train") else 0
+        if stage == "cache":
+            decoders = 1  # the cache's read-ahead thread, as evl.train counts it
         with threads_beside_decoders(decoders):
             rec["threads"] = torch.get_num_threads()
             try:
