@@ -50,31 +50,34 @@ def local_leader_first():
     (8 GPUs: 8 full demux passes over the dataset fighting for the same cores and disk).
     Every rank passes one barrier, the leader after the block even when it raises, so a
     failure cannot leave the others waiting. The barrier runs in a gloo group of its own with
-    a day's timeout: a first probe of a large dataset outlasts the default group's timeout.
+    a day's timeout (a first probe of a large dataset outlasts the default group's timeout),
+    made for the block and destroyed after it: a group left to the end of the process was
+    torn down after the default one and could abort the process at exit.
     """
     import datetime
 
     import torch.distributed as dist
 
-    global _waiting
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         yield
         return
-    if _waiting is None or _waiting[0] is not dist.group.WORLD:
-        # Every rank gets here in the same order (new_group is collective), once per process group.
-        _waiting = (dist.group.WORLD, dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1)))
-    group = _waiting[1]
-    leader = int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0
-    if not leader:
-        dist.barrier(group=group)
     try:
+        group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1))  # collective: every rank
+    except RuntimeError as e:  # gloo cannot connect here (a network it cannot use): every rank probes
+        log.warning("no gloo group to order the probe (%s): every rank probes its list", e)
         yield
-    finally:
-        if leader:
+        return
+    leader = int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0
+    try:
+        if not leader:
             dist.barrier(group=group)
-
-
-_waiting = None  # (the default process group, its long-timeout gloo group for waiting)
+        try:
+            yield
+        finally:
+            if leader:
+                dist.barrier(group=group)
+    finally:
+        dist.destroy_process_group(group)
 
 
 def load_dataset(cfg: PipelineConfig) -> tuple[list[VideoRecord], list[VideoInfo]]:
