@@ -96,8 +96,8 @@ class CrossAttention(nn.Module):
         d = self.q_proj.out_features // h
         # Head-major products, batched over heads with the B*Lq queries as rows: a weight
         # broadcast over the batch (``[B, h, Lq, d] @ [h, d, C]``) makes autograd build one
-        # outer product per clip for its gradient and then sum them (half the decoder's
-        # backward on the CPU at the demo's size).
+        # outer product per clip for its gradient and then sum them (about 1 ms of a 16 ms
+        # demo step on the CPU).
         q = (self.q_proj(x) * d ** -0.5).view(b * lq, h, d).transpose(0, 1)  # [h, B*Lq, d]
         q_y = torch.bmm(q, self.k_proj.weight.view(h, d, c))  # each head's query in token space
         # The key bias adds the same logit to every token (softmax drops it); kept for exactness.
@@ -313,7 +313,7 @@ class _FrameTokens(torch.autograd.Function):
                 f = out.clone(memory_format=torch.contiguous_format)
             if pos is not None:
                 f += pos.detach().float().view(1, t, 1, c)
-            a = None
+            a = pair_rows = None
             if w1 is not None:
                 # Both directions in one product per query patch q: frame t's row of maps is
                 # [over frame t-1 | over frame t+1] (zeros where there is no such frame), its
@@ -325,20 +325,20 @@ class _FrameTokens(torch.autograd.Function):
                 a = a.view(hw, b * t, 2 * hw)  # [q, B*T, 2k]
                 # One gather from the stacked tables ([q, 2k, C]: 236 MB a layer at ViT-B/16,
                 # whatever the batch); gathering each table and concatenating copied it twice.
-                rows = w1.shape[0]
-                w = torch.cat([w1, w2]).detach().float()[torch.cat([idx, idx + rows], 1)]
+                pair_rows = torch.cat([idx, idx + w1.shape[0]], 1)  # [q, 2k]: the row of each pair
+                w = torch.cat([w1, w2]).detach().float()[pair_rows]
                 f[:, :, 1:].permute(2, 0, 1, 3).view(hw, b * t, c).baddbmm_(a, w)
-        ctx.save_for_backward(out if conv_w is not None else None, a)
+        ctx.save_for_backward(out if conv_w is not None else None, a, pair_rows)
         ctx.has = (conv_w is not None, pos is not None, w1 is not None)
         ctx.kernel = conv_w.shape[-1] if conv_w is not None else 0
-        ctx.idx, ctx.offsets = idx, w1.shape[0] if w1 is not None else 0
+        ctx.offsets = w1.shape[0] if w1 is not None else 0
         ctx.dtypes = [x.dtype if x is not None else None for x in (conv_w, conv_b, pos, w1, w2)]
         return f
 
     @staticmethod
     def backward(ctx, g):
         has_conv, has_pos, has_ca = ctx.has
-        out, a = ctx.saved_tensors
+        out, a, pair_rows = ctx.saved_tensors
         g = g.float().contiguous()
         b, t, length, c = g.shape
         grads = [None] * 9
@@ -354,12 +354,11 @@ class _FrameTokens(torch.autograd.Function):
                 [1, 1], False, [0, 0], c, [False, True, True])
             grads[3], grads[4] = w_grad.view(c, 1, k), b_grad
         if has_ca:
-            idx, rows = ctx.idx, ctx.offsets
+            rows = ctx.offsets
             go = g[:, :, 1:].permute(2, 0, 1, 3).reshape(a.shape[0], b * t, c)  # [q, B*T, C]
             per_pair = torch.bmm(a.transpose(1, 2), go)  # [q, 2k, C]
             # Pairs at the same relative offset share a row of w1 (first k) or w2 (last k).
-            rows_of = torch.cat([idx, idx + rows], 1).flatten()
-            w_grad = per_pair.new_zeros(2 * rows, c).index_add_(0, rows_of, per_pair.reshape(-1, c))
+            w_grad = per_pair.new_zeros(2 * rows, c).index_add_(0, pair_rows.flatten(), per_pair.reshape(-1, c))
             grads[6], grads[7] = w_grad[:rows], w_grad[rows:]
         for j, dtype in zip(range(3, 8), ctx.dtypes):
             if grads[j] is not None:

@@ -60,7 +60,7 @@ class FrameIndex:
     stream_index: int
     has_pts: bool = True
     # The demuxer that read the file ("mov", "matroska", ...): later opens name it instead of
-    # letting FFmpeg probe every format (a third to a half of opening a small clip).
+    # letting FFmpeg probe every format (a quarter to a half of opening a small clip).
     container_format: str | None = None
 
     @property
