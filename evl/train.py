@@ -307,8 +307,11 @@ def _train(cfg: TrainConfig) -> dict:
     # read where the run logs, evaluates or saves, so nothing after a bad step is ever written.
     bad_step = torch.full((), -1, dtype=torch.long, device=device)
 
-    def check_finite(done: int) -> None:
-        first = int(all_reduce_max(bad_step.clone()).item())  # every rank stops at the same step
+    def check_finite(done: int, scheduled: bool = True) -> None:
+        # At the scheduled steps every rank checks, so the ranks agree (max) and stop together;
+        # a signal arrives on each rank at its own step, so that check is this rank's alone.
+        first = bad_step.clone()
+        first = int((all_reduce_max(first) if scheduled else first).item())
         if first >= 0:
             kept = checkpoint_files(out_dir)[-1][1] if out_dir and checkpoint_files(out_dir) else "none"
             raise FloatingPointError(f"non-finite loss at step {first + 1} (found at step {done}); stopping. "
@@ -364,7 +367,7 @@ def _train(cfg: TrainConfig) -> dict:
                 if world.is_primary:
                     metrics.plot()
             if done % cfg.save_freq == 0 or done == cfg.num_steps or stop.signal is not None:
-                check_finite(done)
+                check_finite(done, scheduled=done % cfg.save_freq == 0 or done == cfg.num_steps)
                 path = save(done)
                 if stop.signal is not None:
                     print0(world, f"stopped by signal {stop.signal} after step {done}; checkpoint: {path}")
