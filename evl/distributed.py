@@ -78,6 +78,65 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+class StopAgreement:
+    """Makes every rank stop at the same step when any of them is asked to (SIGTERM, SIGINT).
+
+    A signal reaches each rank at its own step, or only some ranks (``scancel`` of one task, a
+    node drained): a rank that stopped on its own would wait in its last collective while the
+    others went on into the next gradient all-reduce, and the job would hang without a
+    checkpoint. So after every step each rank posts its flag to a max-reduction and reads the
+    previous step's result: all ranks see the same flags at the same step, one step after the
+    first signal. The reduction runs in a gloo group of its own, on the CPU and asynchronously:
+    the step neither waits for it nor syncs with the GPU, and it cannot pair with a collective
+    of the training group. One process: a signal stops it at once.
+    """
+
+    def __init__(self):
+        self.group, self.pending = None, None
+        self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if self.distributed:
+            try:
+                self.group = dist.new_group(backend="gloo")  # collective: every rank makes it
+            except RuntimeError as e:  # gloo cannot connect here: reduce on the training group, in step
+                import logging
+
+                logging.getLogger("evl.distributed").warning(
+                    "no gloo group for stop requests (%s): each step waits for their all-reduce", e)
+
+    def should_stop(self, requested: bool) -> bool:
+        """Called once per step on every rank with this rank's request; True on all ranks alike."""
+        if not self.distributed:
+            return requested
+        if self.group is None:
+            flag = torch.tensor([int(requested)], device=_group_device())
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            return bool(flag.item())
+        stop = False
+        if self.pending is not None:
+            work, flag = self.pending
+            work.wait()
+            stop = bool(flag.item())
+        flag = torch.tensor([int(requested)], dtype=torch.int32)
+        self.pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag)
+        return stop
+
+    def close(self) -> None:
+        """Waits for the last posted flag (every rank posted as many) and frees the group, which
+        must go before the default group does (``cleanup``)."""
+        if self.pending is not None:
+            self.pending[0].wait()
+            self.pending = None
+        if self.group is not None:
+            dist.destroy_process_group(self.group)
+            self.group = None
+
+
+def _group_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt_io
 from .config import TrainConfig, parse_config
-from .distributed import (World, all_reduce_max, all_reduce_sum, barrier, cleanup, init_distributed,
+from .distributed import (StopAgreement, World, all_reduce_max, all_reduce_sum, barrier, cleanup, init_distributed,
                           threads_beside_decoders)
 from .eval import evaluate, write_predictions
 from .model import build_model
@@ -307,16 +307,16 @@ def _train(cfg: TrainConfig) -> dict:
     # read where the run logs, evaluates or saves, so nothing after a bad step is ever written.
     bad_step = torch.full((), -1, dtype=torch.long, device=device)
 
-    def check_finite(done: int, scheduled: bool = True) -> None:
-        # At the scheduled steps every rank checks, so the ranks agree (max) and stop together;
-        # a signal arrives on each rank at its own step, so that check is this rank's alone.
-        first = bad_step.clone()
-        first = int((all_reduce_max(first) if scheduled else first).item())
+    def check_finite(done: int) -> None:
+        # Every rank checks at the same steps (stops too are agreed on), so the ranks agree (max)
+        # and stop together.
+        first = int(all_reduce_max(bad_step.clone()).item())
         if first >= 0:
             kept = checkpoint_files(out_dir)[-1][1] if out_dir and checkpoint_files(out_dir) else "none"
             raise FloatingPointError(f"non-finite loss at step {first + 1} (found at step {done}); stopping. "
                                      f"Last good checkpoint: {kept}")
 
+    agreement = StopAgreement()  # every rank, at the same point: it makes a process group
     with StopRequest() as stop:
         for step, batch in batches_forever(train_pipe, start) if start < cfg.num_steps else ():
             optimizer.zero_grad(set_to_none=True)
@@ -339,6 +339,7 @@ def _train(cfg: TrainConfig) -> dict:
             scheduler.step()
             clips_since += n * world.world_size
             done = step + 1
+            stopping = agreement.should_stop(stop.signal is not None)
             if done % cfg.print_freq == 0 or done == cfg.num_steps:
                 check_finite(done)
                 now = time.perf_counter()
@@ -366,14 +367,16 @@ def _train(cfg: TrainConfig) -> dict:
                                             os.path.join(out_dir, "best.pth"))
                 if world.is_primary:
                     metrics.plot()
-            if done % cfg.save_freq == 0 or done == cfg.num_steps or stop.signal is not None:
-                check_finite(done, scheduled=done % cfg.save_freq == 0 or done == cfg.num_steps)
+            if done % cfg.save_freq == 0 or done == cfg.num_steps or stopping:
+                check_finite(done)
                 path = save(done)
-                if stop.signal is not None:
-                    print0(world, f"stopped by signal {stop.signal} after step {done}; checkpoint: {path}")
+                if stopping:
+                    why = f"signal {stop.signal}" if stop.signal is not None else "a signal to another rank"
+                    print0(world, f"stopped by {why} after step {done}; checkpoint: {path}")
                     break
             if done >= cfg.num_steps:
                 break
+    agreement.close()
     if progress is not None:
         progress.close()
     barrier()

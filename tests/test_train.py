@@ -180,8 +180,8 @@ def test_non_finite_loss_between_checks_is_caught_before_anything_is_written(tin
     assert all(torch.isfinite(v).all() for v in safe_load(str(out / "checkpoint-6.pth"))["model"].values())
 
 
-def run_cli(args, **kw):
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+def run_cli(args, env=None, **kw):
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, **kw)
 
@@ -213,6 +213,69 @@ def test_two_gloo_processes_match_one(tiny_vit, demo_data, tmp_path):
     eb = [e for e in events(tmp_path / "two") if "top1" in e]
     assert ea[0]["num_videos"] == eb[0]["num_videos"] == 12
     assert ea[0]["top1"] == pytest.approx(eb[0]["top1"]) and ea[0]["top5"] == pytest.approx(eb[0]["top5"])
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tiny_vit, demo_data, tmp_path):
+    """``scancel`` of one task, a drained node: only rank 1 gets the signal. Every rank stops
+    after the same step and rank 0 saves it; a rank that stopped alone left the others hanging
+    in the next gradient all-reduce, without a checkpoint."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp_sig"
+    ranks = []
+    for rank in range(2):
+        env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                   LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+        ranks.append(run_cli(["-m", "evl.train", *train_argv(tiny_vit, demo_data, out, "--num_steps", "100000",
+                                                            "--batch_size", "4")], env=env))
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    ranks[1].send_signal(signal.SIGTERM)
+    try:
+        logs = [p.communicate(timeout=120)[0] for p in ranks]
+    finally:
+        for p in ranks:
+            p.kill()
+    assert [p.returncode for p in ranks] == [0, 0], logs
+    saved = [f for f in os.listdir(out) if f.startswith("checkpoint-")]
+    assert len(saved) == 1 and f"stopped by a signal to another rank after step {saved[0][11:-4]};" in logs[0]
+    assert 0 < safe_load(str(out / saved[0]))["next_step"] < 100000
+
+
+def _agreement_rank(rank: int, init_file: str, out_dir: str, gloo_fails: bool) -> None:
+    import torch.distributed as dist
+
+    from evl.distributed import StopAgreement
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    if gloo_fails:
+        def refuse(*a, **k):
+            raise RuntimeError("no gloo here")
+        dist.new_group = refuse
+    agreement = StopAgreement()
+    seen = [agreement.should_stop(rank == 1 and i >= 2) for i in range(5)]  # only rank 1, from step 2
+    agreement.close()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"seen": seen, "own_group": agreement.distributed and not gloo_fails}, f)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("gloo_fails", [False, True])
+def test_stop_agreement_is_the_same_on_every_rank(tmp_path, gloo_fails):
+    """Rank 1 alone asks to stop at step 2: both ranks stop at step 3 (the flag of step 2, read
+    a step later without waiting on it), or at step 2 where no gloo group could be made and
+    the flag is reduced in step."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_agreement_rank, args=(str(tmp_path / "init"), str(tmp_path), gloo_fails), nprocs=2)
+    ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
+    first = 2 if gloo_fails else 3
+    assert ranks[0]["seen"] == ranks[1]["seen"] == [i >= first for i in range(5)]
 
 
 def test_compute_threads_leave_a_core_to_each_decoder(tiny_vit, demo_data, tmp_path, monkeypatch):
