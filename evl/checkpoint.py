@@ -115,13 +115,17 @@ def set_rng_state(state: dict) -> None:
 
 
 def training_state(model: nn.Module, optimizer, scheduler, scaler, next_step: int, config: dict,
-                   metrics: dict | None = None) -> dict:
-    """Everything an exact resume needs, loadable with ``weights_only=True``."""
+                   metrics: dict | None = None, rng_per_rank: list[dict] | None = None) -> dict:
+    """Everything an exact resume needs, loadable with ``weights_only=True``.
+
+    ``rng_per_rank``: every rank's :func:`rng_state` (``evl.distributed.all_gather_object``), so
+    that each rank of a resumed run continues its own dropout stream; ``rng`` is this process's.
+    """
     return {
         "format": FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "lr_sched": scheduler.state_dict(), "loss_scaler": scaler.state_dict(), "next_step": next_step,
-        "rng": rng_state(), "config": config, "model_config": dict(getattr(model, "config", {})),
-        "metrics": metrics or {},
+        "rng": rng_state(), "rng_per_rank": rng_per_rank or [rng_state()], "config": config,
+        "model_config": dict(getattr(model, "config", {})), "metrics": metrics or {},
     }
 
 

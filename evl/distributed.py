@@ -137,6 +137,16 @@ def _group_device() -> torch.device:
     return torch.device("cpu")
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj``, in rank order (``[obj]`` in one process). Between this job's own
+    processes only: it pickles."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

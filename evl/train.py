@@ -22,13 +22,14 @@ import signal
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt_io
 from .config import TrainConfig, parse_config
-from .distributed import (StopAgreement, World, all_reduce_max, all_reduce_sum, barrier, cleanup, init_distributed,
-                          threads_beside_decoders)
+from .distributed import (StopAgreement, World, all_gather_object, all_reduce_max, all_reduce_sum, barrier,
+                          cleanup, init_distributed, threads_beside_decoders)
 from .eval import evaluate, write_predictions
 from .model import build_model
 from .precision import autocast, grad_scaler, resolve_precision
@@ -180,6 +181,26 @@ class StopRequest:
             signal.signal(sig, old)
 
 
+def restore_rng(state: dict, world: World, seed: int) -> None:
+    """Each rank continues the random stream (dropout) it had at the checkpoint.
+
+    Checkpoints hold every rank's state. One written by another number of processes, or before
+    they held every rank's (only rank 0's), cannot continue the other ranks' streams: each
+    rank then draws a fresh stream of its own, keyed by the step, rather than all ranks
+    drawing rank 0's and so the same dropout masks.
+    """
+    per_rank = state.get("rng_per_rank")
+    if per_rank is not None and len(per_rank) == world.world_size:
+        ckpt_io.set_rng_state(per_rank[world.rank])
+    elif world.world_size == 1 and "rng" in state:
+        ckpt_io.set_rng_state(state["rng"])
+    elif "rng" in state:
+        saved = len(per_rank) if per_rank is not None else "an unknown number of"
+        print0(world, f"checkpoint written by {saved} process(es), resumed by {world.world_size}: "
+                      "the ranks' dropout streams restart (the run is not bit-exact with an uninterrupted one)")
+        torch.manual_seed(int(np.random.default_rng([seed, world.rank, int(state["next_step"])]).integers(2**62)))
+
+
 def batches_forever(pipeline, start_step: int):
     """Yield (step, batch) from ``start_step`` on, resuming mid-epoch at the right batch."""
     per_epoch = len(pipeline)
@@ -279,15 +300,17 @@ def _train(cfg: TrainConfig) -> dict:
         scaler.load_state_dict(state["loss_scaler"])
         start = int(state["next_step"])
         best = state.get("metrics", {}).get("best", best)
-        if "rng" in state:
-            ckpt_io.set_rng_state(state["rng"])
+        restore_rng(state, world, cfg.seed)
 
     def save(next_step: int) -> str | None:
+        # Every rank's dropout stream, so that each continues its own after a resume: a
+        # collective, so every rank calls save (at the same steps) and rank 0 writes.
+        rngs = all_gather_object(ckpt_io.rng_state()) if world.world_size > 1 else None
         if not (out_dir and world.is_primary):
             return None
         path = os.path.join(out_dir, f"checkpoint-{next_step}.pth")
         ckpt_io.save_atomic(ckpt_io.training_state(model, optimizer, scheduler, scaler, next_step, cfg.to_dict(),
-                                                   {"best": best}), path)
+                                                   {"best": best}, rngs), path)
         prune_checkpoints(out_dir, cfg.keep_last)
         return path
 

@@ -77,6 +77,31 @@ def test_resume_continues_exactly(tiny_vit, demo_data, tmp_path):
     assert [e for e in events(part) if "loss" in e][0]["step"] == 6
 
 
+@pytest.mark.slow
+def test_resume_under_ddp_continues_every_ranks_dropout(tiny_vit, demo_data, tmp_path):
+    """Each rank draws its own dropout masks; a resumed 2-process run continues both ranks'
+    streams (checkpoints hold every rank's) and ends with the uninterrupted run's weights."""
+    flags = ("--num_steps", "6", "--save_freq", "3", "--keep_last", "3", "--cls_dropout", "0.5",
+             "--batch_size", "4")
+
+    def ddp(out, *extra):
+        proc = run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "evl.train",
+                        *train_argv(tiny_vit, demo_data, out, *flags, *extra)])
+        log, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, log
+        return log
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    ddp(full)
+    part.mkdir()
+    shutil.copy(full / "checkpoint-3.pth", part / "checkpoint-3.pth")
+    assert len(safe_load(str(part / "checkpoint-3.pth"))["rng_per_rank"]) == 2
+    assert "dropout streams restart" not in ddp(part, "--auto_resume")
+    a, b = safe_load(str(full / "checkpoint-6.pth")), safe_load(str(part / "checkpoint-6.pth"))
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
 def test_warmup_and_accumulation(tiny_vit, demo_data, tmp_path):
     out = tmp_path / "acc"
     train_mod.main(train_argv(tiny_vit, demo_data, out, "--num_steps", "4", "--warmup_steps", "2",
