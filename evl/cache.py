@@ -29,7 +29,7 @@ from pipelines.cache import (BUILD, DTYPE, FORMAT, MANIFEST, CacheError, Feature
 from pipelines.loader import cat_for_transfer
 
 from .decoder import attention_features
-from .distributed import threads_beside_decoders
+from .distributed import PatientGroup, cleanup, init_distributed, threads_beside_decoders
 from .model import build_model
 from .weights import file_sha256
 
@@ -139,13 +139,27 @@ def _shard_done(directory: str, k: int, expected_bytes: int) -> dict | None:
 
 
 def build_cache(args: argparse.Namespace, say=print, progress: bool = True) -> dict:
-    """Build (or finish building) the cache of one split; returns its manifest."""
+    """Build (or finish building) the cache of one split; returns its manifest.
+
+    Under ``torchrun`` every process builds its share of the shards (shard ``k`` on rank
+    ``k % world_size``, each on its own GPU), and rank 0 writes the manifest once all are done.
+    """
+    world = init_distributed(args.device)
+    group = PatientGroup()  # ranks finish their shares at different times
+    try:
+        return _build(args, world, group, say if world.is_primary else (lambda *a, **k: None), say, progress)
+    finally:
+        group.close()
+
+
+def _build(args: argparse.Namespace, world, group: PatientGroup, say, warn, progress: bool) -> dict:
+    """``build_cache`` on one rank; ``say`` prints on rank 0 only, ``warn`` on every rank."""
     from pipelines.loader import ClipDataset, load_dataset, make_sampler
     from pipelines.pyav import read_frames
 
     train = args.split == "train"
     directory = split_dir(args.output, train)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = world.device
     # Seeded as evl.train seeds before build_model, so that a random (test/demo) backbone is the same.
     torch.manual_seed(args.seed)
     with warnings.catch_warnings():
@@ -187,19 +201,23 @@ def build_cache(args: argparse.Namespace, say=print, progress: bool = True) -> d
     }
     os.makedirs(directory, exist_ok=True)
     build_path = os.path.join(directory, BUILD)
-    if os.path.isfile(build_path):
+    diff = []
+    if os.path.isfile(build_path):  # every rank checks (the same file, the same verdict) ...
         old = read_json(build_path)
         diff = [k for k in sorted(set(old) | set(header)) if k not in _INFORMATIONAL and old.get(k) != header.get(k)]
         if diff and not args.overwrite:
             raise CacheError(f"{directory} holds a cache built with other settings (differs in: {', '.join(diff)}); "
                              "pass --overwrite to replace it, or choose another --output")
+    group.barrier()
+    if world.is_primary:  # ... before rank 0 changes anything
         if diff:
             shutil.rmtree(directory)
             os.makedirs(directory)
-    for name in os.listdir(directory):
-        if name.startswith(".tmp-"):  # a shard (or json) an interrupted build left half-written
-            os.remove(os.path.join(directory, name))
-    _write_json_atomic(build_path, header)
+        for name in os.listdir(directory):
+            if name.startswith(".tmp-"):  # a shard (or json) an interrupted build left half-written
+                os.remove(os.path.join(directory, name))
+        _write_json_atomic(build_path, header)
+    group.barrier()
 
     def shard_range(k: int) -> tuple[int, int]:
         return k * shard_clips, min(n, (k + 1) * shard_clips)
@@ -211,17 +229,22 @@ def build_cache(args: argparse.Namespace, say=print, progress: bool = True) -> d
     done = {k: info for k in range(num_shards) if (info := _shard_done(directory, k, shard_bytes(k)))}
     pending = [k for k in range(num_shards) if k not in done]
     manifest_path = os.path.join(directory, MANIFEST)
-    if pending and os.path.exists(manifest_path):
-        os.remove(manifest_path)  # until rewritten last, the cache is incomplete
     need = sum(shard_bytes(k) + 4096 for k in pending)
     free = shutil.disk_usage(directory).free
     say(f"feature cache {directory}: {n} clips x {views} views, {view_bytes:,} bytes per view "
         f"({view_bytes * views:,} bytes = {_human(view_bytes * views)} per clip), "
         f"{_human(n * views * view_bytes)} in total in {num_shards} shard(s); "
-        f"{len(pending)} shard(s) ({_human(need)}) to write, {_human(free)} free")
+        f"{len(pending)} shard(s) ({_human(need)}) to write, {_human(free)} free"
+        + (f"; {world.world_size} processes share them" if world.world_size > 1 else ""))
     if need > free:
         raise CacheError(f"not enough disk space for the feature cache in {directory}: {need:,} bytes "
                          f"({_human(need)}) still to write, {free:,} bytes ({_human(free)}) free")
+    group.barrier()  # every rank has seen the shards that were done before rank 0 touches the manifest
+    if pending and world.is_primary and os.path.exists(manifest_path):
+        os.remove(manifest_path)  # until rewritten last, the cache is incomplete
+    pending = pending[world.rank::world.world_size]  # this process's share
+    if world.world_size > 1:
+        warn(f"rank {world.rank}: {len(pending)} shard(s) to write {pending}")
 
     if pending:
         dataset = ClipDataset(records, infos, sampler, read_frames, train=train, auto_augment=pcfg.auto_augment)
@@ -259,7 +282,7 @@ def build_cache(args: argparse.Namespace, say=print, progress: bool = True) -> d
                     rows = np.arange(first, first + per_item)
                     if it["error"] is not None:
                         w.bad[i] = it["error"]
-                        say(f"warning: {records[i].path}: {it['error']} (left out of the cache)")
+                        warn(f"warning: {records[i].path}: {it['error']} (left out of the cache)")
                         w.remaining -= per_item  # its rows stay zero and are never read
                     else:
                         w.write(rows, data[pos:pos + per_item])
@@ -273,17 +296,27 @@ def build_cache(args: argparse.Namespace, say=print, progress: bool = True) -> d
             bar.close()
             for w in writers.values():
                 w.arr = None  # the half-written .tmp file is removed by the next run
-    missing = [k for k in range(num_shards) if k not in done]
-    if missing:
-        raise CacheError(f"{directory}: shard(s) {missing} were not completed")
-    manifest = dict(header, shards=[done[k] for k in range(num_shards)])
-    bad = sum(len(done[k]["bad"]) for k in done)
-    if bad:
-        say(f"warning: {bad} of {n} video(s) could not be decoded and are left out of the cache")
-    _write_json_atomic(manifest_path, manifest)
-    _fsync_dir(directory)
-    say(f"feature cache {directory}: complete ({_human(sum(s['bytes'] for s in manifest['shards']))})")
-    return manifest
+    if world.world_size > 1:
+        group.barrier()  # every share written: rank 0 reads the others' shards from disk
+        if not world.is_primary:
+            group.barrier()  # until the manifest is written
+            return read_manifest(directory)
+        done = {k: info for k in range(num_shards) if (info := _shard_done(directory, k, shard_bytes(k)))}
+    try:
+        missing = [k for k in range(num_shards) if k not in done]
+        if missing:
+            raise CacheError(f"{directory}: shard(s) {missing} were not completed")
+        manifest = dict(header, shards=[done[k] for k in range(num_shards)])
+        bad = sum(len(done[k]["bad"]) for k in done)
+        if bad:
+            say(f"warning: {bad} of {n} video(s) could not be decoded and are left out of the cache")
+        _write_json_atomic(manifest_path, manifest)
+        _fsync_dir(directory)
+        say(f"feature cache {directory}: complete ({_human(sum(s['bytes'] for s in manifest['shards']))})")
+        return manifest
+    finally:
+        if world.world_size > 1:
+            group.barrier()  # the other ranks return (or, without a manifest, fail to read it)
 
 
 def verify_cache(directory: str, say=print) -> None:
@@ -355,7 +388,10 @@ def main(argv: list[str] | None = None) -> dict | None:
             if args.num_views < 1:
                 raise SystemExit("error: --num_views must be at least 1")
             with threads_beside_decoders(args.num_workers):  # it decodes with PyAV workers, as training does
-                return build_cache(args, progress=args.progress)
+                try:
+                    return build_cache(args, progress=args.progress)
+                finally:
+                    cleanup()  # the process group torchrun made us join, if any
         dirs = [args.directory]
         if not os.path.isfile(os.path.join(args.directory, MANIFEST)):
             dirs = [d for d in (split_dir(args.directory, True), split_dir(args.directory, False))

@@ -137,6 +137,39 @@ def _group_device() -> torch.device:
     return torch.device("cpu")
 
 
+class PatientGroup:
+    """Barriers for ranks that may wait long for each other: a gloo group with a day's timeout.
+
+    For jobs split into shares that end at different times (each rank's part of a feature-cache
+    build), where the training group's timeout (10-30 minutes) would abort the early ranks.
+    Made while the ranks are in step (it is a collective); without gloo, the default group's
+    barrier. A no-op in one process. ``close()`` frees the group before the default one goes.
+    """
+
+    def __init__(self):
+        import datetime
+
+        self.group = None
+        self.active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if self.active:
+            try:
+                self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1))
+            except RuntimeError as e:
+                import logging
+
+                logging.getLogger("evl.distributed").warning(
+                    "no gloo group for long waits (%s): the default group's timeout applies", e)
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier(group=self.group)
+
+    def close(self) -> None:
+        if self.group is not None:
+            dist.destroy_process_group(self.group)
+            self.group = None
+
+
 def all_gather_object(obj) -> list:
     """Every rank's ``obj``, in rank order (``[obj]`` in one process). Between this job's own
     processes only: it pickles."""

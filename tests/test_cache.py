@@ -267,3 +267,32 @@ def test_train_main_from_the_cache(data, tmp_path):
     argv[argv.index("--sampling_rate") + 1] = "3"
     with pytest.raises(CacheMismatch, match="sampling_rate"):
         main(argv)
+
+
+@pytest.mark.slow
+def test_build_under_torchrun_shares_the_shards(data, tmp_path):
+    """Two processes build one cache: each writes its share of the shards, rank 0 the manifest;
+    the cache equals the one-process build (fp16 features within rounding of the batches)."""
+    import subprocess
+    import sys
+
+    from pipelines.cache import read_manifest
+
+    root = tmp_path / "two"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "evl.cache", *build_argv(data, "train", root)], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    log = proc.stdout + proc.stderr
+    assert "rank 0: 2 shard(s) to write [0, 2]" in log and "rank 1: 1 shard(s) to write [1]" in log
+    one, two = os.path.join(data.root, "train"), str(root / "train")
+    m1, m2 = read_manifest(one), read_manifest(two)
+    per_shard = ("sha256", "row_crc32")
+    assert {k: v for k, v in m1.items() if k not in ("shards", "list_path")} == \
+        {k: v for k, v in m2.items() if k not in ("shards", "list_path")}
+    assert [{k: v for k, v in s.items() if k not in per_shard} for s in m1["shards"]] == \
+        [{k: v for k, v in s.items() if k not in per_shard} for s in m2["shards"]]
+    for s in m1["shards"]:
+        a, b = np.load(os.path.join(one, s["file"])), np.load(os.path.join(two, s["file"]))
+        np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol=1e-2, atol=1e-3)
+    CachePipeline(pipe_cfg(data, extra={"feature_cache": str(root)}))  # it reads, checksums and all
