@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import statistics
 import sys
 import tempfile
@@ -41,6 +42,24 @@ GPU_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12,
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def children_cpu_seconds() -> float | None:
+    """User + system CPU time of this process's live children (DataLoader workers); Linux only."""
+    try:
+        tick, me, total = os.sysconf("SC_CLK_TCK"), os.getpid(), 0.0
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                try:
+                    with open(f"/proc/{pid}/stat") as f:
+                        fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)"
+                except OSError:
+                    continue  # gone meanwhile
+                if int(fields[1]) == me:  # ppid
+                    total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        return total
+    except (OSError, ValueError):
+        return None
 
 
 def vit_macs_per_frame(spec) -> float:
@@ -109,7 +128,7 @@ def setup(args):
         if frames > 16:  # the paper's sparse clips: 8 frames, stride 16, from a random start
             argv += ["--sampling_rate", str(min(16, (frames - 1) // 7))]
     argv += ["--batch_size", str(args.batch_size), "--num_workers", str(args.num_workers), "--device", args.device]
-    return parse_config(argv)
+    return parse_config(argv + shlex.split(getattr(args, "train_flags", None) or ""))
 
 
 def make_model(cfg, device):
@@ -419,7 +438,7 @@ def step_memory(cfg, device: torch.device, batch_size: int, trainable: bool) -> 
     return res
 
 
-def main(argv=None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stages", default="data,model,train,cache")
     p.add_argument("--pipelines", default="pyav,dali,cache",
@@ -447,8 +466,14 @@ def main(argv=None) -> dict:
     p.add_argument("--min_seconds", type=float, default=2.0, help="each measurement lasts at least this long")
     p.add_argument("--work_dir", default=os.path.join(ROOT, "runs", "bench"))
     p.add_argument("--cache_views", type=int, default=4, help="views per clip in the benchmark's feature cache")
+    p.add_argument("--train_flags", help="more evl.train flags for the model and data, e.g. a decoder variant: "
+                   "'--no_temporal_cross_attention --decoder_num_layers 2'")
     p.add_argument("--json", help="write the results here")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
     args.pipelines = [x for x in args.pipelines.split(",") if x]
     stages = [x for x in args.stages.split(",") if x]
 
@@ -488,7 +513,21 @@ def main(argv=None) -> dict:
                 if stage == "data":
                     pipe = pipeline(cfg, name, device, args)
                     it = cycle(pipe)
-                    per = timed(lambda: next(it), args.warmup, args.iters, args.repeats, sync, args.min_seconds)
+                    for _ in range(args.warmup):
+                        next(it)
+                    # Where the CPU goes: this process (the hand-over, DALI's threads) and its
+                    # worker processes (decoding), per clip, over the timed batches.
+                    calls, main0, kids0 = [0], time.process_time(), children_cpu_seconds()
+
+                    def fetch():
+                        calls[0] += 1
+                        return next(it)
+
+                    per = timed(fetch, 0, args.iters, args.repeats, sync, args.min_seconds)
+                    kids1, clips = children_cpu_seconds(), calls[0] * args.batch_size
+                    rec["main_cpu_ms_per_clip"] = 1e3 * (time.process_time() - main0) / clips
+                    if kids0 is not None and kids1 is not None and kids1 > kids0:
+                        rec["workers_cpu_ms_per_clip"] = 1e3 * (kids1 - kids0) / clips
                     rec["clips_per_s"] = args.batch_size / statistics.median(per)
                     rec["frames_per_s"] = rec["clips_per_s"] * cfg.num_frames
                     if name == "pyav":
@@ -556,6 +595,10 @@ def main(argv=None) -> dict:
         if "ceiling_clips_per_s" in r:
             note = (f"decode ceiling {r['ceiling_clips_per_s']:.0f} clips/s ({r['frames_per_clip']:.1f} frames/clip "
                     f"at {r['decode_fps']:.0f} fps): {100 * r['ceiling_fraction']:.0f}%")
+            if "workers_cpu_ms_per_clip" in r:  # the ceiling spends cores / ceiling rate per clip
+                note += (f"; CPU per clip: workers {r['workers_cpu_ms_per_clip']:.2f} ms + main "
+                         f"{r['main_cpu_ms_per_clip']:.2f} ms, the ceiling's decoding "
+                         f"{1e3 * (os.cpu_count() or 1) / r['ceiling_clips_per_s']:.2f} ms")
         elif "flop_ceiling_clips_per_s" in r:
             note = f"bf16 FLOP ceiling {r['flop_ceiling_clips_per_s']:.0f} clips/s: {100 * r['ceiling_fraction']:.0f}%"
         elif r["stage"] == "model":

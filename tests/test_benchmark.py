@@ -40,6 +40,7 @@ def test_benchmark_reports_every_stage(tmp_path, capsys):
     assert len(os.listdir(tmp_path / "feature_cache")) == 1  # built under --work_dir, nowhere else
     pyav = rows["data", "pyav"]
     assert pyav["frames_per_clip"] >= 8 and pyav["ceiling_clips_per_s"] > 0
+    assert pyav["main_cpu_ms_per_clip"] > 0  # no worker processes here (--num_workers 0)
     mem = rows["memory", None]
     # What no_grad saves: a trainable tower keeps its activations and gets gradients.
     assert mem["trainable_backbone"]["activations_mb"] > 2 * mem["frozen_backbone"]["activations_mb"]
@@ -47,6 +48,42 @@ def test_benchmark_reports_every_stage(tmp_path, capsys):
     assert "decode ceiling" in out and "memory" in out
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["versions"]["torch"] and saved["config"]["num_frames"] == 8
+
+
+def test_train_flags_reach_the_model_config(tmp_path, tiny_vit, demo_data):
+    """``--train_flags``: a decoder variant measured by the same harness."""
+    bench = load_benchmark()
+    args = bench.build_parser().parse_args([
+        "--work_dir", str(tmp_path), "--device", "cpu", "--train_list", demo_data.train_list, "--data_root",
+        demo_data.root, "--backbone", tiny_vit, "--num_classes", "4",
+        "--train_flags", "--no_temporal_conv --decoder_num_layers 2"])
+    cfg = bench.setup(args)
+    assert not cfg.enable_temporal_conv and cfg.decoder_num_layers == 2 and cfg.enable_temporal_cross_attention
+    assert bench.make_model(cfg, "cpu").decoder.num_layers == 2
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc (Linux)")
+def test_children_cpu_counts_a_busy_child():
+    """The data stage's per-clip CPU of the worker processes: a child that spins for 0.4 s of
+    CPU shows up while it lives; the parent's own CPU does not."""
+    import subprocess
+    import sys
+    import time
+
+    bench = load_benchmark()
+    before = bench.children_cpu_seconds()
+    child = subprocess.Popen([sys.executable, "-c", "import time, sys\nt = time.process_time()\n"
+                              "while time.process_time() - t < 0.4: pass\nprint(1, flush=True)\nsys.stdin.read()"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "1"  # it has spun, and waits
+        t = time.process_time()
+        while time.process_time() - t < 0.2:  # the parent spinning must not count
+            pass
+        spent = bench.children_cpu_seconds() - before
+    finally:
+        child.communicate("")
+    assert 0.35 <= spent < 0.6
 
 
 # The flags the reference's create_train_loader and VideoDataset read (its video_dataset/dataloader.py).
