@@ -258,8 +258,13 @@ def _build(args: argparse.Namespace, world, group: PatientGroup, say, warn, prog
         model.to(device)
         from tqdm import tqdm
 
-        bar = tqdm(total=n * views, initial=(n - sum(shard_range(k)[1] - shard_range(k)[0] for k in pending)) * views,
-                   desc=f"cache {args.split}", unit="view", dynamic_ncols=True, disable=not progress or None)
+        todo = sum(shard_range(k)[1] - shard_range(k)[0] for k in pending) * views
+        if world.world_size > 1:  # rank 0's bar: its own share (the others print nothing)
+            bar = tqdm(total=todo, desc=f"cache {args.split} (rank 0 of {world.world_size})", unit="view",
+                       dynamic_ncols=True, disable=not (progress and world.is_primary) or None)
+        else:
+            bar = tqdm(total=n * views, initial=n * views - todo, desc=f"cache {args.split}", unit="view",
+                       dynamic_ncols=True, disable=not progress or None)
         writers: dict[int, _ShardWriter] = {}
         try:
             for items, clips in loader:
@@ -387,11 +392,15 @@ def main(argv: list[str] | None = None) -> dict | None:
                 args.auto_augment = None
             if args.num_views < 1:
                 raise SystemExit("error: --num_views must be at least 1")
+            import torch.distributed as dist
+
+            joined = not dist.is_initialized()  # build_cache joins torchrun's group, if any
             with threads_beside_decoders(args.num_workers):  # it decodes with PyAV workers, as training does
                 try:
                     return build_cache(args, progress=args.progress)
                 finally:
-                    cleanup()  # the process group torchrun made us join, if any
+                    if joined:
+                        cleanup()
         dirs = [args.directory]
         if not os.path.isfile(os.path.join(args.directory, MANIFEST)):
             dirs = [d for d in (split_dir(args.directory, True), split_dir(args.directory, False))
