@@ -296,3 +296,29 @@ def test_build_under_torchrun_shares_the_shards(data, tmp_path):
         a, b = np.load(os.path.join(one, s["file"])), np.load(os.path.join(two, s["file"]))
         np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol=1e-2, atol=1e-3)
     CachePipeline(pipe_cfg(data, extra={"feature_cache": str(root)}))  # it reads, checksums and all
+
+
+def test_resume_from_the_cache_continues_exactly(data, tmp_path):
+    """8 clips, batch 4: 2 steps an epoch, so a resume at step 3 is mid-epoch 1, with the views
+    of epoch 1 (train_views) and the dropout stream of the checkpoint."""
+    import shutil as sh
+
+    from evl.train import main
+    from evl.weights import safe_load
+
+    def argv(out, *extra):
+        return ["--pipeline", "cache", "--feature_cache", data.root, "--backbone", data.tiny_vit,
+                "--backbone_path", data.weights, "--num_classes", "4", "--num_frames", str(FRAMES),
+                "--decoder_num_layers", str(LAYERS), "--sampling_rate", str(STRIDE), "--num_temporal_views", "2",
+                "--auto_augment", "none", "--crop_scale", "0.5", "1", "--train_list_path", data.demo.train_list,
+                "--data_root", data.demo.root, "--batch_size", "4", "--num_steps", "6", "--eval_freq", "100",
+                "--save_freq", "3", "--keep_last", "3", "--lr", "1e-3", "--device", "cpu", "--output_dir", str(out),
+                *extra]
+
+    main(argv(tmp_path / "full"))
+    (tmp_path / "part").mkdir()
+    sh.copy(tmp_path / "full" / "checkpoint-3.pth", tmp_path / "part" / "checkpoint-3.pth")
+    main(argv(tmp_path / "part", "--auto_resume"))
+    a, b = (safe_load(str(tmp_path / d / "checkpoint-6.pth"))["model"] for d in ("full", "part"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
