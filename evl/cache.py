@@ -29,7 +29,7 @@ from pipelines.cache import (BUILD, DTYPE, FORMAT, MANIFEST, CacheError, Feature
 from pipelines.loader import cat_for_transfer
 
 from .decoder import attention_features
-from .distributed import PatientGroup, cleanup, init_distributed, threads_beside_decoders
+from .distributed import PatientGroup, cleanup, init_distributed, resolve_device, threads_beside_decoders
 from .model import build_model
 from .weights import file_sha256
 
@@ -394,6 +394,10 @@ def main(argv: list[str] | None = None) -> dict | None:
                 raise SystemExit("error: --num_views must be at least 1")
             import torch.distributed as dist
 
+            try:
+                resolve_device(args.device)
+            except ValueError as e:
+                raise SystemExit(f"error: {e}") from None
             joined = not dist.is_initialized()  # build_cache joins torchrun's group, if any
             with threads_beside_decoders(args.num_workers):  # it decodes with PyAV workers, as training does
                 try:

@@ -22,13 +22,21 @@ class World:
         return self.rank == 0
 
 
+def resolve_device(device: str | None) -> torch.device:
+    """``--device``: cuda when there is one and none is named; a clear error for CUDA without one."""
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    return dev
+
+
 def init_distributed(device: str | None = None) -> World:
     """Join torchrun's process group when ``WORLD_SIZE`` > 1; pick this process's device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank % torch.cuda.device_count())
     if dev.type == "cuda":

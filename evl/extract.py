@@ -7,7 +7,9 @@ the last backbone block's CLS token of every frame of the first view (``[T, C]``
 are written under temporary names and renamed when complete, so an interrupted run resumes
 where it stopped; ``DIR/extract.json`` records the checkpoint and sampling, and a rerun with
 another one is refused rather than mixing features. Unreadable videos are reported at the end
-(the exit status is then 1) and left out of the index.
+(the exit status is then 1) and left out of the index. Under ``torchrun`` each process extracts
+every ``world_size``-th remaining video on its own GPU, and rank 0 writes the index and the
+report once all are done.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pipelines.lists import ListFileError, VideoRecord, read_list
 from pipelines.loader import frame_range
 from pipelines.probe import probe_video
 
+from .distributed import PatientGroup, all_gather_object, cleanup, init_distributed, resolve_device
 from .inference import ViewReader, add_model_arguments, predictor_from_args
 from .weights import WeightsError, file_sha256
 
@@ -81,7 +84,8 @@ class _Videos(torch.utils.data.Dataset):
             return i, None, reason
 
 
-def _check_manifest(output: str, manifest: dict) -> None:
+def _check_manifest(output: str, manifest: dict, write: bool = True) -> None:
+    """Refuse an output directory of another extraction; record this one's (when ``write``)."""
     path = os.path.join(output, MANIFEST)
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
@@ -90,7 +94,7 @@ def _check_manifest(output: str, manifest: dict) -> None:
             diff = sorted(k for k in manifest.keys() | old.keys() if old.get(k) != manifest.get(k))
             raise SystemExit(f"error: {output} holds features of another extraction (differs in: {', '.join(diff)}; "
                              f"see {path}); use another --output or delete it")
-    else:
+    elif write:
         _write_text_atomic(path, json.dumps(manifest, indent=1) + "\n")
 
 
@@ -119,11 +123,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Returns the exit status: 0, or 1 when some video could not be read."""
-    from tqdm import tqdm
+    import torch.distributed as dist
 
     ns = build_parser().parse_args(argv)
     if ns.batch_size < 1 or ns.num_workers < 0:
         raise SystemExit("error: --batch_size must be positive and --num_workers not negative")
+    try:
+        resolve_device(ns.device)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    joined = not dist.is_initialized()
+    world = init_distributed(ns.device)  # under torchrun: this process's share, on its own GPU
+    if world.world_size > 1:
+        ns.device = str(world.device)
+    group = PatientGroup()  # processes finish their shares at different times
+    try:
+        return _extract(ns, world, group)
+    finally:
+        group.close()
+        if joined:
+            cleanup()
+
+
+def _extract(ns: argparse.Namespace, world, group: PatientGroup) -> int:
+    from tqdm import tqdm
+
     try:
         # Missing files are reported with the other unreadable videos, not fatal.
         records = read_list(ns.list_path, data_root=ns.data_root, check_files=False)
@@ -133,11 +157,15 @@ def main(argv: list[str] | None = None) -> int:
     output = ns.output
     os.makedirs(os.path.join(output, "features"), exist_ok=True)
     s = predictor.settings
-    _check_manifest(output, {
+    manifest = {
         "checkpoint_sha256": file_sha256(ns.checkpoint), "backbone_id": s["backbone_id"],
         "backbone_sha256": predictor.model.config.get("backbone_sha256"),
         **{k: s[k] for k in ("num_frames", "sampling_rate", "sampling", "num_spatial_views", "num_temporal_views",
-                             "input_size")}})
+                             "input_size")}}
+    _check_manifest(output, manifest, write=False)  # every rank: the same file, the same verdict
+    group.barrier()
+    if world.is_primary:
+        _check_manifest(output, manifest)
 
     def done(i: int, record: VideoRecord) -> bool:
         emb, cls = feature_paths(output, i, record)
@@ -145,10 +173,13 @@ def main(argv: list[str] | None = None) -> int:
 
     todo = [(i, r) for i, r in enumerate(records) if not done(i, r)]
     skipped = len(records) - len(todo)
+    todo = todo[world.rank::world.world_size]
     loader = torch.utils.data.DataLoader(_Videos(predictor.reader, todo), batch_size=ns.batch_size,
                                          num_workers=ns.num_workers, collate_fn=list)
     failures: list[tuple[str, str]] = []
-    with tqdm(total=len(todo), desc="extract", unit="video", dynamic_ncols=True, disable=None) as bar:
+    desc = f"extract (rank 0 of {world.world_size})" if world.world_size > 1 else "extract"
+    with tqdm(total=len(todo), desc=desc, unit="video", dynamic_ncols=True,
+              disable=None if world.is_primary else True) as bar:
         for batch in loader:
             good = [(i, clips) for i, clips, _ in batch if clips is not None]
             failures += [(records[i].path, reason) for i, clips, reason in batch if clips is None]
@@ -164,6 +195,13 @@ def main(argv: list[str] | None = None) -> int:
                     _save_npy(emb_path, out["embedding"][views].mean(0).numpy().astype(np.float32))
             bar.update(len(batch))
 
+    # Every share done: rank 0 writes the index of all of them and reports everyone's failures.
+    group.barrier()
+    shares = all_gather_object((len(todo), failures))
+    extracted = sum(n - len(f) for n, f in shares)
+    failures = [f for _, fs in shares for f in fs]
+    if not world.is_primary:
+        return 1 if failures else 0
     lines = []
     for i, r in enumerate(records):
         if not done(i, r):
@@ -176,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             entry.update(start_sec=r.start_sec, end_sec=r.end_sec)
         lines.append(json.dumps(entry) + "\n")
     _write_text_atomic(os.path.join(output, INDEX), "".join(lines))
-    print(f"extract: {len(todo) - len(failures)} extracted, {skipped} already done, {len(failures)} unreadable; "
+    print(f"extract: {extracted} extracted, {skipped} already done, {len(failures)} unreadable; "
           f"{len(lines)} of {len(records)} videos in {os.path.join(output, INDEX)}", flush=True)
     if failures:
         print(f"{len(failures)} unreadable video(s):", file=sys.stderr)

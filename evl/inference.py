@@ -28,6 +28,7 @@ from pipelines.sampling import ClipSampler
 from pipelines.transforms import decode_clips
 
 from .checkpoint import check_backbone_identity, describe_state, load_checkpoint, read_model_state
+from .distributed import resolve_device
 from .model import EVLModel, build_model
 from .precision import autocast, resolve_precision
 from .weights import WeightsError, safe_load
@@ -129,15 +130,6 @@ class Predictor:
         return out
 
 
-def _resolve_device(device: str | None) -> torch.device:
-    if not device:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA device is available here; use --device cpu")
-    return dev
-
-
 def default_views(num_frames: int) -> tuple[int, int]:
     """(spatial, temporal) views of the reference's evaluation: 1x3 for 8 frames, 3x1 beyond (spec §2)."""
     return (1, 3) if num_frames <= 8 else (3, 1)
@@ -231,7 +223,7 @@ def load_predictor(
     load_checkpoint(model, checkpoint)
     if model_config:
         check_backbone_identity(ckpt, model, checkpoint)
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     model.eval().to(dev)
     sampler = ClipSampler(num_frames=saved_frames, sampling_rate=rate, size=model.spec.image_size[0], mode=sampling,
                           num_spatial_views=spatial, num_temporal_views=temporal)
