@@ -167,6 +167,21 @@ class ClipDataset(torch.utils.data.Dataset):
         return {"clips": None, "failures": failures}
 
 
+def ignore_stop_signals(worker_id: int | None = None) -> None:
+    """``worker_init_fn``: SIGTERM and SIGINT are the training process's to handle.
+
+    A scheduler stops a job by signalling its whole process group (``scancel``, ``kill -TERM
+    -PGID``, Ctrl-C): workers that died of it left the training process, which was finishing
+    its step to save a checkpoint, waiting for a batch and then failing with "DataLoader worker
+    exited unexpectedly", without the checkpoint. Workers still end with the training process,
+    which shuts them down or, if it dies, is missed by their parent check within seconds.
+    """
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def cat_for_transfer(tensors: list[torch.Tensor]) -> torch.Tensor:
     """``torch.cat`` of a batch's clips; inside a DataLoader worker straight into shared memory,
     as torch's default_collate does, so that the batch leaves the worker without another copy."""
@@ -245,6 +260,7 @@ class DecodingPipeline:
             self.dataset, batch_size=cfg.batch_size, sampler=self.keys, num_workers=cfg.num_workers,
             collate_fn=collate, pin_memory=torch.device(cfg.device).type == "cuda", drop_last=cfg.train,
             persistent_workers=cfg.num_workers > 0, prefetch_factor=4 if cfg.num_workers > 0 else None,
+            worker_init_fn=ignore_stop_signals,
             # Its own generator: a new iterator (each epoch, or a resume mid-epoch) must not draw
             # from the global RNG that dropout uses, or a resumed run would diverge.
             generator=torch.Generator().manual_seed(cfg.seed))
@@ -272,4 +288,5 @@ class DecodingPipeline:
         summarise_bad_videos(self.keys.epoch, self.bad, self.cfg.train)
 
 
-__all__ = ["DecodingPipeline", "ClipDataset", "EpochKeys", "cat_for_transfer", "collate", "load_dataset"]
+__all__ = ["DecodingPipeline", "ClipDataset", "EpochKeys", "cat_for_transfer", "collate", "ignore_stop_signals",
+           "load_dataset"]

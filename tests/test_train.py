@@ -225,6 +225,36 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_vit, demo_data, tmp_p
     assert 0 < safe_load(str(out / saved[0]))["next_step"] < 100000
 
 
+def test_sigterm_to_the_process_group_saves_with_decoding_workers(tiny_vit, demo_data, tmp_path):
+    """A scheduler signals the whole process group: the DataLoader workers must not die of it
+    while the training process finishes its step and saves (it then failed with "DataLoader
+    worker exited unexpectedly" and no checkpoint), and they must be gone after it exits."""
+    out = tmp_path / "sig_pg"
+    proc = run_cli(["-m", "evl.train", *train_argv(tiny_vit, demo_data, out, "--num_steps", "100000",
+                                                  "--num_workers", "2")], start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    time.sleep(1)  # well into the loop, workers busy
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        log, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, log
+    assert "stopped by signal 15" in log and "exited unexpectedly" not in log
+    assert len([f for f in os.listdir(out) if f.startswith("checkpoint-")]) == 1
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            os.killpg(proc.pid, 0)  # anyone left in the group?
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("DataLoader workers outlived the training process")
+
+
 @pytest.mark.slow
 def test_two_gloo_processes_match_one(tiny_vit, demo_data, tmp_path):
     # Same global batches (8 = 1 x 8 = 2 x 4), no dropout: the same steps and the same metrics.
