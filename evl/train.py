@@ -112,11 +112,38 @@ class MetricsLog:
 
     def __init__(self, output_dir: str | None, enabled: bool):
         self.path = os.path.join(output_dir, "metrics.jsonl") if output_dir and enabled else None
+        self._tail_checked = False
 
     def write(self, **event) -> None:
         if self.path:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(event) + "\n")
+            try:
+                line = json.dumps(event) + "\n"
+                if not self._tail_checked:  # a line an earlier crash cut short must not swallow this one
+                    self._tail_checked = True
+                    if os.path.exists(self.path) and os.path.getsize(self.path):
+                        with open(self.path, "rb") as f:
+                            f.seek(-1, os.SEEK_END)
+                            line = ("" if f.read(1) == b"\n" else "\n") + line
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(line)
+            except OSError as e:  # a full disk: say which file; checkpoints are written atomically apart
+                raise OSError(e.errno, f"could not append to {self.path} ({e.strerror}); checkpoints written "
+                                       "so far are untouched") from e
+
+    def events(self) -> list[dict]:
+        """Every event logged; a line a crash or a full disk cut short is skipped, with a warning."""
+        out, bad = [], []
+        with open(self.path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        out.append(json.loads(line))
+                    except ValueError:
+                        bad.append(n)
+        if bad:
+            log.warning("%s: skipped %d unreadable line(s) (%s), cut short by an earlier crash or a full disk",
+                        self.path, len(bad), ", ".join(map(str, bad[:5])))
+        return out
 
     def plot(self) -> None:
         if not self.path or not os.path.exists(self.path):
@@ -126,8 +153,7 @@ class MetricsLog:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        with open(self.path, encoding="utf-8") as f:
-            train, evals = curves([json.loads(line) for line in f if line.strip()])
+        train, evals = curves(self.events())
         fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
         a.plot([e["step"] for e in train], [e["loss"] for e in train])
         a.set(xlabel="step", ylabel="training loss", yscale="log")
@@ -136,8 +162,13 @@ class MetricsLog:
         b.set(xlabel="step", ylabel="val accuracy (%)")
         b.legend()
         fig.tight_layout()
-        fig.savefig(os.path.join(os.path.dirname(self.path), "curves.png"), dpi=100)
-        plt.close(fig)
+        png = os.path.join(os.path.dirname(self.path), "curves.png")
+        try:
+            fig.savefig(png, dpi=100)
+        except OSError as e:  # a picture is not worth stopping a run for
+            log.warning("could not write %s (%s)", png, e.strerror or e)
+        finally:
+            plt.close(fig)
 
 
 def curves(events: list[dict]) -> tuple[list[dict], list[dict]]:

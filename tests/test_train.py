@@ -62,6 +62,32 @@ def test_curves_after_a_resume_replace_the_repeated_steps():
     assert [e["step"] for e in evals] == [4, 8]
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_metrics_on_a_full_disk_name_the_file(tmp_path):
+    log = train_mod.MetricsLog(str(tmp_path), True)
+    log.path = "/dev/full"  # every write fails with ENOSPC
+    with pytest.raises(OSError, match=r"could not append to /dev/full \(No space left on device\); checkpoints"):
+        log.write(step=1, loss=0.5)
+
+
+def test_resume_after_a_cut_metrics_line(tiny_vit, demo_data, tmp_path, caplog):
+    """A crash or a full disk can leave a half-written last line in metrics.jsonl: the resumed
+    run skips it (with a warning) instead of failing when it draws the curves."""
+    out = tmp_path / "cut"
+    flags = ("--num_steps", "4", "--save_freq", "2", "--eval_freq", "2")
+    train_mod.main(train_argv(tiny_vit, demo_data, out, *flags))
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')
+    (out / "curves.png").unlink()
+    result = train_mod.main(train_argv(tiny_vit, demo_data, out, "--num_steps", "6", "--save_freq", "2",
+                                       "--eval_freq", "2", "--auto_resume"))
+    assert result["step"] == 6 and (out / "curves.png").exists()
+    assert "skipped 1 unreadable line(s)" in caplog.text
+    logged = train_mod.MetricsLog(str(out), True).events()
+    assert {"event": "start", "step": 4} in logged  # on a line of its own, after the cut one
+    assert [e["step"] for e in train_mod.curves(logged)[0]] == list(range(1, 7))
+
+
 def test_resume_continues_exactly(tiny_vit, demo_data, tmp_path):
     # 32 clips / batch 8 = 4 steps per epoch: resuming at step 5 is mid-epoch 1.
     flags = ("--num_steps", "10", "--save_freq", "5", "--keep_last", "3", "--cls_dropout", "0.5")
