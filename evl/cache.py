@@ -92,6 +92,29 @@ def _collate(items: list[dict]) -> tuple[list[dict], torch.Tensor | None]:
     return [{**it, "clips": None} for it in items], cat_for_transfer(good) if good else None
 
 
+def _reserve(path: str) -> None:
+    """Allocate the blocks of a (sparse) shard file now.
+
+    Its rows are written through a memory map, and a store into a page the full disk cannot
+    back kills the process with SIGBUS, without a message. Reserved up front, a disk that
+    filled up since the build's own check fails here, with the file named. Filesystems that
+    cannot reserve are left to the check.
+    """
+    import errno
+
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise CacheError(f"no disk space left for feature cache shard {path} ({e.strerror}): free some "
+                                 "and rerun the build; the shards written so far are kept") from None
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+        except AttributeError:  # no posix_fallocate on this OS
+            pass
+
+
 class _ShardWriter:
     """One shard being written under a temporary name."""
 
@@ -99,6 +122,7 @@ class _ShardWriter:
         self.directory, self.k = directory, k
         self.tmp = os.path.join(directory, f".tmp-{shard_name(k)}")
         self.arr = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=DTYPE, shape=(num_clips * views, elems))
+        _reserve(self.tmp)
         self.remaining = num_clips * views
         self.bad: dict[int, str] = {}
 

@@ -51,9 +51,12 @@ def _save_npy(path: str, array: np.ndarray) -> None:
         with os.fdopen(fd, "wb") as f:
             np.save(f, array)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):  # a full disk: name the file; a rerun resumes after the last written
+            raise OSError(e.errno, f"could not write {path} ({e.strerror}); the features written so far are "
+                                   "kept and a rerun continues from them") from e
         raise
 
 

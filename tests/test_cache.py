@@ -225,6 +225,30 @@ def test_interrupted_build_resumes_and_never_reads_a_partial_shard(data, tmp_pat
         cache_cli.main(build_argv(data, "train", out) + ["--num_views", "3"])
 
 
+def test_disk_filling_up_during_the_build_is_a_clear_error(data, tmp_path, monkeypatch):
+    """The space check passed, then the disk filled up: the next shard's blocks cannot be
+    reserved, which is an error naming the shard (not a SIGBUS on a memory-mapped store), and
+    the shards already written are kept for the rerun."""
+    import errno
+
+    out = tmp_path / "features"
+    reserve, shards = os.posix_fallocate, []
+
+    def full_after_first(fd, offset, size):
+        shards.append(size)
+        if len(shards) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return reserve(fd, offset, size)
+
+    monkeypatch.setattr(os, "posix_fallocate", full_after_first)
+    with pytest.raises(SystemExit, match=r"no disk space left for feature cache shard .*\.tmp-shard-00001\.npy"):
+        cache_cli.main(build_argv(data, "train", out))
+    assert (out / "train" / "shard-00000.npy").exists()
+    monkeypatch.setattr(os, "posix_fallocate", reserve)
+    manifest = cache_cli.main(build_argv(data, "train", out))
+    assert len(manifest["shards"]) == 3
+
+
 def test_corrupted_shard_is_detected(data, tmp_path):
     root = tmp_path / "features"
     shutil.copytree(data.root, root)
