@@ -15,6 +15,7 @@ the same labels (and segment columns) points at the new files; failures are list
 from __future__ import annotations
 
 import argparse
+import errno
 import multiprocessing
 import os
 import sys
@@ -119,13 +120,17 @@ def encode_video(job: EncodeJob) -> int:
         raise
 
 
-def _run(job: EncodeJob) -> tuple[str, str | None]:
-    """Top-level, picklable, never raises: (source, error or None)."""
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _run(job: EncodeJob) -> tuple[str, str | None, bool]:
+    """Top-level, picklable, never raises: (source, error or None, whether the disk is full)."""
     try:
         encode_video(job)
-        return job.source, None
+        return job.source, None, False
     except Exception as e:  # noqa: BLE001 -- one bad video must not stop the others
-        return job.source, f"{type(e).__name__}: {e}"
+        full = any(isinstance(x, OSError) and x.errno in _DISK_FULL for x in (e, e.__cause__, e.__context__))
+        return job.source, f"{type(e).__name__}: {e}", full
 
 
 def _relative(record_path: str, data_root: str | None) -> str:
@@ -209,36 +214,59 @@ def main(argv: list[str] | None = None) -> int:
     threads = max(1, (os.cpu_count() or 1) // min(ns.workers, max(len(todo), 1)))
     jobs = [EncodeJob(s, targets[s], ns.short_side, ns.crf, ns.preset, ns.keyint, threads) for s in todo]
     failed: dict[str, str] = {}
+    disk_full = None  # (source, error) of the first video that found the disk full: stop there
+
+    def take(source: str, error: str | None, full: bool) -> None:
+        nonlocal disk_full
+        if full:
+            disk_full = disk_full or (source, error)
+        elif error:
+            failed[source] = error
+        bar.update()
+
     with tqdm(total=len(jobs), desc="prepare", unit="video", dynamic_ncols=True, disable=None) as bar:
         if ns.workers == 1 or len(jobs) <= 1:
-            results = (_run(job) for job in jobs)
-            for source, error in results:
-                if error:
-                    failed[source] = error
-                bar.update()
+            for job in jobs:
+                take(*_run(job))
+                if disk_full:
+                    break
         else:
             # spawn, not fork: the caller may hold threads (torch) that fork breaks.
             ctx = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(min(ns.workers, len(jobs)), mp_context=ctx) as pool:
-                for fut in as_completed([pool.submit(_run, job) for job in jobs]):
-                    source, error = fut.result()
-                    if error:
-                        failed[source] = error
-                    bar.update()
+                futures = [pool.submit(_run, job) for job in jobs]
+                for fut in as_completed(futures):
+                    if fut.cancelled():
+                        continue
+                    take(*fut.result())
+                    if disk_full:  # the others would fail the same way: let the running ones end
+                        for f in futures:
+                            f.cancel()
 
-    kept = [VideoRecord(targets[r.path], r.label, r.start_sec, r.end_sec) for r in records if r.path not in failed]
-    if kept:
-        os.makedirs(os.path.dirname(os.path.abspath(output_list)), exist_ok=True)
-        write_list(output_list, kept, data_root=output)
-    print(f"prepare: {len(jobs) - len(failed)} re-encoded, {len(targets) - len(jobs)} already done, "
+    # The list holds the videos that are there: re-encoded now or before.
+    kept = [VideoRecord(targets[r.path], r.label, r.start_sec, r.end_sec) for r in records
+            if os.path.exists(targets[r.path])]
+    try:
+        if kept:
+            os.makedirs(os.path.dirname(os.path.abspath(output_list)), exist_ok=True)
+            write_list(output_list, kept, data_root=output)
+    except OSError as e:
+        raise SystemExit(f"error: could not write {output_list} ({e.strerror or e}); the re-encoded videos are "
+                         "kept, and a rerun writes the list") from None
+    done_now = sum(1 for j in jobs if os.path.exists(j.target))
+    print(f"prepare: {done_now} re-encoded, {len(targets) - len(jobs)} already done, "
           f"{len(failed)} failed; {len(kept)} of {len(records)} list lines in {output_list} "
           f"(paths relative to {output})", flush=True)
+    if disk_full:
+        print(f"error: the disk of {output} is full ({disk_full[0]}: {disk_full[1]}); stopped with "
+              f"{len(jobs) - done_now - len(failed)} video(s) left: free some space and rerun the same command "
+              "to continue", file=sys.stderr, flush=True)
     if failed:
         print(f"{len(failed)} video(s) failed:", file=sys.stderr)
         for source, error in failed.items():
             print(f"  {source}: {error}", file=sys.stderr)
         sys.stderr.flush()
-    return 1 if failed else 0
+    return 1 if failed or disk_full else 0
 
 
 if __name__ == "__main__":

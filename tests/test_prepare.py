@@ -92,6 +92,38 @@ def test_resumes_and_reports_failures(sources, tmp_path, capsys):
     assert probe_video(str(out / "c.mp4")).num_frames == 16 and not (out / ".c.mp4.partial.mp4").exists()
 
 
+def test_full_disk_stops_with_one_message_and_a_list_of_what_is_there(sources, tmp_path, monkeypatch, capsys):
+    """A full disk is not a bad video: the run stops at the first ENOSPC (instead of failing
+    every remaining video), says so once, lists only the videos that were written, and a
+    rerun continues."""
+    import errno
+
+    import evl.prepare as prep
+
+    encode, calls = prep.encode_video, []
+
+    def disk_fills_up(job):
+        calls.append(job.source)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", job.target)
+        return encode(job)
+
+    monkeypatch.setattr(prep, "encode_video", disk_fills_up)
+    out = tmp_path / "out"
+    flags = ("--list", sources / "list.txt", "--data_root", sources, "--output", out, "--short_side", "32",
+             "--workers", "1")
+    rc, stdout, err = run(capsys, *flags)
+    assert rc == 1 and len(calls) == 2  # the third video was not tried
+    assert "1 re-encoded, 0 already done, 0 failed; " in stdout
+    assert f"error: the disk of {out} is full" in err and "stopped with 2 video(s) left" in err
+    assert "video(s) failed" not in err
+    listed = [os.path.basename(r.path) for r in read_list(str(out / "list.txt"), data_root=str(out))]
+    assert listed == ["a.mp4", "a.mp4"]  # a.mp4 and its segment line: what is on disk
+    monkeypatch.setattr(prep, "encode_video", encode)
+    rc, stdout, _ = run(capsys, *flags)
+    assert rc == 0 and "2 re-encoded, 1 already done, 0 failed; 4 of 4 list lines" in stdout
+
+
 def test_never_overwrites_sources(sources, tmp_path, monkeypatch, capsys):
     before = {p: p.read_bytes() for p in sources.rglob("*") if p.is_file()}
     with pytest.raises(SystemExit, match="is the input directory"):
