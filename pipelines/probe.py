@@ -128,9 +128,17 @@ class _FramesWriter:
         fd, self.tmp = tempfile.mkstemp(prefix=".frames-", suffix=".tmp", dir=self.directory)
         self.file = os.fdopen(fd, "wb")
         self.rows = 0
+        self.error: OSError | None = None  # the first failed write (a full disk): nothing more is written
 
-    def add(self, records: np.ndarray) -> list[int]:
-        self.file.write(np.ascontiguousarray(records, dtype=pyav.FRAME_RECORD).tobytes())
+    def add(self, records: np.ndarray) -> list[int] | None:
+        """The rows' (first, count) in the new file, or None once writing has failed."""
+        if self.error is None:
+            try:
+                self.file.write(np.ascontiguousarray(records, dtype=pyav.FRAME_RECORD).tobytes())
+            except OSError as e:
+                self.error = e
+        if self.error is not None:
+            return None
         first, self.rows = self.rows, self.rows + len(records)
         return [first, len(records)]
 
@@ -141,7 +149,10 @@ class _FramesWriter:
         return name
 
     def abort(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:
+            pass  # the buffered rows that could not be written: the file goes anyway
         if os.path.exists(self.tmp):
             os.unlink(self.tmp)
 
@@ -217,7 +228,12 @@ def probe_videos(
             todo.append((i, key, st.st_size, st.st_mtime_ns))
 
     if todo:
-        writer = _FramesWriter(cache_path) if cache_path else None
+        writer = None
+        if cache_path:
+            try:
+                writer = _FramesWriter(cache_path)
+            except OSError as e:  # the cached rows stay valid; only the new results are not kept
+                _unsaved(cache_path, e)
         try:
             if writer:  # the rows of every other file the cache knows, carried over
                 old = _old_rows(directory, frames_file)
@@ -241,10 +257,23 @@ def probe_videos(
 
             _probe_many([key for _, key, _, _ in todo], num_workers, progress, on_result)
             if writer:
-                old_file, frames_file = frames_file, writer.finish()
-                _save_cache(cache_path, cache, frames_file)
-                if old_file and old_file != frames_file and os.path.exists(os.path.join(directory, old_file)):
-                    os.remove(os.path.join(directory, old_file))
+                new_file = None
+                try:
+                    if writer.error is not None:
+                        raise writer.error
+                    new_file = writer.finish()
+                    _save_cache(cache_path, cache, new_file)
+                except OSError as e:  # a full disk: train on what was probed, without keeping it
+                    writer.abort()
+                    if new_file and os.path.exists(os.path.join(directory, new_file)):
+                        os.remove(os.path.join(directory, new_file))
+                    # The entries' rows now point into the file that could not be written.
+                    frames_file = None
+                    _unsaved(cache_path, e)
+                else:
+                    old_file, frames_file = frames_file, new_file
+                    if old_file and old_file != frames_file and os.path.exists(os.path.join(directory, old_file)):
+                        os.remove(os.path.join(directory, old_file))
         except BaseException:
             if writer:
                 writer.abort()
@@ -263,6 +292,11 @@ def probe_videos(
     infos = [info for info, _ in results]
     failures = [(str(path), error) for path, (info, error) in zip(paths, results) if info is None]
     return infos, failures
+
+
+def _unsaved(cache_path: str, error: OSError) -> None:
+    warnings.warn(f"could not write the probe cache {cache_path} ({error.strerror or error}): the videos are "
+                  "probed again next time", stacklevel=3)
 
 
 def check_videos(infos: Sequence[VideoInfo | None], paths: Sequence[str]) -> list[str]:

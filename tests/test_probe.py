@@ -163,3 +163,39 @@ def test_readers_take_frame_indexes_from_the_probe_cache(dataset, tmp_path, monk
     pyav._frames_files.clear()
     pyav._cached_index.cache_clear()
     assert _index_fields(pyav.frame_index(paths[1])) == want[paths[1]] and len(built) == 1
+
+
+@pytest.mark.parametrize("fails", ["frames_rows", "cache_json"])
+def test_full_disk_keeps_the_old_cache_and_the_results(dataset, tmp_path, monkeypatch, fails):
+    """The probe cache is an optimisation: a full disk while writing it is a warning, the probe's
+    results are still returned, the old cache stays as it was, and no reader gets a frame index
+    from rows that were never written."""
+    import errno
+    import shutil
+
+    paths = [str(shutil.copy(dataset[n], tmp_path / os.path.basename(dataset[n]))) for n in ("short", "vp9")]
+    cache = str(tmp_path / "list.txt.probe.json")
+    probe_videos(paths, cache_path=cache)
+    before = {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path) if n.startswith("list.txt.probe")}
+    write_video(paths[0], 30, gop=10)  # changed: it must be probed again
+
+    def no_space(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if fails == "frames_rows":
+        init = probe._FramesWriter.__init__
+
+        def init_then_full(self, *a):
+            init(self, *a)
+            self.file.write = no_space
+        monkeypatch.setattr(probe._FramesWriter, "__init__", init_then_full)
+    else:
+        monkeypatch.setattr(probe, "_save_cache", no_space)
+    with pytest.warns(UserWarning, match="could not write the probe cache .*No space left on device"):
+        infos, failures = probe_videos(paths, cache_path=cache)
+    assert [i.num_frames for i in infos] == [30, 30] and failures == []
+    after = {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path) if n.startswith("list.txt.probe")}
+    assert after == before and not [n for n in os.listdir(tmp_path) if n.startswith(".")]
+    pyav._cached_index.cache_clear()  # a fresh worker: the changed file is read as it is now
+    assert pyav.frame_index(paths[0]).num_frames == 30
+    assert (pyav.read_frames(paths[0], [29, 0]) == pyav.read_frames(paths[0], [0, 29])[::-1]).all()
