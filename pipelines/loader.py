@@ -167,19 +167,50 @@ class ClipDataset(torch.utils.data.Dataset):
         return {"clips": None, "failures": failures}
 
 
-def ignore_stop_signals(worker_id: int | None = None) -> None:
+class WorkerSignals:
     """``worker_init_fn``: SIGTERM and SIGINT are the training process's to handle.
 
     A scheduler stops a job by signalling its whole process group (``scancel``, ``kill -TERM
     -PGID``, Ctrl-C): workers that died of it left the training process, which was finishing
     its step to save a checkpoint, waiting for a batch and then failing with "DataLoader worker
-    exited unexpectedly", without the checkpoint. Workers still end with the training process,
-    which shuts them down or, if it dies, is missed by their parent check within seconds.
+    exited unexpectedly", without the checkpoint. So workers ignore SIGINT, and SIGTERM too
+    until the training process exits: Python's exit ends daemonic children with SIGTERM and
+    then waits for them (a worker that ignored it then would hang the exit), so an exit hook of
+    this process, run before that one, tells the workers to obey it from then on. Workers also
+    end when the training process shuts them down, or when it dies (their parent check).
     """
-    import signal
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
+    _flags: list = []  # every pipeline's "exiting" flag, set by one exit hook
+
+    def __init__(self):
+        import multiprocessing
+
+        self.exiting = multiprocessing.get_context().Value("b", 0, lock=False)
+        if not WorkerSignals._flags:
+            import atexit
+
+            # Registered after multiprocessing's own hook (imported with torch): exit hooks run
+            # last-registered first, so the flags are up before the workers get their SIGTERM.
+            atexit.register(WorkerSignals._exit)
+        WorkerSignals._flags.append(self.exiting)
+
+    @staticmethod
+    def _exit() -> None:
+        for flag in WorkerSignals._flags:
+            flag.value = 1
+
+    def __call__(self, worker_id: int) -> None:
+        import signal
+
+        exiting = self.exiting
+
+        def on_sigterm(signum, frame):
+            if exiting.value:  # the training process is exiting and ending its workers: die of it,
+                signal.signal(signum, signal.SIG_DFL)  # as DataLoader expects of a worker it ends
+                os.kill(os.getpid(), signum)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def cat_for_transfer(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -260,7 +291,7 @@ class DecodingPipeline:
             self.dataset, batch_size=cfg.batch_size, sampler=self.keys, num_workers=cfg.num_workers,
             collate_fn=collate, pin_memory=torch.device(cfg.device).type == "cuda", drop_last=cfg.train,
             persistent_workers=cfg.num_workers > 0, prefetch_factor=4 if cfg.num_workers > 0 else None,
-            worker_init_fn=ignore_stop_signals,
+            worker_init_fn=WorkerSignals() if cfg.num_workers > 0 else None,
             # Its own generator: a new iterator (each epoch, or a resume mid-epoch) must not draw
             # from the global RNG that dropout uses, or a resumed run would diverge.
             generator=torch.Generator().manual_seed(cfg.seed))
@@ -288,5 +319,5 @@ class DecodingPipeline:
         summarise_bad_videos(self.keys.epoch, self.bad, self.cfg.train)
 
 
-__all__ = ["DecodingPipeline", "ClipDataset", "EpochKeys", "cat_for_transfer", "collate", "ignore_stop_signals",
+__all__ = ["DecodingPipeline", "ClipDataset", "EpochKeys", "WorkerSignals", "cat_for_transfer", "collate",
            "load_dataset"]

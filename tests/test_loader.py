@@ -186,3 +186,30 @@ def test_one_rank_per_node_probes_the_others_read_its_cache(demo_data, tmp_path)
     ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
     assert ranks[0]["probed"] == ranks[0]["videos"] == 32 and ranks[1]["probed"] == 0
     assert ranks[0]["frames"] == ranks[1]["frames"]
+
+
+EXIT_WITH_LIVE_WORKERS = """
+import sys
+from pipelines import PipelineConfig, build_pipeline
+root = sys.argv[1]
+cfg = PipelineConfig(list_path=root + "/train.txt", data_root=root, num_classes=4, num_frames=4, sampling_rate=2,
+                     input_size=64, batch_size=4, num_workers=2)
+pipe = build_pipeline("pyav", cfg)
+pipe.set_epoch(0)
+it = iter(pipe)  # left alive: Python's exit ends the daemonic workers with SIGTERM, then waits
+print(tuple(next(it).clips.shape), flush=True)
+"""
+
+
+def test_exit_with_live_workers_does_not_hang(demo_data):
+    """Workers ignore the SIGTERM a scheduler sends the whole process group (the training
+    process decides when to stop), but not the one Python's exit sends them: ignoring that
+    one hung every script that exited with a live iterator."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", EXIT_WITH_LIVE_WORKERS, demo_data.root], capture_output=True,
+                          text=True, timeout=60, cwd=root, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "(4, 3, 4, 64, 64)" and "exited unexpectedly" not in proc.stderr
