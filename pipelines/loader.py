@@ -173,14 +173,15 @@ class WorkerSignals:
     A scheduler stops a job by signalling its whole process group (``scancel``, ``kill -TERM
     -PGID``, Ctrl-C): workers that died of it left the training process, which was finishing
     its step to save a checkpoint, waiting for a batch and then failing with "DataLoader worker
-    exited unexpectedly", without the checkpoint. So workers ignore SIGINT, and SIGTERM too
-    until the training process exits: Python's exit ends daemonic children with SIGTERM and
-    then waits for them (a worker that ignored it then would hang the exit), so an exit hook of
-    this process, run before that one, tells the workers to obey it from then on. Workers also
-    end when the training process shuts them down, or when it dies (their parent check).
+    exited unexpectedly", without the checkpoint. So workers ignore SIGINT, and SIGTERM until
+    the training process exits. Its exit hook, run before multiprocessing's (which ends daemonic
+    children with SIGTERM and waits for them: ignored, that hung the exit), first shuts down the
+    workers of every pipeline still alive, as DataLoader does when an iterator is deleted, and
+    then tells any worker left to obey SIGTERM. Workers also end when their parent dies.
     """
 
-    _flags: list = []  # every pipeline's "exiting" flag, set by one exit hook
+    _flags: list = []  # every pipeline's "exiting" flag
+    _pipelines: "weakref.WeakSet[DecodingPipeline]" = None  # the pipelines to shut down at exit
 
     def __init__(self):
         import multiprocessing
@@ -188,14 +189,18 @@ class WorkerSignals:
         self.exiting = multiprocessing.get_context().Value("b", 0, lock=False)
         if not WorkerSignals._flags:
             import atexit
+            import weakref
 
+            WorkerSignals._pipelines = weakref.WeakSet()
             # Registered after multiprocessing's own hook (imported with torch): exit hooks run
-            # last-registered first, so the flags are up before the workers get their SIGTERM.
+            # last-registered first, so this one runs before the workers get their SIGTERM.
             atexit.register(WorkerSignals._exit)
         WorkerSignals._flags.append(self.exiting)
 
     @staticmethod
     def _exit() -> None:
+        for pipe in list(WorkerSignals._pipelines or ()):
+            pipe.close()
         for flag in WorkerSignals._flags:
             flag.value = 1
 
@@ -295,7 +300,16 @@ class DecodingPipeline:
             # Its own generator: a new iterator (each epoch, or a resume mid-epoch) must not draw
             # from the global RNG that dropout uses, or a resumed run would diverge.
             generator=torch.Generator().manual_seed(cfg.seed))
+        if cfg.num_workers > 0:
+            WorkerSignals._pipelines.add(self)
         self.bad: list[tuple[str, str]] = []
+
+    def close(self) -> None:
+        """Stops the decoding workers now (persistent, they otherwise live as long as the pipeline)."""
+        it = getattr(self.loader, "_iterator", None)  # where DataLoader keeps persistent workers
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self.loader._iterator = None
 
     def __len__(self) -> int:
         return self.batches_per_epoch  # a full epoch, whatever a resume skips

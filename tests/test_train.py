@@ -231,6 +231,17 @@ def test_non_finite_loss_between_checks_is_caught_before_anything_is_written(tin
     assert all(torch.isfinite(v).all() for v in safe_load(str(out / "checkpoint-6.pth"))["model"].values())
 
 
+def wait_for_training(out, timeout=120):
+    """Until the run has logged a step: every rank is then in the loop, its signal handler set
+    (the "start" event comes before that)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (out / "metrics.jsonl").exists() and '"loss"' in (out / "metrics.jsonl").read_text():
+            return
+        time.sleep(0.2)
+    pytest.fail(f"no training step logged in {out} within {timeout} s")
+
+
 def run_cli(args, env=None, **kw):
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -240,9 +251,7 @@ def run_cli(args, env=None, **kw):
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_vit, demo_data, tmp_path):
     out = tmp_path / "sig"
     proc = run_cli(["-m", "evl.train", *train_argv(tiny_vit, demo_data, out, "--num_steps", "100000")])
-    deadline = time.time() + 120
-    while time.time() < deadline and not (out / "metrics.jsonl").exists():
-        time.sleep(0.2)
+    wait_for_training(out)
     proc.send_signal(signal.SIGTERM)
     log, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, log
@@ -258,9 +267,7 @@ def test_sigterm_to_the_process_group_saves_with_decoding_workers(tiny_vit, demo
     out = tmp_path / "sig_pg"
     proc = run_cli(["-m", "evl.train", *train_argv(tiny_vit, demo_data, out, "--num_steps", "100000",
                                                   "--num_workers", "2")], start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (out / "metrics.jsonl").exists():
-        time.sleep(0.2)
+    wait_for_training(out)
     time.sleep(1)  # well into the loop, workers busy
     os.killpg(proc.pid, signal.SIGTERM)
     try:
@@ -313,9 +320,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tiny_vit, demo_da
                    LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
         ranks.append(run_cli(["-m", "evl.train", *train_argv(tiny_vit, demo_data, out, "--num_steps", "100000",
                                                             "--batch_size", "4")], env=env))
-    deadline = time.time() + 120
-    while time.time() < deadline and not (out / "metrics.jsonl").exists():
-        time.sleep(0.2)
+    wait_for_training(out)
     ranks[1].send_signal(signal.SIGTERM)
     try:
         logs = [p.communicate(timeout=120)[0] for p in ranks]
