@@ -165,9 +165,10 @@ def _extract(ns: argparse.Namespace, world, group: PatientGroup) -> int:
         "backbone_sha256": predictor.model.config.get("backbone_sha256"),
         **{k: s[k] for k in ("num_frames", "sampling_rate", "sampling", "num_spatial_views", "num_temporal_views",
                              "input_size")}}
-    # Every rank checks (the file is written atomically, so each sees it whole or not at all);
-    # rank 0 records it.
-    _check_manifest(output, manifest, write=world.is_primary)
+    _check_manifest(output, manifest, write=False)  # every rank: the same file, the same verdict
+    group.barrier()
+    if world.is_primary:
+        _check_manifest(output, manifest)
 
     def done(i: int, record: VideoRecord) -> bool:
         emb, cls = feature_paths(output, i, record)
