@@ -166,9 +166,6 @@ def _extract(ns: argparse.Namespace, world, group: PatientGroup) -> int:
         **{k: s[k] for k in ("num_frames", "sampling_rate", "sampling", "num_spatial_views", "num_temporal_views",
                              "input_size")}}
     _check_manifest(output, manifest, write=False)  # every rank: the same file, the same verdict
-    group.barrier()
-    if world.is_primary:
-        _check_manifest(output, manifest)
 
     def done(i: int, record: VideoRecord) -> bool:
         emb, cls = feature_paths(output, i, record)
@@ -176,6 +173,11 @@ def _extract(ns: argparse.Namespace, world, group: PatientGroup) -> int:
 
     todo = [(i, r) for i, r in enumerate(records) if not done(i, r)]
     skipped = len(records) - len(todo)
+    # Every rank has listed what is left before any rank writes: the shares are cut from one
+    # list (a rank that listed late, after others had written, skipped videos).
+    group.barrier()
+    if world.is_primary:
+        _check_manifest(output, manifest)
     todo = todo[world.rank::world.world_size]
     loader = torch.utils.data.DataLoader(_Videos(predictor.reader, todo), batch_size=ns.batch_size,
                                          num_workers=ns.num_workers, collate_fn=list)
