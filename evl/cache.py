@@ -13,6 +13,7 @@ the manifest is written last, and a rerun of the same command continues where it
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import shutil
@@ -48,12 +49,19 @@ def _human(n: float) -> str:
 
 def _write_json_atomic(path: str, value: dict) -> None:
     tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(value, f, indent=1)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk, say: name the file; the shards written so far are kept
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise CacheError(f"could not write {path} ({e.strerror or e}): {'free some space and ' if full else ''}"
+                         "rerun the build; the shards written so far are kept") from None
 
 
 def _fsync_dir(directory: str) -> None:
@@ -100,8 +108,6 @@ def _reserve(path: str) -> None:
     filled up since the build's own check fails here, with the file named. Filesystems that
     cannot reserve are left to the check.
     """
-    import errno
-
     with open(path, "r+b") as f:
         try:
             os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)

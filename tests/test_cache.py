@@ -346,3 +346,16 @@ def test_resume_from_the_cache_continues_exactly(data, tmp_path):
     a, b = (safe_load(str(tmp_path / d / "checkpoint-6.pth"))["model"] for d in ("full", "part"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_json_write_on_a_full_disk_names_the_file(tmp_path, monkeypatch):
+    import errno
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cache_cli.os, "fsync", no_space)
+    path = tmp_path / "manifest.json"
+    with pytest.raises(CacheError, match=r"could not write .*manifest\.json \(No space left on device\)"):
+        cache_cli._write_json_atomic(str(path), {"a": 1})
+    assert os.listdir(tmp_path) == []
