@@ -272,8 +272,12 @@ def _train(cfg: TrainConfig) -> dict:
     out_dir = cfg.output_dir
     if out_dir and world.is_primary:
         os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(cfg.to_dict(), f, indent=2)
+        path = os.path.join(out_dir, "config.json")
+        try:
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(cfg.to_dict(), f, indent=2)
+        except OSError as e:  # a full disk, say: name the file
+            raise OSError(e.errno, f"could not write {path} ({e.strerror})") from e
     print0(world, "config: " + json.dumps(cfg.to_dict()))
 
     model = build_model(cfg.backbone, cfg.num_classes, cfg.num_frames, **cfg.model_kwargs())

@@ -70,6 +70,17 @@ def test_metrics_on_a_full_disk_name_the_file(tmp_path):
         log.write(step=1, loss=0.5)
 
 
+def test_config_on_a_full_disk_names_the_file(tiny_vit, demo_data, tmp_path, monkeypatch):
+    import errno
+
+    def no_space(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(train_mod.json, "dump", no_space)
+    with pytest.raises(OSError, match=r"could not write .*config\.json \(No space left on device\)"):
+        train_mod.main(train_argv(tiny_vit, demo_data, tmp_path / "run"))
+
+
 def test_resume_after_a_cut_metrics_line(tiny_vit, demo_data, tmp_path, caplog):
     """A crash or a full disk can leave a half-written last line in metrics.jsonl: the resumed
     run skips it (with a warning) instead of failing when it draws the curves."""
