@@ -86,6 +86,21 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def gloo_group(purpose: str, fallback: str, timeout_days: float | None = None):
+    """A gloo process group of its own (a collective: every rank calls it), or None, with a
+    warning saying ``fallback``, where gloo cannot connect (a network it cannot use)."""
+    import datetime
+    import logging
+
+    try:
+        if timeout_days is None:
+            return dist.new_group(backend="gloo")
+        return dist.new_group(backend="gloo", timeout=datetime.timedelta(days=timeout_days))
+    except RuntimeError as e:
+        logging.getLogger("evl.distributed").warning("no gloo group %s (%s): %s", purpose, e, fallback)
+        return None
+
+
 class StopAgreement:
     """Makes every rank stop at the same step when any of them is asked to (SIGTERM, SIGINT).
 
@@ -103,13 +118,7 @@ class StopAgreement:
         self.group, self.pending = None, None
         self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         if self.distributed:
-            try:
-                self.group = dist.new_group(backend="gloo")  # collective: every rank makes it
-            except RuntimeError as e:  # gloo cannot connect here: reduce on the training group, in step
-                import logging
-
-                logging.getLogger("evl.distributed").warning(
-                    "no gloo group for stop requests (%s): each step waits for their all-reduce", e)
+            self.group = gloo_group("for stop requests", "each step waits for their all-reduce")
 
     def should_stop(self, requested: bool) -> bool:
         """Called once per step on every rank with this rank's request; True on all ranks alike."""
@@ -155,18 +164,10 @@ class PatientGroup:
     """
 
     def __init__(self):
-        import datetime
-
         self.group = None
         self.active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         if self.active:
-            try:
-                self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1))
-            except RuntimeError as e:
-                import logging
-
-                logging.getLogger("evl.distributed").warning(
-                    "no gloo group for long waits (%s): the default group's timeout applies", e)
+            self.group = gloo_group("for long waits", "the default group's timeout applies", timeout_days=1)
 
     def barrier(self) -> None:
         if self.active:

@@ -54,17 +54,15 @@ def local_leader_first():
     made for the block and destroyed after it: a group left to the end of the process was
     torn down after the default one and could abort the process at exit.
     """
-    import datetime
-
     import torch.distributed as dist
+
+    from evl.distributed import gloo_group
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         yield
         return
-    try:
-        group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1))  # collective: every rank
-    except RuntimeError as e:  # gloo cannot connect here (a network it cannot use): every rank probes
-        log.warning("no gloo group to order the probe (%s): every rank probes its list", e)
+    group = gloo_group("to order the probe", "every rank probes its list", timeout_days=1)
+    if group is None:
         yield
         return
     leader = int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0
