@@ -29,6 +29,7 @@ from pipelines.cache import (BUILD, DTYPE, FORMAT, MANIFEST, CacheError, Feature
                              record_fields, row_elems, shard_name, split_dir)
 from pipelines.loader import cat_for_transfer
 
+from .config import auto_augment_arg
 from .decoder import attention_features
 from .distributed import PatientGroup, cleanup, init_distributed, resolve_device, threads_beside_decoders
 from .model import build_model
@@ -277,7 +278,7 @@ def _build(args: argparse.Namespace, world, group: PatientGroup, say, warn, prog
         warn(f"rank {world.rank}: {len(pending)} shard(s) to write {pending}")
 
     if pending:
-        dataset = ClipDataset(records, infos, sampler, read_frames, train=train, auto_augment=pcfg.auto_augment)
+        dataset = ClipDataset(records, infos, sampler, read_frames, train=train)
         keys = [(v, i) if train else (0, i) for k in pending for i in range(*shard_range(k))
                 for v in (range(views) if train else (0,))]
         per_item = 1 if train else views
@@ -396,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--num_views", type=int, default=4, help="training: augmented views stored per clip")
     b.add_argument("--num_temporal_views", type=int, default=3)
     b.add_argument("--num_spatial_views", type=int, default=1, choices=[1, 3])
-    b.add_argument("--auto_augment", default="rand-m7-n4-mstd0.5-inc1", help="'none' to disable")
+    b.add_argument("--auto_augment", type=auto_augment_arg, default="rand-m7-n4-mstd0.5-inc1", help="'none' to disable")
     b.add_argument("--mirror", action="store_true")
     b.add_argument("--crop_scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"))
     b.add_argument("--decoder_num_layers", type=int, default=4)
@@ -418,8 +419,6 @@ def main(argv: list[str] | None = None) -> dict | None:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         if args.command == "build":
-            if args.auto_augment in ("", "none", "None"):
-                args.auto_augment = None
             if args.num_views < 1:
                 raise SystemExit("error: --num_views must be at least 1")
             import torch.distributed as dist

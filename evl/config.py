@@ -77,6 +77,19 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def auto_augment_arg(text: str) -> str | None:
+    """``--auto_augment``: a timm RandAugment string, checked here, or None for ``none``."""
+    from pipelines.randaugment import PolicyError, parse_policy
+
+    if text in ("", "none", "None"):
+        return None
+    try:
+        parse_policy(text)
+    except PolicyError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def build_parser(prog: str = "python -m evl.train") -> argparse.ArgumentParser:
     d = TrainConfig()
     p = argparse.ArgumentParser(prog=prog, description="Train or evaluate EVL on a frozen CLIP backbone. "
@@ -106,7 +119,8 @@ def build_parser(prog: str = "python -m evl.train") -> argparse.ArgumentParser:
                    help="segment = TSN sampling, one frame per segment (Something-Something)")
     g.add_argument("--num_spatial_views", type=int, default=d.num_spatial_views, choices=[1, 3])
     g.add_argument("--num_temporal_views", type=int, default=d.num_temporal_views)
-    g.add_argument("--auto_augment", default=d.auto_augment, help="timm RandAugment policy; 'none' to disable")
+    g.add_argument("--auto_augment", type=auto_augment_arg, default=d.auto_augment,
+                   help="timm RandAugment policy, the same ops for every frame of a clip; 'none' to disable")
     g.add_argument("--mirror", action="store_true", help="random horizontal flip (off in the reference recipe)")
     g.add_argument("--crop_scale", type=float, nargs=2, default=d.crop_scale, metavar=("MIN", "MAX"))
     g.add_argument("--num_workers", type=int, default=d.num_workers)
@@ -142,7 +156,5 @@ def parse_config(argv: list[str] | None, prog: str = "python -m evl.train") -> T
     if ns.dummy_dataset:
         ns.pipeline = "dummy"
     del ns.dummy_dataset
-    if ns.auto_augment in ("", "none", "None"):
-        ns.auto_augment = None
     ns.crop_scale = tuple(ns.crop_scale)
     return TrainConfig(**vars(ns))

@@ -23,6 +23,7 @@ import torch
 from .base import (Batch, PipelineConfig, TooManyBadVideos, check_bad_videos, report_bad_videos,
                    summarise_bad_videos, thwc_uint8_to_bcthw)
 from .lists import VideoRecord, read_list
+from .randaugment import parse_policy
 from .sampling import ClipSampler, ClipSpec, epoch_permutation, shard_indices
 from .transforms import decode_clips
 
@@ -111,11 +112,12 @@ def frame_range(record: VideoRecord, info: VideoInfo) -> tuple[int, int | None]:
 
 
 def make_sampler(cfg: PipelineConfig) -> ClipSampler:
+    augment = parse_policy(cfg.auto_augment) if cfg.train and cfg.auto_augment else None
     return ClipSampler(
         num_frames=cfg.num_frames, sampling_rate=cfg.sampling_rate, size=cfg.input_size, mode=cfg.sampling,
         scale=cfg.crop_scale, ratio=cfg.crop_ratio, hflip=cfg.hflip if cfg.train else 0.0,
         num_temporal_views=1 if cfg.train else cfg.num_temporal_views,
-        num_spatial_views=1 if cfg.train else cfg.num_spatial_views, seed=cfg.seed)
+        num_spatial_views=1 if cfg.train else cfg.num_spatial_views, augment=augment, seed=cfg.seed)
 
 
 def clip_specs(sampler: ClipSampler, train: bool, key: tuple[int, int], record: VideoRecord,
@@ -134,10 +136,10 @@ class ClipDataset(torch.utils.data.Dataset):
     """Map-style dataset keyed by ``(epoch, index)``; returns a dict per item (see ``collate``)."""
 
     def __init__(self, records: Sequence[VideoRecord], infos: Sequence[VideoInfo], sampler: ClipSampler,
-                 read_frames: ReadFrames, *, train: bool, auto_augment: str | None = None):
+                 read_frames: ReadFrames, *, train: bool):
         self.records, self.infos = list(records), list(infos)
         self.sampler, self.read_frames = sampler, read_frames
-        self.train, self.auto_augment = train, auto_augment
+        self.train = train
 
     def __len__(self) -> int:
         return len(self.records)
@@ -146,8 +148,7 @@ class ClipDataset(torch.utils.data.Dataset):
         """Decode and transform one item: ``[V, T, S, S, 3]`` uint8 and its specs."""
         record, info = self.records[key[1]], self.infos[key[1]]
         specs = clip_specs(self.sampler, self.train, key, record, info)
-        aug = self.auto_augment if self.train else None
-        return decode_clips(self.read_frames, record.path, specs, self.sampler.size, aug), specs
+        return decode_clips(self.read_frames, record.path, specs, self.sampler.size), specs
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, index = key
@@ -283,8 +284,7 @@ class DecodingPipeline:
         records, infos = load_dataset(cfg)
         self.records = records
         self.num_samples = len(records)
-        self.dataset = ClipDataset(records, infos, make_sampler(cfg), read_frames, train=cfg.train,
-                                   auto_augment=cfg.auto_augment)
+        self.dataset = ClipDataset(records, infos, make_sampler(cfg), read_frames, train=cfg.train)
         self.keys = EpochKeys(len(records), cfg)
         self.batches_per_epoch = len(self.keys) // cfg.batch_size if cfg.train else -(-len(self.keys) // cfg.batch_size)
         if cfg.train and self.batches_per_epoch == 0:

@@ -1,7 +1,8 @@
 """The clip sampler: which frames and which crop each sample uses, decided once for every backend.
 
 `ClipSampler` turns (sample index, epoch, video size) into a `ClipSpec`: source frame numbers,
-a crop box in source pixels and a flip. PyAV, DALI and the feature cache only execute specs,
+a crop box in source pixels, a flip and the clip's RandAugment ops (`pipelines.randaugment`,
+drawn from the spec's `aug_seed`). PyAV, DALI and the feature cache only execute specs,
 so they can be compared frame for frame. Training follows the reference recipe (EVL spec
 section 2): dense or segment ("TSN") frame sampling and torchvision's RandomResizedCrop box;
 evaluation follows the reference's temporal views and its resize-short-side-then-crop spatial
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .randaugment import AugOp, RandAugmentPolicy
+
 __all__ = ["ClipSpec", "ClipSampler", "epoch_permutation", "shard_indices"]
 
 # One random stream per decision, so that e.g. turning on flips does not change the crops.
@@ -27,8 +30,9 @@ _TIME, _CROP, _FLIP, _AUG = 1, 2, 3, 4
 
 @dataclass(frozen=True)
 class ClipSpec:
-    """One clip to decode: frames in presentation order, then crop `(top, left, height, width)`
-    in source pixels, resize to the sampler's `size` squared, then flip if `flip`."""
+    """One clip to decode: frames in presentation order, RandAugment `augment` on whole frames
+    (the same ops for every frame), then crop `(top, left, height, width)` in source pixels,
+    resize to the sampler's `size` squared, then flip if `flip`."""
 
     index: int
     view: int
@@ -36,6 +40,7 @@ class ClipSpec:
     crop: tuple[int, int, int, int]
     flip: bool
     aug_seed: int
+    augment: tuple[AugOp, ...] = ()
 
 
 def _rng(seed: int, epoch: int, index: int, stream: int) -> np.random.Generator:
@@ -89,8 +94,9 @@ class ClipSampler:
 
     `mode="dense"`: `num_frames` frames `sampling_rate` apart; `mode="segment"`: one frame from
     each of `num_frames` equal segments (`sampling_rate` unused). Training crops follow
-    RandomResizedCrop(`size`, `scale`, `ratio`) and flip with probability `hflip`; evaluation
-    gives `num_spatial_views * num_temporal_views` views per video.
+    RandomResizedCrop(`size`, `scale`, `ratio`), flip with probability `hflip` and, with an
+    `augment` policy, RandAugment; evaluation gives `num_spatial_views * num_temporal_views`
+    views per video.
     """
 
     def __init__(
@@ -105,6 +111,7 @@ class ClipSampler:
         hflip: float = 0.0,
         num_temporal_views: int = 1,
         num_spatial_views: int = 1,
+        augment: RandAugmentPolicy | None = None,
         seed: int = 0,
     ) -> None:
         if mode not in ("dense", "segment"):
@@ -137,6 +144,7 @@ class ClipSampler:
         self.hflip = float(hflip)
         self.num_temporal_views = num_temporal_views
         self.num_spatial_views = num_spatial_views
+        self.augment = augment
         self.seed = seed
 
     @property
@@ -154,7 +162,8 @@ class ClipSampler:
             f"ClipSampler(num_frames={self.num_frames}, sampling_rate={self.sampling_rate}, "
             f"size={self.size}, mode={self.mode!r}, scale={self.scale}, ratio={self.ratio}, "
             f"hflip={self.hflip}, num_temporal_views={self.num_temporal_views}, "
-            f"num_spatial_views={self.num_spatial_views}, seed={self.seed})"
+            f"num_spatial_views={self.num_spatial_views}, "
+            f"augment={self.augment.spec if self.augment else None!r}, seed={self.seed})"
         )
 
     # -- training ----------------------------------------------------------------------------
@@ -204,6 +213,7 @@ class ClipSampler:
             crop=crop,
             flip=flip,
             aug_seed=aug_seed,
+            augment=self.augment.decide(aug_seed) if self.augment else (),
         )
 
     # -- evaluation --------------------------------------------------------------------------

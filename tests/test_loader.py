@@ -86,6 +86,25 @@ def test_same_batches_with_any_worker_count_and_epochs_differ(demo_data):
     assert not torch.equal(a[0][2], c[0][2])
 
 
+def test_augmented_clips_do_not_depend_on_workers_or_processes(demo_data):
+    """RandAugment's ops are the clip's (seed, epoch, index) decision, like its frames and crop:
+    the same pixels from 2 workers in 1 process as from 2 processes of 1 worker each."""
+    recipe = "rand-m7-n4-mstd0.5-inc1"
+    one = collect(build_pipeline("pyav", cfg(demo_data, auto_augment=recipe, num_workers=2)), epoch=1)
+    clips = {int(i): c for batch in one for c, i in zip(batch[0], batch[2])}
+    seen = 0
+    for rank in range(2):
+        shard = build_pipeline("pyav", cfg(demo_data, auto_augment=recipe, batch_size=2, rank=rank, world_size=2))
+        for batch in collect(shard, epoch=1):
+            for c, i in zip(batch[0], batch[2]):
+                assert torch.equal(c, clips[int(i)])
+                seen += 1
+    assert seen == len(clips) == 32
+    plain = collect(build_pipeline("pyav", cfg(demo_data, num_workers=0)), epoch=1)
+    changed = sum(not torch.equal(a, b) for x, y in zip(one, plain) for a, b in zip(x[0], y[0]))
+    assert changed > 20  # the policy changed most clips (a clip draws no op with probability 1/16)
+
+
 def test_global_batches_do_not_depend_on_process_count():
     order = list(range(100, 120))
     one = train_shard(order, 8, 0, 1)

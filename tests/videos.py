@@ -114,3 +114,20 @@ def decode_all(path: str) -> tuple[np.ndarray, np.ndarray]:
     if all(p is not None for p, _ in frames):  # files without pts stay in output order
         frames.sort(key=lambda item: item[0])
     return np.array([p for p, _ in frames]), np.stack([f for _, f in frames])
+
+
+def photo_frames(num_frames: int, height: int, width: int) -> np.ndarray:
+    """Natural frames ``[T, H, W, 3]`` uint8: a slow pan and zoom over a photograph (Grace Hopper,
+    shipped with matplotlib), for comparing image ops where synthetic patterns would flatter."""
+    import matplotlib.cbook
+    from PIL import Image
+
+    photo = Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB")
+    zoom = min(1.4, (photo.width - 1) / width, (photo.height - 1) / height)  # the box stays in the photo
+    room_x, room_y = photo.width - int(width * zoom), photo.height - int(height * zoom)
+    frames = []
+    for t in range(num_frames):
+        left, top = (10 + 7 * t) % room_x, (20 + 5 * t) % room_y
+        box = (left, top, left + int(width * zoom), top + int(height * zoom))
+        frames.append(np.asarray(photo.crop(box).resize((width, height), Image.BILINEAR)))
+    return np.stack(frames)
