@@ -9,15 +9,14 @@ takes an arbitrary per-sample list), ``fn.sequence_rearrange`` lays them out per
 video's repeated last frame, uneven TSN spacing, views sharing frames are decoded once),
 ``fn.slice`` + ``fn.resize`` (linear, antialiased: what ``transforms.crop_resize`` does) execute
 the crop box, and ``fn.crop_mirror_normalize`` flips, normalises with CLIP's mean and std and
-turns ``FHWC`` into ``CFHW``. ``fn.readers.video`` is not used: it reads contiguous strided
+turns ``FHWC`` into ``CFHW``. With RandAugment, each clip's ops (the sampler's decisions, the
+PyAV pipeline's) run inside the graph with the crop and resize (:mod:`pipelines.dali_augment`). ``fn.readers.video`` is not used: it reads contiguous strided
 ranges (every possible sequence by default), so it cannot express the repeated last frame of a
 short video or segment sampling, and it shuffles and shards by its own rules.
 
 With ``cfg.device`` on CUDA the decoder is the "mixed" one (NVDEC) and batches come out on that
 GPU; on the CPU (``device_id=None``) DALI decodes VP8, VP9 and MJPEG only, so anything else is
-refused up front with a hint to use ``--pipeline pyav``. RandAugment is skipped, with a warning:
-DALI's ``auto_aug.rand_augment`` is not timm's policy and draws from DALI's own random state,
-not the sampler's ``aug_seed``, so it could not match the PyAV pipeline's clips. Unreadable
+refused up front with a hint to use ``--pipeline pyav``. Unreadable
 videos are replaced (training) or skipped (evaluation), counted and reported as in
 :mod:`pipelines.loader`; DALI does not say which sample of a batch failed, so the batch's videos
 are checked one by one and the pipeline is rebuilt from that batch.
@@ -38,8 +37,10 @@ import nvidia.dali.fn as fn
 import nvidia.dali.types as types
 import torch
 
+from .augment import plan_clip
 from .base import (CLIP_MEAN, CLIP_STD, Batch, PipelineConfig, check_bad_videos, report_bad_videos,
                    summarise_bad_videos)
+from .dali_augment import augment_columns, augment_graph, column_types
 from .loader import MAX_REPLACEMENTS, EpochKeys, clip_specs, load_dataset, make_sampler
 from .pyav import VideoReadError, frame_index, requested_positions
 
@@ -161,22 +162,36 @@ def read_frames(path: str, frame_indices: Sequence[int], device: str = "cpu") ->
 # -- the DALI pipeline -----------------------------------------------------------------------
 
 
+def _view_types(num_slots: int) -> list:
+    """DALI dtypes of one view's columns: frame order, flip, then the crop box, or with
+    RandAugment (``num_slots`` layers) the augmentation's columns."""
+    if not num_slots:
+        return [types.INT32, types.INT32, types.INT32, types.INT32]
+    return [types.INT32, types.INT32, *column_types(num_slots)]
+
+
 @dali.pipeline_def(exec_dynamic=True)
-def _clip_graph(feed, num_views: int, size: int, decoder_device: str):
+def _clip_graph(feed, num_views: int, size: int, decoder_device: str, num_slots: int = 0):
     """Encoded videos -> ``num_views`` outputs of ``[C, T, size, size]`` float clips."""
-    encoded, frames, *per_view = fn.external_source(source=feed, num_outputs=2 + 4 * num_views, batch=True,
-                                                    dtype=[types.UINT8] + [types.INT32] * (1 + 4 * num_views))
+    view_types = _view_types(num_slots)
+    n = len(view_types)
+    encoded, frames, *per_view = fn.external_source(source=feed, num_outputs=2 + n * num_views, batch=True,
+                                                    dtype=[types.UINT8, types.INT32] + view_types * num_views)
     # pad_mode="none": a frame past DALI's end of the video is an error, not a black frame
     # (DALI's default), should DALI ever count a file's frames differently from the probe.
     video = fn.decoders.video(encoded, frames=frames, device=decoder_device, pad_mode="none")  # FHWC uint8
     outputs = []
     for v in range(num_views):
-        order, anchor, shape, mirror = per_view[4 * v:4 * v + 4]
+        order, mirror, *rest = per_view[n * v:n * (v + 1)]
         clip = fn.sequence_rearrange(video, new_order=order)
-        # Integer anchor/shape are pixels (floats would be relative); crop then resize, as the
-        # CPU transform does: a resize ROI instead would blend in pixels from outside the box.
-        clip = fn.slice(clip, anchor, shape, axis_names="HW")
-        clip = fn.resize(clip, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
+        if num_slots:
+            clip = augment_graph(clip, rest, size, num_slots, gpu=decoder_device == "mixed")
+        else:
+            anchor, shape = rest
+            # Integer anchor/shape are pixels (floats would be relative); crop then resize, as
+            # the CPU transform does: a resize ROI instead would blend in pixels from outside.
+            clip = fn.slice(clip, anchor, shape, axis_names="HW")
+            clip = fn.resize(clip, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
         outputs.append(fn.crop_mirror_normalize(
             clip, dtype=types.FLOAT, output_layout="CFHW", mirror=mirror,
             mean=[255 * m for m in CLIP_MEAN], std=[255 * s for s in CLIP_STD]))
@@ -230,8 +245,8 @@ class DALIPipeline:
         if cfg.train and len(self.keys) < cfg.batch_size:
             raise ValueError(f"{cfg.list_path}: {len(self.keys)} videos per process is fewer than one batch "
                              f"of {cfg.batch_size}")
-        if cfg.train and cfg.auto_augment:
-            _warn_no_rand_augment(cfg.auto_augment)
+        # One slot per RandAugment layer: each clip's ops run inside the graph.
+        self.num_slots = self.sampler.augment.num_layers if self.sampler.augment else 0
         self.known_bad: dict[str, str] = {}  # path -> reason, across epochs
         self._failures: dict[tuple[int, int], list[tuple[str, str]]] = {}  # (batch, slot) -> failures
         self.bad: list[tuple[str, str]] = []  # this epoch's, as DecodingPipeline.bad
@@ -262,7 +277,8 @@ class DALIPipeline:
         """(pending record, external_source outputs) of one batch, or None when every video is bad."""
         seed, n = self.cfg.seed, len(self.records)
         pending = _Pending(number, [], [], [], [])
-        columns: list[list[np.ndarray]] = [[] for _ in range(2 + 4 * self.num_views)]
+        per_view = len(_view_types(self.num_slots))
+        columns: list[list[np.ndarray]] = [[] for _ in range(2 + per_view * self.num_views)]
         for slot, (epoch, index) in enumerate(keys):
             failures = []
             rng = np.random.default_rng([seed, epoch, index, 99])  # the loader's replacement stream
@@ -284,12 +300,18 @@ class DALIPipeline:
             rows = rows.reshape(len(specs), -1)
             columns[0].append(data)
             columns[1].append(wanted.astype(np.int32))
+            info = self.infos[index]
             for v, spec in enumerate(specs):
                 top, left, h, w = spec.crop
-                columns[2 + 4 * v].append(rows[v].astype(np.int32))
-                columns[3 + 4 * v].append(np.array([top, left], np.int32))
-                columns[4 + 4 * v].append(np.array([h, w], np.int32))
-                columns[5 + 4 * v].append(np.array(spec.flip, np.int32))
+                view = [rows[v].astype(np.int32), np.array(spec.flip, np.int32)]
+                if self.num_slots:
+                    plan = plan_clip(spec.augment, info.height, info.width, spec.crop, self.sampler.size)
+                    view += augment_columns(spec.augment, plan, info.height, info.width, self.sampler.size,
+                                            self.num_slots)
+                else:
+                    view += [np.array([top, left], np.int32), np.array([h, w], np.int32)]
+                for c, value in enumerate(view):
+                    columns[2 + per_view * v + c].append(value)
             pending.paths.append(self.records[index].path)
             pending.frames.append(wanted)
             pending.labels.append(self.records[index].label)
@@ -310,9 +332,10 @@ class DALIPipeline:
 
     def _build(self, feeder: _Feeder) -> dali.Pipeline:
         pipe = _clip_graph(feeder, self.num_views, self.sampler.size,
-                           "cpu" if self.device_id is None else "mixed",
+                           "cpu" if self.device_id is None else "mixed", self.num_slots,
                            batch_size=self.cfg.batch_size, num_threads=max(1, self.cfg.num_workers),
-                           device_id=self.device_id, prefetch_queue_depth=2)
+                           device_id=self.device_id, prefetch_queue_depth=2,
+                           enable_conditionals=self.num_slots > 0)
         pipe.build()
         return pipe
 
@@ -371,14 +394,3 @@ class DALIPipeline:
                 del pipe
         self._check_limit()
         summarise_bad_videos(self.keys.epoch, self.bad, self.cfg.train)
-
-
-_warned_policies: set[str] = set()
-
-
-def _warn_no_rand_augment(policy: str) -> None:
-    if policy not in _warned_policies:
-        _warned_policies.add(policy)
-        log.warning("the DALI pipeline does not apply RandAugment (%s): DALI's rand_augment is not timm's "
-                    "policy and cannot follow the sampler's aug_seed; use --pipeline pyav for the reference "
-                    "recipe's augmentation", policy)

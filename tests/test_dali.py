@@ -10,6 +10,7 @@ is; not sharp synthetic colour edges. GPU tests (NVDEC, H.264) carry the `gpu` m
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from fractions import Fraction
@@ -227,13 +228,57 @@ def test_corrupt_video_mid_epoch_is_replaced_or_skipped(dataset, tmp_path, caplo
         collect(strict)
 
 
-def test_rand_augment_is_skipped_with_one_warning(dataset, caplog, monkeypatch):
-    monkeypatch.setattr(D, "_warned_policies", set())
-    cfg = make_cfg(dataset, train=True, auto_augment="rand-m7-n4-mstd0.5-inc1")
-    build_pipeline("dali", cfg)
-    build_pipeline("dali", cfg)
-    warnings = [r for r in caplog.records if "RandAugment" in r.getMessage()]
-    assert len(warnings) == 1 and "--pipeline pyav" in warnings[0].getMessage()
+# -- RandAugment inside the graph -----------------------------------------------------------
+
+RECIPE = "rand-m7-n4-mstd0.5-inc1"
+
+
+def test_graph_runs_the_cpu_executors_ops():
+    """Each op, and whole decisions of the recipe, through DALI's operators against the CPU
+    executor on the same frames: the same ops with the same parameters (the CPU executor itself
+    is held to timm's ops by tests/test_augment.py)."""
+    from pipelines.augment import augment_clip
+    from pipelines.dali_augment import augment_frames
+    from pipelines.randaugment import INCREASING_TRANSFORMS, AugOp, _arg, parse_policy
+    from pipelines.sampling import ClipSampler
+    from videos import photo_frames
+
+    frames = photo_frames(2, 72, 96)
+    rng = random.Random(0)
+    ops = [(AugOp(name, 7, _arg(name, 7, rng)),) for name in INCREASING_TRANSFORMS]
+    crops = [(6, 10, 60, 70)] * len(ops)
+    sampler = ClipSampler(num_frames=2, sampling_rate=1, size=48, augment=parse_policy(RECIPE))
+    for i in range(12):
+        spec = sampler.train_clip(i, 0, num_frames_in_video=2, height=72, width=96)
+        ops.append(spec.augment)
+        crops.append(spec.crop)
+    got = augment_frames([frames] * len(ops), ops, crops, 48, num_slots=4)
+    values = [psnr(g, augment_clip(frames, o, c, 48).numpy()) for g, o, c in zip(got, ops, crops)]
+    print(f"\nDALI graph vs CPU executor, same frames: PSNR min {min(values):.1f} dB, median {np.median(values):.1f}")
+    assert min(values) >= 40, sorted(zip(values, ops))[:3]
+
+
+def test_pipeline_applies_the_samplers_decisions(dataset, caplog):
+    """The DALI pipeline runs the recipe with no warning, each clip with its own ops: its batches
+    equal the CPU executor's output for the same specs on DALI's own decoded frames."""
+    from pipelines.augment import augment_clip
+    from pipelines.base import thwc_uint8_to_bcthw
+    from pipelines.loader import clip_specs
+
+    cfg = make_cfg(dataset, train=True, auto_augment=RECIPE, num_frames=4)
+    batches = collect(build_pipeline("dali", cfg), epoch=2)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    ds = build_pipeline("pyav", cfg).dataset
+    values, kinds = [], set()
+    for batch in batches:
+        for row, index in enumerate(batch.index.tolist()):
+            (spec,) = clip_specs(ds.sampler, True, (2, index), ds.records[index], ds.infos[index])
+            kinds |= {op.kind for op in spec.augment}
+            frames = D.read_frames(ds.records[index].path, spec.frame_indices)
+            expected = augment_clip(frames, spec.augment, spec.crop, 48, spec.flip)
+            values.append(psnr(to_pixels(batch.clips[row:row + 1]), to_pixels(thwc_uint8_to_bcthw(expected[None], "cpu"))))
+    assert len(values) == 8 and len(kinds) >= 4  # several kinds of ops ran
+    assert min(values) >= 40, values
 
 
 def test_import_fails_cleanly_without_dali():
