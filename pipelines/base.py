@@ -13,6 +13,7 @@ shards hold every video exactly once.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterator, NamedTuple, Protocol, Sequence
@@ -102,12 +103,30 @@ def thwc_uint8_to_bcthw(clips: torch.Tensor, device: torch.device | str) -> torc
     """
     x = clips.to(device, non_blocking=True)
     *lead, w, _ = x.shape
+    if x.device.type == "cpu":
+        # One pass through a float table per channel (OpenCV's LUT): half the time of converting
+        # then scaling and shifting in place, the same values.
+        from .augment import opencv
+
+        table = _normalise_table()
+        y = torch.from_numpy(opencv().LUT(x.numpy().reshape(-1, w, 3), table)).view(*lead, w, 3)
+        return y.permute(0, 4, 1, 2, 3)
     mean = torch.tensor(CLIP_MEAN, dtype=torch.float64)
     std = torch.tensor(CLIP_STD, dtype=torch.float64)
     # (x / 255 - mean) / std as x * scale + shift, in place on rows of W*3 values: a factor
-    # per channel on a last dimension of 3 does not vectorise. 4-12x faster on the CPU than
-    # dividing the permuted batch (demo batch: 0.5-1.5 against 6.2 ms).
+    # per channel on a last dimension of 3 does not vectorise.
     scale = (1 / (255 * std)).float().repeat(w).to(x.device)
     shift = (-mean / std).float().repeat(w).to(x.device)
     y = x.view(*lead, w * 3).float().mul_(scale).add_(shift)
     return y.view(*lead, w, 3).permute(0, 4, 1, 2, 3)
+
+
+@functools.lru_cache(maxsize=1)
+def _normalise_table():
+    """``[256, 1, 3]`` float32: level v of channel c -> (v / 255 - mean_c) / std_c, computed as the
+    GPU path computes it (float32 scale and shift)."""
+    import numpy as np
+
+    mean, std = np.array(CLIP_MEAN), np.array(CLIP_STD)
+    scale, shift = (1 / (255 * std)).astype(np.float32), (-mean / std).astype(np.float32)
+    return np.ascontiguousarray((np.arange(256, dtype=np.float32)[:, None] * scale + shift)[:, None, :])

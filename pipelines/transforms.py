@@ -35,5 +35,10 @@ def decode_clips(read_frames: Callable[[str, Sequence[int]], np.ndarray], path: 
     wanted = sorted({i for s in specs for i in s.frame_indices})
     frames = read_frames(path, wanted)
     row = {f: r for r, f in enumerate(wanted)}
-    return torch.stack([apply_spec(frames[[row[i] for i in s.frame_indices]], s, size)
-                        for s in specs])
+
+    def clip(spec: ClipSpec) -> torch.Tensor:
+        # A training clip's frames are usually the decoded ones, in order: no copy then.
+        own = frames if list(spec.frame_indices) == wanted else frames[[row[i] for i in spec.frame_indices]]
+        return apply_spec(own, spec, size)
+
+    return clip(specs[0])[None] if len(specs) == 1 else torch.stack([clip(s) for s in specs])
