@@ -128,6 +128,8 @@ def setup(args):
         if frames > 16:  # the paper's sparse clips: 8 frames, stride 16, from a random start
             argv += ["--sampling_rate", str(min(16, (frames - 1) // 7))]
     argv += ["--batch_size", str(args.batch_size), "--num_workers", str(args.num_workers), "--device", args.device]
+    if args.auto_augment:  # after the demo's own "none"
+        argv += ["--auto_augment", args.auto_augment]
     return parse_config(argv + shlex.split(getattr(args, "train_flags", None) or ""))
 
 
@@ -456,7 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_classes", type=int, default=400)
     p.add_argument("--num_frames", type=int, default=8)
     p.add_argument("--sampling_rate", type=int, default=16)
-    p.add_argument("--auto_augment")
+    p.add_argument("--auto_augment", help="the RandAugment policy of every stage, e.g. rand-m7-n4-mstd0.5-inc1 "
+                   "(default: none)")
+    p.add_argument("--compare_augment", action="store_true",
+                   help="data stage: each pipeline with --auto_augment and without it, side by side")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--num_workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -490,17 +495,22 @@ def main(argv=None) -> dict:
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     results, rows = [], []
     jobs = []
+    policy = cfg.auto_augment
     if "data" in stages:
-        jobs += [("data", name) for name in args.pipelines if name != "cache"]
+        for name in args.pipelines:
+            if name != "cache":
+                jobs += [("data", name, policy)] + ([("data", name, None)] if args.compare_augment and policy else [])
     if "model" in stages:
-        jobs.append(("model", "synthetic"))
+        jobs.append(("model", "synthetic", None))
     if "train" in stages:
         data_only = ("cache", "reference", "dali_reader", "dali_legacy_reader")
-        jobs += [("train", name) for name in args.pipelines if name not in data_only]
+        jobs += [("train", name, policy) for name in args.pipelines if name not in data_only]
     if "cache" in stages and "cache" in args.pipelines:
-        jobs.append(("cache", "cache"))
-    for stage, name in tqdm(jobs, desc="benchmark", disable=None):
-        rec = {"stage": stage, "pipeline": name}
+        jobs.append(("cache", "cache", policy))
+    base_cfg, ceiling = cfg, None
+    for stage, name, augment in tqdm(jobs, desc="benchmark", disable=None):
+        cfg = type(base_cfg)(**{**base_cfg.to_dict(), "auto_augment": augment})
+        rec = {"stage": stage, "pipeline": name, "augment": augment}
         it = None
         # Compute threads as evl.train sets them: a core left to each decoding worker.
         decoding = ("pyav", "dali", "fulldecode", "reference", "dali_reader", "dali_legacy_reader")
@@ -530,8 +540,9 @@ def main(argv=None) -> dict:
                         rec["workers_cpu_ms_per_clip"] = 1e3 * (kids1 - kids0) / clips
                     rec["clips_per_s"] = args.batch_size / statistics.median(per)
                     rec["frames_per_s"] = rec["clips_per_s"] * cfg.num_frames
-                    if name == "pyav":
-                        rec.update(decode_ceiling(cfg, pipe, 256, os.cpu_count() or 1))
+                    if name == "pyav":  # the same files and clips with and without RandAugment: once
+                        ceiling = ceiling or decode_ceiling(cfg, pipe, 256, os.cpu_count() or 1)
+                        rec.update(ceiling)
                         rec["ceiling_fraction"] = rec["clips_per_s"] / rec["ceiling_clips_per_s"]
                     del pipe
                 else:
@@ -572,15 +583,15 @@ def main(argv=None) -> dict:
         results.append({"stage": "memory", "frozen_backbone": step_memory(cfg, device, args.batch_size, False),
                         "trainable_backbone": step_memory(cfg, device, args.batch_size, True)})
 
-    def rate(stage, name):
+    def rate(stage, name, augment):
         return next((r["clips_per_s"] for r in results if r.get("stage") == stage and r.get("pipeline") == name
-                     and "clips_per_s" in r), None)
+                     and r.get("augment") == augment and "clips_per_s" in r), None)
 
-    live, full, pyav_data = rate("train", "pyav"), rate("data", "fulldecode"), rate("data", "pyav")
-    ref, dali_data = rate("data", "reference"), rate("data", "dali")
+    cfg = base_cfg
     print(f"\nconfig: backbone {cfg.backbone}, {cfg.num_frames} frames x stride {cfg.sampling_rate}, "
-          f"batch {args.batch_size}, {args.num_workers} workers, device {device}")
-    print(f"{'stage':<7} {'pipeline':<10} {'threads':>7} {'clips/s':>10} {'frames/s':>10}  ceiling / notes")
+          f"batch {args.batch_size}, {args.num_workers} workers, device {device}, RandAugment {cfg.auto_augment}")
+    print(f"{'stage':<7} {'pipeline':<10} {'augment':>7} {'threads':>7} {'clips/s':>10} {'frames/s':>10}  "
+          "ceiling / notes")
     for r in results:
         if r["stage"] == "memory":
             for label, m in (("frozen", r["frozen_backbone"]), ("trainable", r["trainable_backbone"])):
@@ -588,10 +599,15 @@ def main(argv=None) -> dict:
                 print(f"memory  {label + ' backbone':<20} step {m['total_mb']:.0f} MB (activations "
                       f"{m['activations_mb']:.0f}, grads {m['grads_mb']:.0f}, optimizer {m['optimizer_mb']:.0f}){gpu}")
             continue
+        aug = "yes" if r.get("augment") else "no"
         if "error" in r:
-            print(f"{r['stage']:<7} {r['pipeline']:<10} {'-':>7} {'-':>10} {'-':>10}  unavailable: {r['error'][:90]}")
+            print(f"{r['stage']:<7} {r['pipeline']:<10} {aug:>7} {'-':>7} {'-':>10} {'-':>10}  "
+                  f"unavailable: {r['error'][:90]}")
             continue
-        note = ""
+        same = r.get("augment")  # ratios compare runs with the same augmentation
+        live, full = rate("train", "pyav", same), rate("data", "fulldecode", same)
+        pyav_data, ref, dali_data = rate("data", "pyav", same), rate("data", "reference", same), rate("data", "dali", same)
+        notes = []
         if "ceiling_clips_per_s" in r:
             note = (f"decode ceiling {r['ceiling_clips_per_s']:.0f} clips/s ({r['frames_per_clip']:.1f} frames/clip "
                     f"at {r['decode_fps']:.0f} fps): {100 * r['ceiling_fraction']:.0f}%")
@@ -599,22 +615,29 @@ def main(argv=None) -> dict:
                 note += (f"; CPU per clip: workers {r['workers_cpu_ms_per_clip']:.2f} ms + main "
                          f"{r['main_cpu_ms_per_clip']:.2f} ms, the ceiling's decoding "
                          f"{1e3 * (os.cpu_count() or 1) / r['ceiling_clips_per_s']:.2f} ms")
+            notes.append(note)
         elif "flop_ceiling_clips_per_s" in r:
-            note = f"bf16 FLOP ceiling {r['flop_ceiling_clips_per_s']:.0f} clips/s: {100 * r['ceiling_fraction']:.0f}%"
+            notes.append(f"bf16 FLOP ceiling {r['flop_ceiling_clips_per_s']:.0f} clips/s: "
+                         f"{100 * r['ceiling_fraction']:.0f}%")
         elif r["stage"] == "model":
-            note = f"backbone {r['backbone_gmacs_per_clip']:.2f} GMACs/clip"
+            notes.append(f"backbone {r['backbone_gmacs_per_clip']:.2f} GMACs/clip")
+        if r["stage"] == "data" and same:
+            without = rate("data", r["pipeline"], None)
+            if without:
+                notes.append(f"{r['clips_per_s'] / without:.2f}x without RandAugment")
         if r["stage"] in ("train", "cache") and live and r["pipeline"] != "pyav":
-            note += f"{r['clips_per_s'] / live:.1f}x live PyAV"
+            notes.append(f"{r['clips_per_s'] / live:.1f}x live PyAV")
         if r["stage"] == "data" and r["pipeline"] == "pyav" and full:
-            note += f"; {r['clips_per_s'] / full:.1f}x full-file decoding (the reference's strategy)"
+            notes.append(f"{r['clips_per_s'] / full:.1f}x full-file decoding (the reference's strategy)")
         if r["stage"] == "data" and r["pipeline"] == "pyav" and ref:
-            note += f"; {r['clips_per_s'] / ref:.1f}x the reference's own loader"
+            notes.append(f"{r['clips_per_s'] / ref:.1f}x the reference's own loader")
         if r["stage"] == "data" and r["pipeline"].startswith("dali") and pyav_data:
-            note += f"{r['clips_per_s'] / pyav_data:.1f}x PyAV"
+            notes.append(f"{r['clips_per_s'] / pyav_data:.1f}x PyAV")
         if r["stage"] == "data" and r["pipeline"] in ("dali_reader", "dali_legacy_reader") and dali_data:
-            note += f"; {r['clips_per_s'] / dali_data:.2f}x our fn.decoders.video graph (dali)"
+            notes.append(f"{r['clips_per_s'] / dali_data:.2f}x our fn.decoders.video graph (dali)")
         frames = f"{r['frames_per_s']:.0f}" if "frames_per_s" in r else "-"
-        print(f"{r['stage']:<7} {r['pipeline']:<10} {r['threads']:>7} {r['clips_per_s']:>10.1f} {frames:>10}  {note}")
+        print(f"{r['stage']:<7} {r['pipeline']:<10} {aug:>7} {r['threads']:>7} {r['clips_per_s']:>10.1f} {frames:>10}  "
+              + "; ".join(notes))
     report = {
         "results": results, "config": cfg.to_dict(), "argv": sys.argv[1:], "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or

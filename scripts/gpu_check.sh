@@ -4,7 +4,10 @@
 #   2. data throughput, DALI (GPU) vs PyAV (CPU workers), on the same videos: clips/s of training
 #      batches, a few hundred clips each, with the videos written here (H.264 and VP9, 256 px);
 #   3. the DALI operator comparison of benchmarks/throughput.py (our fn.decoders.video graph vs
-#      DALI's two video readers) on 300-frame videos.
+#      DALI's two video readers) on 300-frame videos;
+#   4. the K400 recipe's RandAugment inside the DALI graph: the DALI data stage with and without
+#      it, side by side (the policy should cost under 10% of it), and the graph against the CPU
+#      execution on the same frames (benchmarks/augment_agreement.py on the GPU).
 # Results go to $OUT (pytest.txt, throughput.json) when it is set, else to runs/gpu_check.
 # Usage: scripts/gpu_check.sh [python]     (default: .venv/bin/python if present, else python3)
 # GPU_CHECK_DEVICE / GPU_CHECK_SIZE / GPU_CHECK_CLIPS change the device, frame size and clips per
@@ -92,6 +95,14 @@ echo "== DALI operators"
 "$PY" benchmarks/throughput.py --stages data --pipelines pyav,dali,dali_reader,dali_legacy_reader \
     --video_frames 300 --device "${GPU_CHECK_DEVICE:-cuda:0}" --num_workers "$(nproc)" --iters 5 --repeats 2 \
     --work_dir "$DATA/bench" --json "$OUT_DIR/dali_operators.json" 2>&1 | tee "$OUT_DIR/dali_operators.txt" || status=1
+
+echo "== RandAugment in the DALI graph"
+"$PY" benchmarks/throughput.py --stages data --pipelines dali,pyav --compare_augment \
+    --auto_augment rand-m7-n4-mstd0.5-inc1 --video_frames 300 --device "${GPU_CHECK_DEVICE:-cuda:0}" \
+    --num_workers "$(nproc)" --iters 5 --repeats 2 --work_dir "$DATA/bench" --json "$OUT_DIR/augment.json" 2>&1 \
+    | tee "$OUT_DIR/augment.txt" || status=1
+"$PY" benchmarks/augment_agreement.py --clips 64 $([ "${GPU_CHECK_DEVICE:-cuda:0}" = cpu ] || echo --dali_device_id 0) \
+    2>&1 | tee "$OUT_DIR/augment_agreement.txt" || status=1
 
 echo "== done (status $status); results in $OUT_DIR"
 exit $status

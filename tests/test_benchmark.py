@@ -141,3 +141,36 @@ def test_dali_reader_pipeline_reads_the_sampler_ranges(tmp_path):
     batch = next(iter(pipe))
     assert batch.clips.shape == (4, 3, 8, 64, 64) and batch.clips.dtype == torch.float32
     assert batch.labels.tolist() == [int(line.split()[1]) for line in lines[:4]]
+
+
+def test_compare_augment_measures_each_pipeline_with_and_without_the_policy(tmp_path, tiny_vit, demo_data, capsys):
+    report = load_benchmark().main([
+        "--stages", "data", "--pipelines", "pyav", "--compare_augment", "--auto_augment", "rand-m7-n4-mstd0.5-inc1",
+        "--train_list", demo_data.train_list, "--data_root", demo_data.root, "--backbone", tiny_vit,
+        "--num_classes", "4", "--num_frames", "4", "--sampling_rate", "2", "--iters", "1", "--repeats", "1",
+        "--warmup", "1", "--min_seconds", "0", "--batch_size", "4", "--num_workers", "0", "--device", "cpu",
+        "--work_dir", str(tmp_path)])
+    rows = {(r["pipeline"], r["augment"]): r for r in report["results"]}
+    assert rows["pyav", "rand-m7-n4-mstd0.5-inc1"]["clips_per_s"] > 0 and rows["pyav", None]["clips_per_s"] > 0
+    assert rows["pyav", None]["ceiling_clips_per_s"] == rows["pyav", "rand-m7-n4-mstd0.5-inc1"]["ceiling_clips_per_s"]
+    assert "x without RandAugment" in capsys.readouterr().out
+
+
+def test_stock_videos_are_long_gop_natural_and_listed(tmp_path):
+    """benchmarks/stock_videos.py: x264's defaults (one keyframe in 40 frames, B-frames), a list."""
+    spec = importlib.util.spec_from_file_location("stock_videos", os.path.join(ROOT, "benchmarks", "stock_videos.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    list_path = mod.write_stock_dataset(str(tmp_path), num_videos=2, num_frames=40, size=(96, 64), workers=1)
+    lines = open(list_path).read().split("\n")[:-1]
+    assert lines == ["videos/000.mp4 0", "videos/001.mp4 1"]
+    import numpy as np
+
+    from pipelines.pyav import frame_index
+
+    index = frame_index(str(tmp_path / "videos" / "000.mp4"))
+    assert (index.num_frames, index.width, index.height) == (40, 96, 64)
+    assert np.flatnonzero(index.keyframe).tolist() == [0]
+    assert (index.decode_pos != np.arange(40)).any()  # B-frames: decode order differs from display order
+    frames = np.stack(list(mod.stock_frames(0, 2, (96, 64))))
+    assert frames.std() > 20 and not np.array_equal(frames[0], frames[1])  # textured, moving

@@ -233,10 +233,11 @@ def test_corrupt_video_mid_epoch_is_replaced_or_skipped(dataset, tmp_path, caplo
 RECIPE = "rand-m7-n4-mstd0.5-inc1"
 
 
-def test_graph_runs_the_cpu_executors_ops():
-    """Each op, and whole decisions of the recipe, through DALI's operators against the CPU
-    executor on the same frames: the same ops with the same parameters (the CPU executor itself
-    is held to timm's ops by tests/test_augment.py)."""
+@pytest.mark.parametrize("device_id", [None, pytest.param(0, marks=pytest.mark.gpu)], ids=["cpu", "gpu"])
+def test_graph_runs_the_cpu_executors_ops(device_id):
+    """Each op, and whole decisions of the recipe, through DALI's operators (CPU, or GPU) against
+    the CPU executor on the same frames: the same ops with the same parameters (the CPU executor
+    itself is held to timm's ops by tests/test_augment.py)."""
     from pipelines.augment import augment_clip
     from pipelines.dali_augment import augment_frames
     from pipelines.randaugment import INCREASING_TRANSFORMS, AugOp, _arg, parse_policy
@@ -252,33 +253,39 @@ def test_graph_runs_the_cpu_executors_ops():
         spec = sampler.train_clip(i, 0, num_frames_in_video=2, height=72, width=96)
         ops.append(spec.augment)
         crops.append(spec.crop)
-    got = augment_frames([frames] * len(ops), ops, crops, 48, num_slots=4)
+    got = augment_frames([frames] * len(ops), ops, crops, 48, num_slots=4, device_id=device_id)
     values = [psnr(g, augment_clip(frames, o, c, 48).numpy()) for g, o, c in zip(got, ops, crops)]
-    print(f"\nDALI graph vs CPU executor, same frames: PSNR min {min(values):.1f} dB, median {np.median(values):.1f}")
+    print(f"\nDALI graph ({'CPU' if device_id is None else 'GPU'}) vs CPU executor, same frames: "
+          f"PSNR min {min(values):.1f} dB, median {np.median(values):.1f}")
     assert min(values) >= 40, sorted(zip(values, ops))[:3]
 
 
-def test_pipeline_applies_the_samplers_decisions(dataset, caplog):
-    """The DALI pipeline runs the recipe with no warning, each clip with its own ops: its batches
-    equal the CPU executor's output for the same specs on DALI's own decoded frames."""
+def check_pipeline_applies_the_samplers_decisions(root, caplog, device: str) -> None:
+    """The DALI pipeline runs the recipe with no warning, and its training batches equal the CPU
+    executor's output for the same specs on DALI's own decoded frames (so the two decoders'
+    colours do not enter), clip by clip."""
     from pipelines.augment import augment_clip
     from pipelines.base import thwc_uint8_to_bcthw
     from pipelines.loader import clip_specs
 
-    cfg = make_cfg(dataset, train=True, auto_augment=RECIPE, num_frames=4)
+    cfg = make_cfg(root, train=True, auto_augment=RECIPE, num_frames=4, device=device)
     batches = collect(build_pipeline("dali", cfg), epoch=2)
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
-    ds = build_pipeline("pyav", cfg).dataset
+    ds = build_pipeline("pyav", make_cfg(root, train=True, auto_augment=RECIPE, num_frames=4)).dataset
     values, kinds = [], set()
     for batch in batches:
         for row, index in enumerate(batch.index.tolist()):
             (spec,) = clip_specs(ds.sampler, True, (2, index), ds.records[index], ds.infos[index])
             kinds |= {op.kind for op in spec.augment}
-            frames = D.read_frames(ds.records[index].path, spec.frame_indices)
-            expected = augment_clip(frames, spec.augment, spec.crop, 48, spec.flip)
-            values.append(psnr(to_pixels(batch.clips[row:row + 1]), to_pixels(thwc_uint8_to_bcthw(expected[None], "cpu"))))
+            frames = D.read_frames(ds.records[index].path, spec.frame_indices, device="cpu" if device == "cpu" else "gpu")
+            expected = thwc_uint8_to_bcthw(augment_clip(frames, spec.augment, spec.crop, 48, spec.flip)[None], "cpu")
+            values.append(psnr(to_pixels(batch.clips[row:row + 1].cpu()), to_pixels(expected)))
     assert len(values) == 8 and len(kinds) >= 4  # several kinds of ops ran
     assert min(values) >= 40, values
+
+
+def test_pipeline_applies_the_samplers_decisions(dataset, caplog):
+    check_pipeline_applies_the_samplers_decisions(dataset, caplog, "cpu")
 
 
 def test_import_fails_cleanly_without_dali():
@@ -338,3 +345,8 @@ def test_gpu_pipeline_yields_normalised_batches_on_cuda(h264_dataset, train):
     pyav_cpu = [b._replace(clips=b.clips.cpu(), labels=b.labels.cpu(), index=b.index.cpu(), view=b.view.cpu())
                 for b in pyav_batches]
     assert_same_batches(cpu, pyav_cpu)
+
+
+@pytest.mark.gpu
+def test_gpu_pipeline_applies_the_samplers_decisions(h264_dataset, caplog):
+    check_pipeline_applies_the_samplers_decisions(h264_dataset, caplog, "cuda:0")
