@@ -103,11 +103,21 @@ def read_list(
     name = os.fspath(list_path)
     if not os.path.isfile(name):
         raise FileNotFoundError(errno.ENOENT, "list file not found", name)
-    with open(name, encoding="utf-8") as f:
-        lines = f.read().splitlines()
+    with open(name, "rb") as f:
+        raw = f.read()
+    if raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (Windows editors): not part of the first path
+        raw = raw[3:]
 
     records: list[VideoRecord] = []
     problems: list[str] = []
+    lines = []
+    for line_no, data in enumerate(raw.splitlines(), start=1):
+        try:
+            lines.append(data.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            problems.append(f"{name}:{line_no}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {e.start + 1}); "
+                            "save the list as UTF-8")
+            lines.append("")
     for line_no, line in enumerate(lines, start=1):
         text = line.strip()
         if not text or text.startswith("#"):

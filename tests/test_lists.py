@@ -171,3 +171,20 @@ def test_write_rejects_paths_with_spaces(tmp_path):
     with pytest.raises(ValueError, match="spaces"):
         write_list(str(tmp_path / "out.txt"), [VideoRecord("my video.mp4", 0)])
     assert not os.path.exists(tmp_path / "out.txt")
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_path(root):
+    """Editors on Windows start UTF-8 files with a BOM: it read as "file not found" for a path
+    that looked right."""
+    path = root / "bom.txt"
+    path.write_bytes(b"\xef\xbb\xbfvideos/a.mp4 0\r\nvideos/b.mp4 1\r\n")
+    records = read_list(str(path), data_root=str(root))
+    assert [os.path.basename(r.path) for r in records] == ["a.mp4", "b.mp4"]
+
+
+def test_bytes_that_are_not_utf8_are_named_with_file_and_line(root):
+    path = root / "latin1.txt"
+    path.write_bytes(b"videos/a.mp4 0\nvideos/caf\xe9.mp4 1\n")
+    with pytest.raises(ListFileError) as e:
+        read_list(str(path), data_root=str(root))
+    assert f"{path}:2: not UTF-8 text (byte 0xe9 at column 11)" in str(e.value)
