@@ -73,6 +73,19 @@ def _check_codecs(items: Sequence[tuple[str, str]], gpu: bool) -> None:
         f"use --pipeline pyav{'' if gpu else ', or run on a GPU'}")
 
 
+def dali_frame_numbers(index, positions: np.ndarray) -> np.ndarray:
+    """DALI's numbers of the frames at presentation ``positions`` of a file.
+
+    DALI numbers the frames of a codec that never reorders them (VP8, VP9, MJPEG) in decode
+    order. In a sound file that is the presentation order; where a muxer's timestamps go back,
+    the two differ, and the frame shown k-th is the one decoded at the index's ``decode_pos[k]``.
+    Codecs with B-frames keep the presentation position (their decoders reorder).
+    """
+    if _CODEC_ALIASES.get(index.codec, index.codec) in CPU_CODECS:
+        return index.decode_pos[positions]
+    return positions
+
+
 def _device_id(device: str | torch.device) -> int | None:
     """DALI's device_id for a torch device: None (CPU-only pipeline) unless it is CUDA."""
     device = torch.device(device)
@@ -152,7 +165,7 @@ def read_frames(path: str, frame_indices: Sequence[int], device: str = "cpu") ->
     positions = requested_positions(path, frame_indices, index.num_frames)
     if len(positions) == 0:
         return np.empty((0, index.height, index.width, 3), dtype=np.uint8)
-    frames, rows = np.unique(positions, return_inverse=True)
+    frames, rows = np.unique(dali_frame_numbers(index, positions), return_inverse=True)
     decoded = _decode(path, frames, None if device == "cpu" else _device_id("cuda"))
     if len(decoded) != len(frames):
         raise VideoReadError(path, f"DALI returned {len(decoded)} of {len(frames)} frames")
@@ -296,11 +309,14 @@ class DALIPipeline:
             if data is None:
                 continue
             specs = clip_specs(self.sampler, self.cfg.train, (epoch, index), self.records[index], self.infos[index])
-            wanted, rows = np.unique([s.frame_indices for s in specs], return_inverse=True)
+            positions = np.array([s.frame_indices for s in specs])
+            info = self.infos[index]
+            if info.display_order_differs:  # only a muxer's odd timestamps make this more than the positions
+                positions = dali_frame_numbers(frame_index(self.records[index].path), positions)
+            wanted, rows = np.unique(positions, return_inverse=True)
             rows = rows.reshape(len(specs), -1)
             columns[0].append(data)
             columns[1].append(wanted.astype(np.int32))
-            info = self.infos[index]
             for v, spec in enumerate(specs):
                 top, left, h, w = spec.crop
                 view = [rows[v].astype(np.int32), np.array(spec.flip, np.int32)]

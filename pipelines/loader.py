@@ -89,13 +89,23 @@ def load_dataset(cfg: PipelineConfig) -> tuple[list[VideoRecord], list[VideoInfo
                                        num_workers=min(cfg.num_workers, os.cpu_count() or 1),
                                        progress=cfg.rank == 0 and len(records) > 200)
     warnings = check_videos(infos, [r.path for r in records])
+    for i, (record, info) in enumerate(zip(records, infos)):
+        if info is None or record.start_sec is None:
+            continue
+        segment = f"{record.source}: segment {record.start_sec:g}-{record.end_sec:g} s of {record.path}"
+        if record.start_sec * info.fps >= info.num_frames:  # nothing of it is in the video
+            failures.append((segment, f"starts after the video's end ({info.duration_sec:.2f} s)"))
+            infos[i] = None
+        elif (record.end_sec * info.fps) - info.num_frames > 1:
+            warnings.append(f"{segment}: ends after the video's end ({info.duration_sec:.2f} s); its clips use "
+                            "the part in the video")
     if warnings:  # one summary, not one line per file of a large dataset
         more = f"\n  ... and {len(warnings) - 5} more" if len(warnings) > 5 else ""
         log.warning("%s: %d video warning(s):\n  %s%s", cfg.list_path, len(warnings), "\n  ".join(warnings[:5]), more)
     if failures:
         shown = "\n".join(f"  {path}: {reason}" for path, reason in failures[:20])
         more = f"\n  ... and {len(failures) - 20} more" if len(failures) > 20 else ""
-        msg = f"{cfg.list_path}: {len(failures)} of {len(records)} videos are unreadable:\n{shown}{more}"
+        msg = f"{cfg.list_path}: {len(failures)} of {len(records)} videos are unreadable or out of range:\n{shown}{more}"
         if len(failures) > cfg.max_bad_fraction * len(records):
             raise TooManyBadVideos(msg + f"\nthat is more than {cfg.max_bad_fraction:.1%}: fix or remove them")
         log.warning(msg + "\nthey are excluded")

@@ -30,7 +30,7 @@ from pipelines import pyav
 
 __all__ = ["VideoInfo", "check_videos", "probe_video", "probe_videos", "video_info"]
 
-CACHE_VERSION = 2  # 2: frame indexes kept in a frames file
+CACHE_VERSION = 3  # 2: frame indexes kept in a frames file; 3: truncated files, shared timestamps
 MAX_KEYFRAME_INTERVAL = 15  # a clip frame then costs at most ~15 decoded frames
 VFR_TOLERANCE = 0.05  # relative pts-delta jitter still called constant (ms-rounded mkv pts)
 
@@ -47,6 +47,8 @@ class VideoInfo:
     max_keyframe_interval: int  # longest run of frames, in presentation order, between keyframes
     variable_frame_rate: bool
     duration_sec: float
+    shared_timestamps: int = 0  # frames whose pts another frame has too (read by decoding from the start)
+    display_order_differs: bool = False  # some frame is shown before a frame decoded ahead of it
 
 
 def video_info(index: pyav.FrameIndex) -> VideoInfo:
@@ -64,7 +66,8 @@ def video_info(index: pyav.FrameIndex) -> VideoInfo:
     return VideoInfo(
         num_frames=n, fps=index.fps, width=index.width, height=index.height, codec=index.codec,
         max_keyframe_interval=max_interval, variable_frame_rate=vfr,
-        duration_sec=n / index.fps if index.fps > 0 else 0.0)
+        duration_sec=n / index.fps if index.fps > 0 else 0.0, shared_timestamps=index.shared_pts,
+        display_order_differs=bool((index.decode_pos != np.arange(n)).any()))
 
 
 def probe_video(path: str) -> VideoInfo:
@@ -300,7 +303,8 @@ def _unsaved(cache_path: str, error: OSError) -> None:
 
 
 def check_videos(infos: Sequence[VideoInfo | None], paths: Sequence[str]) -> list[str]:
-    """Warnings for files that are slow (long GOP) or inexact (variable frame rate) to sample."""
+    """Warnings for files that are slow (long GOP, shared timestamps) or inexact (variable frame
+    rate) to sample."""
     fix = "re-encode the dataset with `python -m evl.prepare`"
     messages = []
     for info, path in zip(infos, paths):
@@ -315,4 +319,8 @@ def check_videos(infos: Sequence[VideoInfo | None], paths: Sequence[str]) -> lis
             messages.append(
                 f"{path}: variable frame rate, so frame numbers are not evenly spaced in time; "
                 f"{fix}")
+        if info.shared_timestamps:
+            messages.append(
+                f"{path}: {info.shared_timestamps} frames share their timestamp with another (a muxer's bug), so "
+                f"reading them decodes the file from its start; {fix}")
     return messages

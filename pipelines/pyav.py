@@ -27,6 +27,7 @@ __all__ = ["FrameIndex", "VideoReadError", "frame_index", "read_frames"]
 
 NO_TS = np.iinfo(np.int64).min  # a packet without dts (mkv often omits it)
 INDEX_CACHE_SIZE = 4096  # entries of a few KB each: a few tens of MB per process at most
+TRUNCATED_SHARE = 0.02  # frames missing from what the header declares, beyond 2, that make a file truncated
 
 
 class VideoReadError(RuntimeError):
@@ -66,6 +67,14 @@ class FrameIndex:
     @property
     def num_frames(self) -> int:
         return len(self.keyframe)
+
+    @functools.cached_property
+    def shared_pts(self) -> int:
+        """Frames whose pts another frame has too (a muxer's bug): 0 in a sound file."""
+        if not self.has_pts or self.num_frames < 2:
+            return 0
+        same = self.pts[1:] == self.pts[:-1]
+        return int(same.sum() + (same[1:] & ~same[:-1]).sum() + same[0])
 
     @functools.cached_property
     def _keys_by_decode(self) -> tuple[np.ndarray, np.ndarray]:
@@ -142,6 +151,21 @@ def _open(path: str, container_format: str | None = None) -> av.container.InputC
         raise VideoReadError(path, f"cannot open: {e}") from e
 
 
+def _declared_frames(container: av.container.InputContainer, stream: av.VideoStream, fps: float) -> int:
+    """The frame count a file's header promises: the stream's (mp4 sample tables), else its
+    duration's, else the container's duration when the video is its only stream (an audio
+    track may outlast the video); 0 when it says nothing."""
+    if stream.frames:
+        return int(stream.frames)
+    if fps <= 0:
+        return 0
+    if stream.duration and stream.time_base:
+        return round(float(stream.duration * stream.time_base) * fps)
+    if container.duration and len(container.streams) == 1:
+        return round(container.duration / av.time_base * fps)
+    return 0
+
+
 def _build_index(path: str) -> FrameIndex:
     with _open(path) as container:
         stream = _video_stream(container, path)
@@ -150,11 +174,13 @@ def _build_index(path: str) -> FrameIndex:
                 # Lets the demuxer skip audio etc. instead of returning it.
                 other.discard = av.stream.Discard.all
         pts, dts, key = [], [], []
+        hidden = 0
         try:
             for packet in container.demux(stream):
                 # Empty packets are flush markers; discarded ones are hidden by an edit list
                 # (mp4) and never displayed, so neither is a frame.
                 if packet.size == 0 or packet.is_discard:
+                    hidden += packet.size > 0
                     continue
                 pts.append(packet.pts)
                 dts.append(packet.dts)
@@ -185,6 +211,10 @@ def _build_index(path: str) -> FrameIndex:
         explained = rate and abs((n - 1) / rate - span * time_base) <= time_base
         if n > 1 and span > 0 and not explained:
             fps = float((n - 1) / (span * time_base))
+        declared = _declared_frames(container, stream, fps)
+        if declared and declared - (n + hidden) > max(2, TRUNCATED_SHARE * declared):
+            raise VideoReadError(path, f"truncated: its header declares {declared} frames, the file holds {n + hidden} "
+                                       "(an interrupted download or copy?)")
         for arr in (pts_arr, dts_arr, decode_pos, key_arr):
             arr.flags.writeable = False  # shared by every reader of the cached index
         return FrameIndex(
@@ -315,7 +345,7 @@ class _ClipReader:
         return packet.dts is not None and key_dts != NO_TS and packet.dts <= key_dts
 
     def _attempt(
-        self, want: set[int], last_pts: int, drain_at: int, key: int | None, seek_ts: int | None
+        self, want: set[int], drain_at: int, key: int | None, seek_ts: int | None
     ) -> set[int] | None:
         """Decodes from keyframe ``key`` (``seek_ts`` in stream time base) or from the start.
 
@@ -361,9 +391,8 @@ class _ClipReader:
                 if pts in missing:
                     self._store(pts, frame)
                     missing.discard(pts)
-                # Frames come out in presentation order: nothing wanted can follow this one.
-                if pts is not None and pts >= last_pts:
-                    return missing
+                    if not missing:  # not "pts past the last wanted": a muxer's pts may go back
+                        return missing
             if last_in:
                 return missing
         return missing
@@ -372,7 +401,6 @@ class _ClipReader:
         """Decodes the sorted unique presentation positions ``frames`` (one seek)."""
         index = self.index
         want = set(index.pts[frames].tolist())
-        last_pts = int(index.pts[frames[-1]])
         drain_at = int(index.pts[frames[np.argmax(index.decode_pos[frames])]])
         keys = index.start_keyframes(int(frames[0]), int(index.decode_pos[frames].min()))
         attempts: list[tuple[int | None, int | None]] = []
@@ -389,7 +417,7 @@ class _ClipReader:
         for key, seek_ts in attempts:
             if key is not None and key == failed_key:
                 continue  # it landed right but frames were missing: another ts will not help
-            missing = self._attempt(want, last_pts, drain_at, key, seek_ts)
+            missing = self._attempt(want, drain_at, key, seek_ts)
             if missing is None:
                 continue
             if not missing:
@@ -400,16 +428,39 @@ class _ClipReader:
         raise VideoReadError(self.path, f"frame {frame} (pts {first_missing}) could not be decoded "
                              f"({len(missing)} of {len(want)} wanted frames missing)")
 
-    def read_counted(self, last: int) -> None:
-        """Decodes from the start, numbering frames by output order (files without pts)."""
+    def read_sequential(self, last: int) -> None:
+        """Decodes from the start up to presentation position ``last``, numbering frames as a
+        sequential decode yields them: by output count in a file without pts; in a file whose
+        frames share pts, the j-th frame decoded with pts p is the j-th position of p in the
+        index (presentation order, ties in decode order), where matching by pts alone would
+        give one frame for both."""
+        index = self.index
+        positions: dict[int, list[int]] | None = None
+        if index.has_pts:
+            positions = {}
+            for pos, p in enumerate(index.pts.tolist()):
+                positions.setdefault(p, []).append(pos)
+        seen: dict[int, int] = {}
+        todo = set(self.rows)
         n = -1
-        for packet in self.container.demux(self.stream):
+        packets = self.container.demux(self.stream)
+        for packet in [*packets, None]:  # None: drain the frames the decoder still holds at the end
             for frame in _decode_packet(self.stream, packet):
                 n += 1
-                if n in self.rows:
-                    self._store(n, frame)
-                if n >= last:
-                    return
+                if positions is None:
+                    pos = n
+                else:
+                    occurrence = seen.get(frame.pts, 0)
+                    seen[frame.pts] = occurrence + 1
+                    slots = positions.get(frame.pts, ())
+                    if occurrence >= len(slots):
+                        continue  # a frame the index does not count (an edit list hides it)
+                    pos = slots[occurrence]
+                if pos in todo:
+                    self._store(pos, frame)
+                    todo.discard(pos)
+                    if not todo:
+                        return
         raise VideoReadError(self.path, f"only {n + 1} frames decoded, frame {last} requested")
 
 
@@ -461,18 +512,19 @@ def read_frames(path: str, frame_indices: Sequence[int]) -> np.ndarray:
         return np.empty((0, index.height, index.width, 3), dtype=np.uint8)
     frames = np.unique(positions)
     # Output rows per decoded frame, keyed the way frames are matched: by pts, or by count.
-    keys = index.pts[positions] if index.has_pts else positions
+    by_pts = index.has_pts and not index.shared_pts  # else frames are numbered as they are decoded
+    keys = index.pts[positions] if by_pts else positions
     rows: dict[int, list[int]] = {}
     for row, key in enumerate(keys.tolist()):
         rows.setdefault(key, []).append(row)
     reader = _ClipReader(path, index, rows, len(positions))
     try:
         reader.reopen()
-        if index.has_pts:
+        if by_pts:
             for segment in _segments(index, frames):
                 reader.read_segment(segment)
         else:
-            reader.read_counted(int(frames[-1]))
+            reader.read_sequential(int(frames[-1]))
     except av.FFmpegError as e:
         raise VideoReadError(path, f"decoding failed: {e}") from e
     finally:

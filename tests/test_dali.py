@@ -135,6 +135,22 @@ def test_read_frames_contract(tmp_path):
         D.read_frames(path, [0], device="tpu")
 
 
+def test_irregular_timestamps_give_the_frames_pyav_gives(tmp_path):
+    """Frames sharing a pts, and a pts that goes back: DALI's frame lists name the same frames
+    as the PyAV reader and a sequential decode (presentation order, ties in decode order)."""
+    import videos
+
+    dup = videos.write_video(str(tmp_path / "dup.webm"), 24, codec="libvpx-vp9", gop=8,
+                             pts=list(range(6)) + [5] + list(range(6, 23)))
+    src = videos.write_video(str(tmp_path / "src.webm"), 24, codec="libvpx-vp9", gop=8)
+    step = int(videos.decode_all(src)[0][1])
+    back = videos.remux_with_pts(src, str(tmp_path / "back.webm"), {9: int(3.5 * step)})
+    for path, want in ((dup, [5, 6, 7, 23]), (back, [3, 4, 5, 10])):
+        expected = [videos.frame_number(f) for f in videos.decode_all(path)[1][want]]
+        assert [videos.frame_number(f) for f in D.read_frames(path, want)] == expected, path
+        assert [videos.frame_number(f) for f in P.read_frames(path, want)] == expected, path
+
+
 def test_h264_without_gpu_is_refused_with_a_hint(tmp_path):
     path = write_video(str(tmp_path / "clip.mp4"), natural_frames(2, 10), codec="h264")
     with pytest.raises(D.UnsupportedCodecError, match="--pipeline pyav") as info:

@@ -132,7 +132,7 @@ def test_bad_videos_are_excluded_up_front_with_a_report(demo_data, tmp_path, cap
         pipe = build_pipeline("pyav", cfg(demo_data, list_path=str(root / "train.txt"), data_root=str(root),
                                           max_bad_fraction=0.05))
     assert pipe.num_samples == 31
-    assert "00003.mp4" in caplog.text and "1 of 32 videos are unreadable" in caplog.text
+    assert "00003.mp4" in caplog.text and "1 of 32 videos are unreadable or out of range" in caplog.text
     with pytest.raises(TooManyBadVideos, match="00003.mp4"):
         build_pipeline("pyav", cfg(demo_data, list_path=str(root / "train.txt"), data_root=str(root),
                                    max_bad_fraction=0.01))
@@ -232,3 +232,21 @@ def test_exit_with_live_workers_does_not_hang(demo_data):
                           text=True, timeout=60, cwd=root, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "(4, 3, 4, 64, 64)" and "exited unexpectedly" not in proc.stderr
+
+
+def test_segments_past_the_end_of_their_video_are_reported_by_line(demo_data, tmp_path, caplog):
+    """`<path> <label> 5.0 10.0` on a 0.3 s video trained on one repeated frame: such a line is
+    left out and named; one that only runs over the end is warned about."""
+    from pipelines.loader import load_dataset
+
+    video = read_list(demo_data.train_list, data_root=demo_data.root)[0].path  # 8 frames
+    lines = f"{video} 0 0.0 0.2\n{video} 1 5.0 10.0\n{video} 2 0.1 3.0\n"
+    (tmp_path / "segments.txt").write_text(lines)
+    c = cfg(demo_data, list_path=str(tmp_path / "segments.txt"), max_bad_fraction=0.5)
+    with caplog.at_level(logging.WARNING):
+        records, _ = load_dataset(c)
+    assert [r.label for r in records] == [0, 2]
+    assert f"segments.txt:2: segment 5-10 s of {video}: starts after the video's end" in caplog.text
+    assert "segments.txt:3: segment 0.1-3 s" in caplog.text and "ends after the video's end" in caplog.text
+    with pytest.raises(TooManyBadVideos, match="segments.txt:2"):
+        load_dataset(cfg(demo_data, list_path=str(tmp_path / "segments.txt"), max_bad_fraction=0.0))

@@ -60,6 +60,7 @@ def write_video(
     pts: Sequence[int] | None = None,
     audio: bool = False,
     options: dict[str, str] | None = None,
+    container_options: dict[str, str] | None = None,
 ) -> str:
     """Writes ``num_frames`` numbered frames to ``path`` (container from the extension).
 
@@ -67,7 +68,7 @@ def write_video(
     non-zero start timestamp, a negative one makes the mp4 muxer write an edit list that hides
     the frames with negative pts.
     """
-    with av.open(path, mode="w") as container:
+    with av.open(path, mode="w", options=container_options or {}) as container:
         sound = container.add_stream("aac", rate=8000) if audio else None
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height = size
@@ -131,3 +132,17 @@ def photo_frames(num_frames: int, height: int, width: int) -> np.ndarray:
         box = (left, top, left + int(width * zoom), top + int(height * zoom))
         frames.append(np.asarray(photo.crop(box).resize((width, height), Image.BILINEAR)))
     return np.stack(frames)
+
+
+def remux_with_pts(src: str, dst: str, pts: dict[int, int]) -> str:
+    """Copies ``src``'s video packets to ``dst`` (mkv or webm, which keep pts only), giving packet
+    ``i`` (demux order) the pts ``pts[i]`` (in ``src``'s time base): how a muxer's bug looks."""
+    with av.open(src) as source, av.open(dst, "w") as target:
+        stream = source.streams.video[0]
+        out = target.add_stream_from_template(stream)
+        for i, packet in enumerate(p for p in source.demux(stream) if p.size):
+            packet.pts = pts.get(i, packet.pts)
+            packet.dts = i  # monotonic and never above a pts; matroska stores pts only
+            packet.stream = out
+            target.mux(packet)
+    return dst
