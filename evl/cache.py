@@ -128,7 +128,11 @@ class _ShardWriter:
     def __init__(self, directory: str, k: int, num_clips: int, views: int, elems: int):
         self.directory, self.k = directory, k
         self.tmp = os.path.join(directory, f".tmp-{shard_name(k)}")
-        self.arr = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=DTYPE, shape=(num_clips * views, elems))
+        try:
+            self.arr = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=DTYPE, shape=(num_clips * views, elems))
+        except OSError as e:
+            raise CacheError(f"could not create feature cache shard {self.tmp} ({e.strerror or e}): the shards written "
+                             "so far are kept; free some space and rerun the build") from None
         _reserve(self.tmp)
         self.remaining = num_clips * views
         self.bad: dict[int, str] = {}
@@ -343,9 +347,19 @@ def _build(args: argparse.Namespace, world, group: PatientGroup, say, warn, prog
         if missing:
             raise CacheError(f"{directory}: shard(s) {missing} were not completed")
         manifest = dict(header, shards=[done[k] for k in range(num_shards)])
-        bad = sum(len(done[k]["bad"]) for k in done)
+        bad = {int(i): (k, reason) for k in done for i, reason in done[k].get("bad_reasons", {}).items()}
+        if len(bad) > args.max_bad_fraction * n:
+            # The limit live training applies: past it the cache is not completed (no manifest),
+            # and the finished shards are kept for the rerun.
+            shown = "\n".join(f"  {records[i].path}: {reason}" for i, (_, reason) in sorted(bad.items())[:20])
+            shards = sorted({shard_name(k) for k, _ in bad.values()})
+            raise CacheError(
+                f"{len(bad)} of {n} videos could not be decoded, more than --max_bad_fraction "
+                f"({args.max_bad_fraction:.1%}):\n{shown}\nthe finished shards are kept: rerun with a higher "
+                f"--max_bad_fraction to complete the cache without them, or fix them, delete "
+                f"{', '.join(shards[:5])}{' ...' if len(shards) > 5 else ''} and rerun")
         if bad:
-            say(f"warning: {bad} of {n} video(s) could not be decoded and are left out of the cache")
+            say(f"warning: {len(bad)} of {n} video(s) could not be decoded and are left out of the cache")
         _write_json_atomic(manifest_path, manifest)
         _fsync_dir(directory)
         say(f"feature cache {directory}: complete ({_human(sum(s['bytes'] for s in manifest['shards']))})")

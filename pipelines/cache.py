@@ -37,7 +37,7 @@ import torch
 
 from evl.weights import file_sha256
 
-from .base import Batch, PipelineConfig
+from .base import Batch, PipelineConfig, check_bad_videos
 from .lists import VideoRecord
 from .loader import train_shard
 from .sampling import epoch_permutation, shard_indices
@@ -234,6 +234,9 @@ class CachePipeline:
         self.views = self.store.views
         bad = {int(i) for sh in manifest["shards"] for i in sh["bad"]}
         if bad:
+            # Counted as live training counts unreadable videos: past the run's limit, it stops.
+            check_bad_videos([(self.records[i].path, "failed to decode when the cache was built") for i in sorted(bad)],
+                             self.num_samples, cfg.max_bad_fraction)
             log.warning("%s: %d video(s) failed to decode at build time and are left out", self.directory, len(bad))
         self.valid = np.array([i for i in range(self.num_samples) if i not in bad], dtype=np.int64)
         self.labels = torch.tensor([r.label for r in self.records], dtype=torch.long)

@@ -288,9 +288,13 @@ def test_train_main_from_the_cache(data, tmp_path):
     result = main(argv)
     assert result["step"] == 4 and np.isfinite(result["loss"]) and "best_top1" in result
     assert (tmp_path / "run" / "checkpoint-4.pth").exists()
+    from evl.config import parse_config
+    from evl.train import train
+
     argv[argv.index("--sampling_rate") + 1] = "3"
+    argv[argv.index("--output_dir") + 1] = str(tmp_path / "other")
     with pytest.raises(CacheMismatch, match="sampling_rate"):
-        main(argv)
+        train(parse_config(argv))
 
 
 @pytest.mark.slow
@@ -359,3 +363,45 @@ def test_json_write_on_a_full_disk_names_the_file(tmp_path, monkeypatch):
     with pytest.raises(CacheError, match=r"could not write .*manifest\.json \(No space left on device\)"):
         cache_cli._write_json_atomic(str(path), {"a": 1})
     assert os.listdir(tmp_path) == []
+
+
+def test_undecodable_videos_past_the_limit_leave_the_cache_incomplete(data, tmp_path, monkeypatch):
+    """The build applies --max_bad_fraction as live training does (it left 8% of the videos out
+    with a warning and exit 0), and training refuses a cache with more bad clips than it allows."""
+    import json
+
+    from pipelines.base import TooManyBadVideos
+    from pipelines.loader import ClipDataset
+
+    load = ClipDataset.load
+
+    def two_break(self, key):
+        if key[1] in (2, 5):
+            raise OSError("simulated decoding failure")
+        return load(self, key)
+
+    monkeypatch.setattr(ClipDataset, "load", two_break)
+    out = tmp_path / "features"
+    with pytest.raises(SystemExit, match=r"2 of 8 videos could not be decoded, more than --max_bad_fraction \(10\.0%\)"):
+        cache_cli.main(build_argv(data, "train", out, "--max_bad_fraction", "0.1"))
+    assert not (out / "train" / "manifest.json").exists()
+    shards = sorted(p.name for p in (out / "train").glob("shard-*.npy"))
+    assert len(shards) == 3  # every shard written is kept
+    cache_cli.main(build_argv(data, "train", out, "--max_bad_fraction", "0.3"))  # completes from the kept shards
+    manifest = json.loads((out / "train" / "manifest.json").read_text())
+    assert sorted(int(i) for sh in manifest["shards"] for i in sh["bad"]) == [2, 5]
+    with pytest.raises(TooManyBadVideos, match="2 unreadable videos in one epoch of 8"):
+        CachePipeline(pipe_cfg(data, extra={"feature_cache": str(out)}, max_bad_fraction=0.1))
+    assert len(CachePipeline(pipe_cfg(data, extra={"feature_cache": str(out)}, max_bad_fraction=0.3)).valid) == 6
+
+
+def test_a_full_disk_when_a_shard_is_created_names_the_shard(data, tmp_path, monkeypatch):
+    import errno
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cache_cli.np.lib.format, "open_memmap", no_space)
+    with pytest.raises(SystemExit, match=r"could not create feature cache shard .*\.tmp-shard-00000\.npy "
+                                         r"\(No space left on device\): the shards written so far are kept"):
+        cache_cli.main(build_argv(data, "train", tmp_path / "features"))
