@@ -13,6 +13,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from pipelines.atomic import atomic_write
+
 from .weights import WeightsError, safe_load, strip_prefix
 
 __all__ = ["load_checkpoint", "read_model_state", "describe_state"]
@@ -76,29 +78,9 @@ FORMAT = "evl-checkpoint/1"
 
 
 def save_atomic(obj: dict, path: str) -> None:
-    """Write to a temp file in the same directory, fsync, then rename over ``path``.
-
-    A crash or a full disk leaves the previous file intact; the temp file is removed.
-    """
-    import os
-    import tempfile
-
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pth")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError):
-            raise OSError(e.errno, f"could not write checkpoint {path} ({e.strerror}); earlier checkpoints "
-                                   "are untouched") from e
-        raise
+    """``torch.save`` to ``path`` through :func:`pipelines.atomic.atomic_write`: a crash or a full
+    disk leaves the previous file intact and names the file."""
+    atomic_write(path, lambda f: torch.save(obj, f), what="checkpoint", keeps="earlier checkpoints are untouched")
 
 
 def rng_state() -> dict:
@@ -137,3 +119,145 @@ def check_backbone_identity(ckpt: dict, model: nn.Module, path: str) -> None:
             raise WeightsError(f"{path} was trained with backbone {saved.get('backbone_id')} "
                                f"(weights sha256 {saved.get('backbone_sha256')}), but this run uses "
                                f"{own.get('backbone_id')} (weights sha256 {own.get('backbone_sha256')})")
+
+
+# -- the run directory -------------------------------------------------------------------------
+
+
+class RunDirectoryError(RuntimeError):
+    """An ``--output_dir`` this run may not write to: another run's, or in use."""
+
+
+class RunDirectory:
+    """A training run's ``--output_dir``: its checkpoints (names, pruning, ``best.pth``),
+    ``config.json``, ``metrics.jsonl``, and the lock that keeps a second writer out.
+
+    ``checkpoint-<step>.pth`` files are the run's resume points, the last ``keep_last`` kept;
+    ``best.pth`` is the best evaluation's. Every file is written atomically. The lock is an
+    ``flock`` on ``.lock``, held while the run lives: the kernel releases it when the process
+    ends, however it ends, so a killed run never blocks its own resume.
+    """
+
+    RUN_FILES = ("config.json", "metrics.jsonl", "best.pth", "best.json")
+
+    def __init__(self, path: str, keep_last: int = 2):
+        self.path, self.keep_last = path, keep_last
+        self._lock_file = None
+
+    def checkpoints(self) -> list[tuple[int, str]]:
+        """``(step, path)`` of the resume points, oldest first."""
+        import glob
+        import os
+        import re
+
+        found = []
+        for path in glob.glob(os.path.join(self.path, "checkpoint-*.pth")):
+            m = re.fullmatch(r"checkpoint-(\d+)\.pth", os.path.basename(path))
+            if m:
+                found.append((int(m.group(1)), path))
+        return sorted(found)
+
+    def latest(self) -> str | None:
+        found = self.checkpoints()
+        return found[-1][1] if found else None
+
+    def run_files(self) -> list[str]:
+        """The names of an earlier run's files here (empty for a new directory)."""
+        import os
+
+        names = [os.path.basename(p) for _, p in self.checkpoints()]
+        return names + [n for n in self.RUN_FILES if os.path.exists(os.path.join(self.path, n))]
+
+    def lock(self) -> None:
+        """Take the directory for this process, or raise naming the process that has it."""
+        import fcntl
+        import os
+        import socket
+        import time
+
+        os.makedirs(self.path, exist_ok=True)
+        path = os.path.join(self.path, ".lock")
+        f = open(path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise RunDirectoryError(f"{self.path} is in use by another run ({holder}): two runs writing one "
+                                    "directory would mix their checkpoints; wait for it, or use another "
+                                    "--output_dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        self._lock_file = f
+
+    def unlock(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()  # closing releases the flock
+            self._lock_file = None
+
+    def remove_temporaries(self) -> list[str]:
+        """Deletes the temporary files of saves a kill interrupted (safe under the lock: no
+        other writer); returns their names."""
+        import glob
+        import os
+
+        gone = []
+        for path in glob.glob(os.path.join(self.path, ".tmp-*")):
+            os.remove(path)
+            gone.append(os.path.basename(path))
+        return gone
+
+    def start_over(self) -> list[str]:
+        """Deletes an earlier run's files (``--overwrite_output_dir``); returns their names."""
+        import os
+
+        names = self.run_files()
+        for name in names + ["curves.png"]:
+            if os.path.exists(os.path.join(self.path, name)):
+                os.remove(os.path.join(self.path, name))
+        return names
+
+    def write_config(self, config: dict) -> None:
+        import json
+        import os
+
+        atomic_write(os.path.join(self.path, "config.json"), (json.dumps(config, indent=2) + "\n").encode(),
+                     what="run configuration", keeps="checkpoints written so far are untouched")
+
+    def save(self, state: dict, step: int) -> str:
+        """``checkpoint-<step>.pth``, then the oldest beyond ``keep_last`` removed."""
+        import os
+
+        path = os.path.join(self.path, f"checkpoint-{step}.pth")
+        save_atomic(state, path)
+        for _, old in self.checkpoints()[:-self.keep_last]:
+            if old != path:
+                os.remove(old)
+        return path
+
+    def save_best(self, state: dict, best: dict) -> str:
+        """``best.pth``, and ``best.json`` (its step and scores) beside it: a resumed run reads
+        the best score from there, since an evaluation may follow the checkpoint it resumes."""
+        import json
+        import os
+
+        path = os.path.join(self.path, "best.pth")
+        save_atomic(state, path)
+        atomic_write(os.path.join(self.path, "best.json"), json.dumps(best).encode(), what="best score",
+                     keeps="best.pth is written")
+        return path
+
+    def best_record(self) -> dict | None:
+        """The scores of ``best.pth`` (``{"top1", "top5", "step"}``), or None."""
+        import json
+        import os
+
+        try:
+            with open(os.path.join(self.path, "best.json"), encoding="utf-8") as f:
+                record = json.load(f)
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) and isinstance(record.get("top1"), (int, float)) else None

@@ -61,10 +61,12 @@ class TrainConfig:
     print_freq: int = 10
     keep_last: int = 2
     auto_resume: bool = False
+    overwrite_output_dir: bool = False
     resume_path: str | None = None
     eval_only: bool = False
     predictions_path: str | None = None
     device: str | None = None
+    debug: bool = False
     extra: dict = field(default_factory=dict)
 
     def model_kwargs(self) -> dict:
@@ -143,11 +145,16 @@ def build_parser(prog: str = "python -m evl.train") -> argparse.ArgumentParser:
     r.add_argument("--save_freq", type=int, default=d.save_freq)
     r.add_argument("--print_freq", type=int, default=d.print_freq)
     r.add_argument("--keep_last", type=int, default=d.keep_last, help="checkpoints kept besides the best")
-    r.add_argument("--auto_resume", action="store_true")
+    r.add_argument("--auto_resume", action="store_true", help="continue the run in --output_dir from its newest "
+                   "checkpoint (a new run there is refused: see --overwrite_output_dir)")
+    r.add_argument("--overwrite_output_dir", action="store_true",
+                   help="delete the earlier run's checkpoints, config and metrics in --output_dir and start over")
     r.add_argument("--resume_path")
     r.add_argument("--eval_only", action="store_true")
     r.add_argument("--predictions_path", help="where --eval_only writes per-video predictions (JSON lines)")
     r.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
+    r.add_argument("--debug", action="store_true", help="show the traceback of errors in the input too "
+                   "(or set EVL_DEBUG=1)")
     return p
 
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt_io
+from .cli import STOPPED, SetupError, safe_stdio, user_errors
 from .config import TrainConfig, parse_config
 from .distributed import (StopAgreement, World, all_gather_object, all_reduce_max, all_reduce_sum, barrier,
                           cleanup, init_distributed, threads_beside_decoders)
@@ -63,12 +64,28 @@ def check_inputs(cfg: TrainConfig) -> None:
         path = getattr(cfg, flag)
         if path and not os.path.isfile(path):
             problems.append(f"--{flag} {path}: file not found")
-    if cfg.batch_size % cfg.batch_split:
+    at_least = {"batch_size": 1, "batch_split": 1, "num_steps": 1, "save_freq": 1, "eval_freq": 1, "print_freq": 1,
+                "keep_last": 1, "warmup_steps": 0, "num_workers": 0, "num_frames": 1, "num_classes": 1,
+                "num_temporal_views": 1}
+    if cfg.sampling == "dense":
+        at_least["sampling_rate"] = 1
+    for flag, low in at_least.items():
+        if getattr(cfg, flag) < low:
+            problems.append(f"--{flag} {getattr(cfg, flag)} must be at least {low}")
+    if not 0.0 <= cfg.max_bad_fraction <= 1.0:
+        problems.append(f"--max_bad_fraction {cfg.max_bad_fraction} must be in [0, 1]")
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)) or cfg.weight_decay < 0:
+        problems.append(f"--lr {cfg.lr} must be positive and --weight_decay {cfg.weight_decay} not negative")
+    if not 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1:
+        problems.append(f"--crop_scale {cfg.crop_scale[0]} {cfg.crop_scale[1]} must satisfy 0 < MIN <= MAX <= 1")
+    if cfg.overwrite_output_dir and (cfg.auto_resume or cfg.resume_path):
+        problems.append("--overwrite_output_dir starts a run over: it cannot go with --auto_resume or --resume_path")
+    if cfg.batch_size >= 1 and cfg.batch_split >= 1 and cfg.batch_size % cfg.batch_split:
         problems.append(f"--batch_size {cfg.batch_size} is not divisible by --batch_split {cfg.batch_split}")
     if cfg.pipeline == "cache" and not cfg.feature_cache:
         problems.append("--pipeline cache needs --feature_cache DIR")
     if problems:
-        raise SystemExit("error: " + "; ".join(problems))
+        raise SetupError("; ".join(problems))
 
 
 def pipeline_config(cfg: TrainConfig, world: World, train: bool, input_size: int, model_config: dict | None = None):
@@ -91,20 +108,6 @@ def make_pipeline(cfg: TrainConfig, world: World, train: bool, input_size: int, 
     from pipelines import build_pipeline
 
     return build_pipeline(cfg.pipeline, pipeline_config(cfg, world, train, input_size, model_config))
-
-
-def checkpoint_files(output_dir: str) -> list[tuple[int, str]]:
-    found = []
-    for path in glob.glob(os.path.join(output_dir, "checkpoint-*.pth")):
-        m = re.fullmatch(r"checkpoint-(\d+)\.pth", os.path.basename(path))
-        if m:
-            found.append((int(m.group(1)), path))
-    return sorted(found)
-
-
-def prune_checkpoints(output_dir: str, keep_last: int) -> None:
-    for _, path in checkpoint_files(output_dir)[:-keep_last] if keep_last > 0 else []:
-        os.remove(path)
 
 
 class MetricsLog:
@@ -232,6 +235,49 @@ def restore_rng(state: dict, world: World, seed: int) -> None:
         torch.manual_seed(int(np.random.default_rng([seed, world.rank, int(state["next_step"])]).integers(2**62)))
 
 
+# Resuming with other values of these would continue another run than the checkpoint's: the
+# model and what it computes, the samples and their order, the optimiser's settings (restored
+# from the checkpoint, so a new --lr or --weight_decay would be ignored). Refused, with a message.
+RESUME_FIXED = ("backbone", "num_classes", "num_frames", "decoder_num_layers", "decoder_qkv_dim", "decoder_num_heads",
+                "decoder_mlp_factor", "enable_temporal_conv", "enable_temporal_pos_embed",
+                "enable_temporal_cross_attention", "cls_dropout", "decoder_mlp_dropout", "train_list_path",
+                "sampling_rate", "sampling", "auto_augment", "mirror", "crop_scale", "seed", "lr", "weight_decay",
+                "warmup_steps")
+# How a run continues, not which run it is: not compared.
+RESUME_IGNORED = ("output_dir", "auto_resume", "resume_path", "overwrite_output_dir", "eval_only", "debug",
+                  "predictions_path", "extra", "batch_size")
+
+
+def check_resume_flags(saved: dict, saved_world_size: int, cfg: TrainConfig, world: World, path: str) -> list[str]:
+    """Compares this run's flags with the checkpoint's. Raises for a change that would make the
+    resumed run another run (:data:`RESUME_FIXED`, and the global batch); returns a line per
+    change that takes effect from here on."""
+    now = cfg.to_dict()
+    fmt = lambda v: " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)  # noqa: E731
+    refused, changed = [], []
+    for key, value in now.items():
+        if key in RESUME_IGNORED or key not in saved:
+            continue
+        old = saved[key]
+        if (list(old) if isinstance(old, (list, tuple)) else old) == (list(value) if isinstance(value, (list, tuple))
+                                                                     else value):
+            continue
+        line = f"--{key} {fmt(old)} -> {fmt(value)}"
+        (refused if key in RESUME_FIXED else changed).append(line)
+    old_batch, new_batch = saved.get("batch_size", cfg.batch_size) * saved_world_size, cfg.batch_size * world.world_size
+    if old_batch != new_batch:
+        refused.append(f"global batch {saved.get('batch_size')} x {saved_world_size} process(es) = {old_batch} -> "
+                       f"{cfg.batch_size} x {world.world_size} = {new_batch}")
+    elif saved.get("batch_size") != cfg.batch_size:
+        changed.append(f"--batch_size {saved.get('batch_size')} x {saved_world_size} process(es) -> "
+                       f"{cfg.batch_size} x {world.world_size} (the same global batch)")
+    if refused:
+        raise SetupError(f"{path} was trained with other flags: {'; '.join(refused)}. Resuming would continue "
+                         "another run than the checkpoint's: pass the checkpoint's values (its config.json), or "
+                         "start a new run in another --output_dir")
+    return changed
+
+
 def batches_forever(pipeline, start_step: int):
     """Yield (step, batch) from ``start_step`` on, resuming mid-epoch at the right batch."""
     per_epoch = len(pipeline)
@@ -258,45 +304,91 @@ def decode_workers(cfg: TrainConfig) -> int:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Train (or evaluate, with ``eval_only``) as configured; returns the final metrics."""
+    """Train (or evaluate, with ``eval_only``) as configured; returns the final metrics, and
+    ``stopped_by`` (the signal's number) when a signal stopped the run."""
     check_inputs(cfg)
     with threads_beside_decoders(decode_workers(cfg)):
         return _train(cfg)
 
 
+def open_run_directory(cfg: TrainConfig, world: World) -> ckpt_io.RunDirectory | None:
+    """The run's ``--output_dir``, checked on every rank and locked by rank 0.
+
+    A directory that holds another run is never written into silently: continuing it needs
+    ``--auto_resume`` (or ``--resume_path`` of one of its checkpoints), starting over needs
+    ``--overwrite_output_dir``. Evaluation writes no run files there.
+    """
+    if not cfg.output_dir or cfg.eval_only:
+        return None
+    run = ckpt_io.RunDirectory(cfg.output_dir, cfg.keep_last)
+    if world.is_primary:
+        run.lock()  # first: nobody else decides about this directory meanwhile
+    try:
+        used = run.run_files()
+        resume_here = cfg.resume_path and os.path.samefile(os.path.dirname(os.path.abspath(cfg.resume_path)),
+                                                           cfg.output_dir)
+        if used and not (cfg.auto_resume or resume_here or cfg.overwrite_output_dir):
+            shown = ", ".join(used[:4]) + (", ..." if len(used) > 4 else "")
+            raise ckpt_io.RunDirectoryError(
+                f"--output_dir {cfg.output_dir} holds an earlier run ({shown}): pass --auto_resume to continue it, "
+                "--overwrite_output_dir to delete it and start over, or choose another --output_dir")
+        if world.is_primary:
+            gone = run.remove_temporaries()
+            if gone:
+                print0(world, f"removed {len(gone)} unfinished file(s) of a save that was interrupted: "
+                              f"{', '.join(gone)}")
+            if used and cfg.overwrite_output_dir:
+                print0(world, f"--overwrite_output_dir: deleted the earlier run's {', '.join(run.start_over())}")
+    except BaseException:
+        run.unlock()
+        raise
+    return run
+
+
 def _train(cfg: TrainConfig) -> dict:
     world = init_distributed(cfg.device)
-    device = world.device
-    precision = resolve_precision(cfg.mixed_precision, device)
-    torch.manual_seed(cfg.seed)  # the same model on every rank, a random backbone included
-    out_dir = cfg.output_dir
-    if out_dir and world.is_primary:
-        os.makedirs(out_dir, exist_ok=True)
-        path = os.path.join(out_dir, "config.json")
-        try:
-            with open(path, "w", encoding="utf-8") as f:
-                json.dump(cfg.to_dict(), f, indent=2)
-        except OSError as e:  # a full disk, say: name the file
-            raise OSError(e.errno, f"could not write {path} ({e.strerror})") from e
-    print0(world, "config: " + json.dumps(cfg.to_dict()))
+    run = None
+    try:
+        run = open_run_directory(cfg, world)
+        return _run(cfg, world, run)
+    finally:
+        if run is not None:
+            run.unlock()
 
-    model = build_model(cfg.backbone, cfg.num_classes, cfg.num_frames, **cfg.model_kwargs())
-    torch.manual_seed(cfg.seed + world.rank)  # ranks draw different dropout masks
-    input_size = model.spec.image_size[0]
-    resume = cfg.resume_path
-    if not resume and cfg.auto_resume and out_dir and checkpoint_files(out_dir):
-        resume = checkpoint_files(out_dir)[-1][1]
-    state = None
-    if resume:
-        state = ckpt_io.load_checkpoint(model, resume)
-        if "model_config" in state:
-            ckpt_io.check_backbone_identity(state, model, resume)
-        print0(world, f"loaded {resume}")
-    # Pipelines validate their lists (labels, missing files) before the model moves or trains.
-    has_val = cfg.val_list_path or cfg.pipeline == "dummy" or (
-        cfg.pipeline == "cache" and os.path.isdir(os.path.join(cfg.feature_cache, "val")))
-    val_pipe = make_pipeline(cfg, world, False, input_size, model.config) if has_val else None
-    train_pipe = None if cfg.eval_only else make_pipeline(cfg, world, True, input_size, model.config)
+
+def _run(cfg: TrainConfig, world: World, run: ckpt_io.RunDirectory | None) -> dict:
+    device = world.device
+    print0(world, "config: " + json.dumps(cfg.to_dict()))
+    try:  # before the first step, a ValueError is about the input: the flags, the model, the data
+        precision = resolve_precision(cfg.mixed_precision, device)
+        torch.manual_seed(cfg.seed)  # the same model on every rank, a random backbone included
+        model = build_model(cfg.backbone, cfg.num_classes, cfg.num_frames, **cfg.model_kwargs())
+        torch.manual_seed(cfg.seed + world.rank)  # ranks draw different dropout masks
+        input_size = model.spec.image_size[0]
+        resume = cfg.resume_path or (run.latest() if run is not None and cfg.auto_resume else None)
+        state = None
+        if resume:
+            state = ckpt_io.load_checkpoint(model, resume)
+            if "model_config" in state:
+                ckpt_io.check_backbone_identity(state, model, resume)
+            if "config" in state and "optimizer" in state and not cfg.eval_only:
+                changed = check_resume_flags(state["config"], len(state.get("rng_per_rank") or [None]), cfg, world,
+                                             resume)
+                if changed:
+                    print0(world, "resuming with changed flags, in effect from here on: " + "; ".join(changed))
+            print0(world, f"loaded {resume}")
+        # Pipelines validate their lists (labels, missing files) before the model moves or trains.
+        has_val = cfg.val_list_path or cfg.pipeline == "dummy" or (
+            cfg.pipeline == "cache" and os.path.isdir(os.path.join(cfg.feature_cache, "val")))
+        val_pipe = make_pipeline(cfg, world, False, input_size, model.config) if has_val else None
+        train_pipe = None if cfg.eval_only else make_pipeline(cfg, world, True, input_size, model.config)
+    except ValueError as e:
+        if type(e) is not ValueError:  # a subclass says what it is (ListFileError, WeightsError, ...)
+            raise
+        raise SetupError(str(e)) from e
+    out_dir = run.path if run is not None else None
+    if run is not None and world.is_primary:  # once set-up went through: a failed start leaves no run behind
+        run.write_config(cfg.to_dict())
     model.to(device)
     ddp = model
     if world.world_size > 1:
@@ -316,7 +408,7 @@ def _train(cfg: TrainConfig) -> dict:
     if cfg.eval_only:
         r = run_eval(int(state.get("next_step", 0)) if state else 0)
         if r and world.is_primary:
-            pred = cfg.predictions_path or (os.path.join(out_dir, "predictions.jsonl") if out_dir else None)
+            pred = cfg.predictions_path or (os.path.join(cfg.output_dir, "predictions.jsonl") if cfg.output_dir else None)
             if pred:
                 write_predictions(pred, r["result"], [rec.path for rec in val_pipe.records]
                                   if hasattr(val_pipe, "records") else [str(i) for i in range(val_pipe.num_samples)])
@@ -335,26 +427,25 @@ def _train(cfg: TrainConfig) -> dict:
         scaler.load_state_dict(state["loss_scaler"])
         start = int(state["next_step"])
         best = state.get("metrics", {}).get("best", best)
+        if run is not None:  # an evaluation after the checkpoint was saved may have found a better one
+            best = max(best, run.best_record() or best, key=lambda b: b["top1"])
         restore_rng(state, world, cfg.seed)
 
     def save(next_step: int) -> str | None:
         # Every rank's dropout stream, so that each continues its own after a resume: a
         # collective, so every rank calls save (at the same steps) and rank 0 writes.
         rngs = all_gather_object(ckpt_io.rng_state()) if world.world_size > 1 else None
-        if not (out_dir and world.is_primary):
+        if not (run and world.is_primary):
             return None
-        path = os.path.join(out_dir, f"checkpoint-{next_step}.pth")
-        ckpt_io.save_atomic(ckpt_io.training_state(model, optimizer, scheduler, scaler, next_step, cfg.to_dict(),
-                                                   {"best": best}, rngs), path)
-        prune_checkpoints(out_dir, cfg.keep_last)
-        return path
+        return run.save(ckpt_io.training_state(model, optimizer, scheduler, scaler, next_step, cfg.to_dict(),
+                                               {"best": best}, rngs), next_step)
 
     progress = None
     if world.is_primary:
         from tqdm import tqdm
 
         progress = tqdm(total=cfg.num_steps, initial=start, desc="train", dynamic_ncols=True,
-                        disable=None)  # None: no bar when stderr is not a terminal
+                        disable=None)  # None: no bar when stderr is not a terminal: log lines instead
     last = {}
     metrics.write(event="start", step=start)  # what the curves of earlier runs this run supersedes
     model.train()
@@ -370,11 +461,12 @@ def _train(cfg: TrainConfig) -> dict:
         # and stop together.
         first = int(all_reduce_max(bad_step.clone()).item())
         if first >= 0:
-            kept = checkpoint_files(out_dir)[-1][1] if out_dir and checkpoint_files(out_dir) else "none"
+            kept = (run.latest() if run is not None else None) or "none"
             raise FloatingPointError(f"non-finite loss at step {first + 1} (found at step {done}); stopping. "
                                      f"Last good checkpoint: {kept}")
 
     agreement = StopAgreement()  # every rank, at the same point: it makes a process group
+    stopped_by = None
     with StopRequest() as stop:
         for step, batch in batches_forever(train_pipe, start) if start < cfg.num_steps else ():
             optimizer.zero_grad(set_to_none=True)
@@ -406,7 +498,7 @@ def _train(cfg: TrainConfig) -> dict:
                         "clips_per_s": clips_since / max(now - t_log, 1e-9)}
                 t_log, clips_since = now, 0
                 metrics.write(**last)
-                if progress is not None:
+                if progress is not None and not progress.disable:
                     progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}",
                                          clips_s=f"{last['clips_per_s']:.1f}")
                 elif world.is_primary:
@@ -414,24 +506,26 @@ def _train(cfg: TrainConfig) -> dict:
                           f"clips/s {last['clips_per_s']:.1f}", flush=True)
             if progress is not None:
                 progress.update(1)
-            if done % cfg.eval_freq == 0 or done == cfg.num_steps:
+            saving = done % cfg.save_freq == 0 or done == cfg.num_steps or stopping
+            evaluating = (done % cfg.eval_freq == 0 or done == cfg.num_steps) and not stopping
+            if saving or evaluating:
                 check_finite(done)
+            if saving:  # before the evaluation: an evaluation that fails cannot cost these steps
+                path = save(done)
+            if evaluating:
                 r = run_eval(done)
                 if r and r["top1"] > best["top1"]:
                     best = {"top1": r["top1"], "top5": r["top5"], "step": done}
-                    if out_dir and world.is_primary:
-                        ckpt_io.save_atomic(ckpt_io.training_state(model, optimizer, scheduler, scaler, done,
-                                                                   cfg.to_dict(), {"best": best}),
-                                            os.path.join(out_dir, "best.pth"))
+                    if run and world.is_primary:
+                        run.save_best(ckpt_io.training_state(model, optimizer, scheduler, scaler, done, cfg.to_dict(),
+                                                             {"best": best}), best)
                 if world.is_primary:
                     metrics.plot()
-            if done % cfg.save_freq == 0 or done == cfg.num_steps or stopping:
-                check_finite(done)
-                path = save(done)
-                if stopping:
-                    why = f"signal {stop.signal}" if stop.signal is not None else "a signal to another rank"
-                    print0(world, f"stopped by {why} after step {done}; checkpoint: {path}")
-                    break
+            if stopping:
+                stopped_by = stop.signal if stop.signal is not None else signal.SIGTERM
+                why = f"signal {stop.signal}" if stop.signal is not None else "a signal to another rank"
+                print0(world, f"stopped by {why} after step {done}; checkpoint: {path}")
+                break
             if done >= cfg.num_steps:
                 break
     agreement.close()
@@ -442,17 +536,28 @@ def _train(cfg: TrainConfig) -> dict:
     result = {"step": step + 1 if start < cfg.num_steps else start, **last}
     if best.get("step") is not None:
         result.update(best_top1=best["top1"], best_step=best["step"])
+    if stopped_by is not None:
+        result["stopped_by"] = int(stopped_by)
     return result
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m evl.train") -> dict:
+    """The command line: errors in the input are one line and status 1; a run stopped by a
+    signal exits with 128 + the signal's number (143 for SIGTERM, 130 for SIGINT) once its
+    checkpoint is saved, so that ``train && eval`` and schedulers can tell it from a finished run."""
+    safe_stdio()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         from .demo import run_demo
 
         return run_demo()
-    return train(parse_config(argv, prog))
+    cfg = parse_config(argv, prog)
+    with user_errors(prog, cfg.debug):
+        result = train(cfg)
+    if "stopped_by" in result:
+        raise SystemExit(STOPPED + result["stopped_by"])
+    return result
 
 
 if __name__ == "__main__":

@@ -12,11 +12,19 @@ import pytest
 import torch
 
 from evl import train as train_mod
+from evl.config import parse_config
 from evl.eval import main as eval_main
+from evl.cli import SetupError
 from evl.weights import WeightsError, safe_load
+from pipelines.base import TooManyBadVideos
 from pipelines.lists import ListFileError
 
 from conftest import TINY_VIT, train_argv
+
+
+def run(argv):
+    """The library call under ``python -m evl.train``: errors come out as their own exceptions."""
+    return train_mod.train(parse_config(argv))
 
 
 def events(out):
@@ -41,13 +49,25 @@ def test_training_writes_run_directory(tiny_vit, demo_data, tmp_path):
     assert ckpt["model_config"]["backbone_id"].startswith("tiny-vit")
     assert not any(k.startswith("backbone") for k in ckpt["model"])
     assert ev[0] == {"event": "start", "step": 0}
-    # A fresh run in the same directory: the history keeps both, the curves show the new one.
-    train_mod.main(train_argv(tiny_vit, demo_data, out, "--num_steps", "3", "--eval_freq", "3"))
-    ev = events(out)
-    assert len([e for e in ev if "loss" in e]) == 9
-    train, evals = train_mod.curves(ev)
-    assert [e["step"] for e in train] == [1, 2, 3] and [e["step"] for e in evals] == [3]
-    assert train == [e for e in ev if "loss" in e][6:]
+
+
+def test_a_used_output_dir_is_never_mixed(tiny_vit, demo_data, tmp_path, capsys):
+    """A new run into a directory that holds one is refused (its files untouched), naming
+    --auto_resume and --overwrite_output_dir; the latter deletes the old run and starts over."""
+    out = tmp_path / "run"
+    train_mod.main(train_argv(tiny_vit, demo_data, out, "--num_steps", "6", "--eval_freq", "3", "--save_freq", "6"))
+    before = {name: (out / name).read_bytes() for name in os.listdir(out) if name != ".lock"}
+    with pytest.raises(SystemExit) as e:
+        train_mod.main(train_argv(tiny_vit, demo_data, out, "--num_steps", "3", "--eval_freq", "3"))
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "holds an earlier run (checkpoint-6.pth" in err and "--auto_resume" in err and "--overwrite_output_dir" in err
+    assert {name: (out / name).read_bytes() for name in os.listdir(out) if name != ".lock"} == before
+    train_mod.main(train_argv(tiny_vit, demo_data, out, "--num_steps", "3", "--eval_freq", "3", "--save_freq", "3",
+                              "--overwrite_output_dir"))
+    assert sorted(n for n in os.listdir(out) if n.endswith(".pth")) == ["best.pth", "checkpoint-3.pth"]
+    assert [e["step"] for e in events(out) if "loss" in e] == [1, 2, 3]
+    assert json.loads((out / "config.json").read_text())["num_steps"] == 3
 
 
 def test_curves_after_a_resume_replace_the_repeated_steps():
@@ -73,12 +93,15 @@ def test_metrics_on_a_full_disk_name_the_file(tmp_path):
 def test_config_on_a_full_disk_names_the_file(tiny_vit, demo_data, tmp_path, monkeypatch):
     import errno
 
-    def no_space(*a, **k):
+    import pipelines.atomic
+
+    def no_space(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(train_mod.json, "dump", no_space)
-    with pytest.raises(OSError, match=r"could not write .*config\.json \(No space left on device\)"):
-        train_mod.main(train_argv(tiny_vit, demo_data, tmp_path / "run"))
+    monkeypatch.setattr(pipelines.atomic.os, "fsync", no_space)
+    with pytest.raises(OSError, match=r"could not write run configuration .*config\.json \(No space left on device\)"):
+        run(train_argv(tiny_vit, demo_data, tmp_path / "run", "--num_steps", "1"))
+    assert os.listdir(tmp_path / "run") == [".lock"]  # no half-written config, no temporary file
 
 
 def test_resume_after_a_cut_metrics_line(tiny_vit, demo_data, tmp_path, caplog):
@@ -185,12 +208,12 @@ def test_eval_only_writes_each_video_once(tiny_vit, demo_data, tmp_path):
 
 
 def test_bad_flags_fail_before_training(tiny_vit, demo_data, tmp_path):
-    with pytest.raises(SystemExit, match="nope.txt: file not found"):
-        train_mod.main(train_argv(tiny_vit, demo_data, tmp_path, "--train_list_path", str(tmp_path / "nope.txt")))
+    with pytest.raises(SetupError, match="nope.txt: file not found"):
+        run(train_argv(tiny_vit, demo_data, tmp_path, "--train_list_path", str(tmp_path / "nope.txt")))
     with pytest.raises(ListFileError, match=r"\.txt:\d+: label 3 outside \[0, 3\)"):
-        train_mod.main(train_argv(tiny_vit, demo_data, tmp_path, "--num_classes", "3"))
-    with pytest.raises(SystemExit, match="not divisible"):
-        train_mod.main(train_argv(tiny_vit, demo_data, tmp_path, "--batch_split", "3"))
+        run(train_argv(tiny_vit, demo_data, tmp_path, "--num_classes", "3"))
+    with pytest.raises(SetupError, match="not divisible"):
+        run(train_argv(tiny_vit, demo_data, tmp_path, "--batch_split", "3"))
 
 
 def test_resume_from_another_model_or_backbone_is_refused(tiny_vit, demo_data, tmp_path):
@@ -198,20 +221,20 @@ def test_resume_from_another_model_or_backbone_is_refused(tiny_vit, demo_data, t
     train_mod.main(train_argv(tiny_vit, demo_data, out, "--num_steps", "1", "--save_freq", "1"))
     ck = str(out / "checkpoint-1.pth")
     with pytest.raises(WeightsError, match="another model.*8 frames"):
-        train_mod.main(train_argv(tiny_vit, demo_data, tmp_path / "x", "--resume_path", ck, "--num_frames", "8"))
+        run(train_argv(tiny_vit, demo_data, tmp_path / "x", "--resume_path", ck, "--num_frames", "8"))
     other = tmp_path / "other-vit.json"
     cfg = json.loads(json.dumps(TINY_VIT))
     cfg["vision_cfg"]["layers"] = 5
     other.write_text(json.dumps(cfg))
     with pytest.raises(WeightsError, match="trained with backbone tiny-vit"):
-        train_mod.main(train_argv(str(other), demo_data, tmp_path / "y", "--resume_path", ck))
+        run(train_argv(str(other), demo_data, tmp_path / "y", "--resume_path", ck))
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_vit, demo_data, tmp_path):
     out = tmp_path / "nan"
     with pytest.raises(FloatingPointError, match="non-finite loss") as e:
-        train_mod.main(train_argv(tiny_vit, demo_data, out, "--num_steps", "20", "--save_freq", "1",
-                                  "--lr", "1e36", "--weight_decay", "0"))
+        run(train_argv(tiny_vit, demo_data, out, "--num_steps", "20", "--save_freq", "1", "--lr", "1e36",
+                       "--weight_decay", "0"))
     kept = sorted(os.listdir(out))
     assert any(k.startswith("checkpoint-") for k in kept) and "checkpoint-" in str(e.value)
     last = max((int(k[11:-4]), k) for k in kept if k.startswith("checkpoint-"))[1]
@@ -234,8 +257,8 @@ def test_non_finite_loss_between_checks_is_caught_before_anything_is_written(tin
     monkeypatch.setattr(train_mod.F, "cross_entropy", from_step_7_nan)
     out = tmp_path / "nan"
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 7 \(found at step 8\)") as e:
-        train_mod.main(train_argv(tiny_vit, demo_data, out, "--num_steps", "40", "--save_freq", "6",
-                                  "--print_freq", "4", "--eval_freq", "100"))
+        run(train_argv(tiny_vit, demo_data, out, "--num_steps", "40", "--save_freq", "6", "--print_freq", "4",
+                       "--eval_freq", "100"))
     assert "checkpoint-6.pth" in str(e.value)
     assert [ev["step"] for ev in events(out) if "loss" in ev] == [4]  # step 8 was never logged
     assert sorted(k for k in os.listdir(out) if k.startswith("checkpoint-")) == ["checkpoint-6.pth"]
@@ -259,13 +282,15 @@ def run_cli(args, env=None, **kw):
                             text=True, **kw)
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_vit, demo_data, tmp_path):
+def test_sigterm_saves_a_checkpoint_and_exits_with_a_stop_status(tiny_vit, demo_data, tmp_path):
+    """A stopped run is not a finished one: after its checkpoint it exits with 128 + the signal
+    (143), so that `train && eval` and schedulers can tell (it exited 0)."""
     out = tmp_path / "sig"
     proc = run_cli(["-m", "evl.train", *train_argv(tiny_vit, demo_data, out, "--num_steps", "100000")])
     wait_for_training(out)
     proc.send_signal(signal.SIGTERM)
     log, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, log
+    assert proc.returncode == 128 + signal.SIGTERM, log
     saved = [f for f in os.listdir(out) if f.startswith("checkpoint-")]
     assert len(saved) == 1 and "stopped by signal" in log
     assert 0 < safe_load(str(out / saved[0]))["next_step"] < 100000
@@ -285,7 +310,7 @@ def test_sigterm_to_the_process_group_saves_with_decoding_workers(tiny_vit, demo
         log, _ = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == 0, log
+    assert proc.returncode == 128 + signal.SIGTERM, log
     assert "stopped by signal 15" in log and "exited unexpectedly" not in log
     assert len([f for f in os.listdir(out) if f.startswith("checkpoint-")]) == 1
     deadline = time.time() + 30
@@ -338,7 +363,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tiny_vit, demo_da
     finally:
         for p in ranks:
             p.kill()
-    assert [p.returncode for p in ranks] == [0, 0], logs
+    assert [p.returncode for p in ranks] == [128 + signal.SIGTERM] * 2, logs
     saved = [f for f in os.listdir(out) if f.startswith("checkpoint-")]
     assert len(saved) == 1 and f"stopped by a signal to another rank after step {saved[0][11:-4]};" in logs[0]
     assert 0 < safe_load(str(out / saved[0]))["next_step"] < 100000
@@ -420,3 +445,162 @@ def test_cuda_without_cuda_is_a_clear_error(tmp_path):
         cache_main(["build", "--list_path", "x.txt", "--output", str(tmp_path / "c"), "--device", "cuda"])
     with pytest.raises(SystemExit, match="error: --device cuda: no CUDA device"):
         extract_main(["--list", "x.txt", "--checkpoint", "y.pth", "--output", str(tmp_path / "e"), "--device", "cuda"])
+
+
+# -- a run never loses or mixes work ------------------------------------------------------------
+
+
+def test_a_second_writer_is_refused_and_a_killed_runs_lock_is_not_stale(tiny_vit, demo_data, tmp_path):
+    out = tmp_path / "locked"
+    first = run_cli(["-m", "evl.train", *train_argv(tiny_vit, demo_data, out, "--num_steps", "100000",
+                                                   "--save_freq", "2")])
+    try:
+        wait_for_training(out)
+        second = run_cli(["-m", "evl.train", *train_argv(tiny_vit, demo_data, out, "--num_steps", "4", "--auto_resume")])
+        log, _ = second.communicate(timeout=120)
+        assert second.returncode == 1 and f"is in use by another run (pid {first.pid}" in log, log
+        assert "Traceback" not in log
+    finally:
+        first.kill()  # kill -9: no handler runs, the lock goes with the process
+        first.communicate(timeout=60)
+    resumed_from = _saved_step(out)
+    result = run(train_argv(tiny_vit, demo_data, out, "--num_steps", str(resumed_from + 2), "--save_freq", "2",
+                            "--auto_resume"))
+    assert result["step"] == _saved_step(out) == resumed_from + 2
+
+
+def _saved_step(out) -> int:
+    return max(int(name[11:-4]) for name in os.listdir(out) if name.startswith("checkpoint-"))
+
+
+def test_evaluating_a_training_directory_leaves_its_files_alone(tiny_vit, demo_data, tmp_path):
+    out = tmp_path / "run"
+    run(train_argv(tiny_vit, demo_data, out, "--num_steps", "2", "--save_freq", "2"))
+    config = (out / "config.json").read_bytes()
+    eval_main(train_argv(tiny_vit, demo_data, out, "--checkpoint", str(out / "checkpoint-2.pth")))
+    assert (out / "config.json").read_bytes() == config
+    assert (out / "predictions.jsonl").exists()
+
+
+def test_an_evaluation_that_fails_costs_no_steps(tiny_vit, demo_data, tmp_path, monkeypatch):
+    """Val videos that fail to decode stop the run at its evaluation (the bad-video limit), but
+    the checkpoint of that step is saved first."""
+    from pipelines.loader import ClipDataset
+
+    load = ClipDataset.load
+
+    def val_breaks(self, key):
+        if not self.train:
+            raise OSError("simulated decoding failure")
+        return load(self, key)
+
+    monkeypatch.setattr(ClipDataset, "load", val_breaks)
+    out = tmp_path / "run"
+    with pytest.raises(TooManyBadVideos, match="unreadable videos in one epoch of 12"):
+        run(train_argv(tiny_vit, demo_data, out, "--num_steps", "8", "--save_freq", "4", "--eval_freq", "4",
+                       "--max_bad_fraction", "0.1"))
+    assert safe_load(str(out / "checkpoint-4.pth"))["next_step"] == 4
+
+
+def test_a_pipe_that_goes_away_does_not_cost_the_stop_checkpoint(tiny_vit, demo_data, tmp_path):
+    """`... | tee log` with a group-wide SIGTERM: tee dies first, then the trainer's next line
+    hits a closed pipe. It must still save its checkpoint and exit with the stop status."""
+    out = tmp_path / "piped"
+    proc = run_cli(["-m", "evl.train", *train_argv(tiny_vit, demo_data, out, "--num_steps", "100000")])
+    wait_for_training(out)
+    proc.stdout.close()  # the reader is gone: every later write to the pipe fails
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    assert len([f for f in os.listdir(out) if f.startswith("checkpoint-")]) == 1
+
+
+def test_resuming_with_other_flags_is_refused_or_said(tiny_vit, demo_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    run(train_argv(tiny_vit, demo_data, out, "--num_steps", "2", "--save_freq", "2"))
+    with pytest.raises(SetupError, match=r"--lr 0\.001 -> 0\.002.*--seed 0 -> 1.*start a new run"):
+        run(train_argv(tiny_vit, demo_data, out, "--num_steps", "4", "--auto_resume", "--lr", "2e-3", "--seed", "1"))
+    with pytest.raises(SetupError, match=r"global batch 8 x 1 process\(es\) = 8 -> 4 x 1 = 4"):
+        run(train_argv(tiny_vit, demo_data, out, "--num_steps", "4", "--auto_resume", "--batch_size", "4"))
+    capsys.readouterr()
+    result = run(train_argv(tiny_vit, demo_data, out, "--num_steps", "4", "--auto_resume", "--eval_freq", "2"))
+    assert result["step"] == 4
+    said = capsys.readouterr().out
+    assert "in effect from here on: --num_steps 2 -> 4; --eval_freq 1000 -> 2" in said
+
+
+def test_a_save_interrupted_by_a_kill_leaves_no_litter(tiny_vit, demo_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    run(train_argv(tiny_vit, demo_data, out, "--num_steps", "2", "--save_freq", "2"))
+    (out / ".tmp-k9x2a.pth").write_bytes(b"half a checkpoint")
+    run(train_argv(tiny_vit, demo_data, out, "--num_steps", "3", "--auto_resume"))
+    assert not (out / ".tmp-k9x2a.pth").exists()
+    assert "removed 1 unfinished file(s) of a save that was interrupted: .tmp-k9x2a.pth" in capsys.readouterr().out
+
+
+def test_a_full_disk_while_saving_names_the_checkpoint_and_keeps_the_last(tiny_vit, demo_data, tmp_path,
+                                                                          monkeypatch):
+    import shutil as sh
+
+    import evl.checkpoint
+
+    out = tmp_path / "run"
+    run(train_argv(tiny_vit, demo_data, out, "--num_steps", "2", "--save_freq", "2"))
+    real_save = evl.checkpoint.torch.save
+
+    def disk_fills(obj, f):  # what torch.save says on a full disk (seen on a 600 KiB tmpfs)
+        f.write(b"PK")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(evl.checkpoint.torch, "save", disk_fills)
+    monkeypatch.setattr("pipelines.atomic.shutil.disk_usage", lambda d: sh._ntuple_diskusage(100, 100, 0))
+    with pytest.raises(OSError, match=r"could not write checkpoint .*checkpoint-4\.pth \(no space left on device\); "
+                                      "earlier checkpoints are untouched"):
+        run(train_argv(tiny_vit, demo_data, out, "--num_steps", "4", "--save_freq", "2", "--auto_resume"))
+    monkeypatch.setattr(evl.checkpoint.torch, "save", real_save)
+    assert sorted(n for n in os.listdir(out) if n.startswith(("checkpoint-", ".tmp"))) == ["checkpoint-2.pth"]
+    assert safe_load(str(out / "checkpoint-2.pth"))["next_step"] == 2
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--batch_size", "0"], "--batch_size 0 must be at least 1"),
+    (["--batch_split", "0"], "--batch_split 0 must be at least 1"),
+    (["--save_freq", "0", "--eval_freq", "0", "--print_freq", "0"], "--save_freq 0 must be at least 1"),
+    (["--num_steps", "-3"], "--num_steps -3 must be at least 1"),
+    (["--warmup_steps", "-1"], "--warmup_steps -1 must be at least 0"),
+    (["--keep_last", "0"], "--keep_last 0 must be at least 1"),
+    (["--max_bad_fraction", "-0.1"], "--max_bad_fraction -0.1 must be in [0, 1]"),
+    (["--overwrite_output_dir", "--auto_resume"], "cannot go with --auto_resume"),
+])
+def test_bad_numbers_in_flags_are_refused_up_front(tiny_vit, demo_data, tmp_path, flags, words):
+    with pytest.raises(SetupError) as e:
+        run(train_argv(tiny_vit, demo_data, tmp_path / "run", *flags))
+    assert words in str(e.value)
+    assert not (tmp_path / "run").exists()  # before anything is written
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tiny_vit, demo_data, tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_text("clip.mp4 1\nclip.mp4 x\n")
+    argv = ["-m", "evl.train", *train_argv(tiny_vit, demo_data, tmp_path / "run", "--train_list_path", str(bad))]
+    proc = run_cli(argv)
+    log, _ = proc.communicate(timeout=120)
+    lines = [ln for ln in log.splitlines() if "error" in ln]
+    assert proc.returncode == 1 and "Traceback" not in log
+    assert lines and lines[0].startswith("python -m evl.train: error: invalid list file") or "bad.txt:2" in log, log
+    proc = run_cli(argv + ["--debug"])
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "Traceback" in log and "ListFileError" in log
+    # A start that failed leaves no run behind: the corrected command needs no extra flag.
+    assert run(train_argv(tiny_vit, demo_data, tmp_path / "run", "--num_steps", "1"))["step"] == 1
+    proc = run_cli(["-m", "evl.eval", *train_argv(tiny_vit, demo_data, tmp_path / "e", "--checkpoint",
+                                                   str(tmp_path / "none.pth"))])
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in log and "none.pth: file not found" in log, log
+
+
+def test_log_lines_without_a_terminal(tiny_vit, demo_data, tmp_path):
+    """nohup, SLURM, `| tee`: no progress bar, and a line per logged step instead."""
+    proc = run_cli(["-m", "evl.train", *train_argv(tiny_vit, demo_data, tmp_path / "run", "--num_steps", "3")])
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, log
+    assert [ln.split()[1] for ln in log.splitlines() if ln.startswith("step ") and "loss" in ln] == ["1/3", "2/3", "3/3"]
