@@ -276,6 +276,7 @@ def demo_argv(dataset: DemoDataset, backbone_json: str, output_dir: str, *, pipe
         "--batch_size", "32", "--lr", "1e-3", "--weight_decay", "0.05", "--num_steps", str(num_steps),
         "--eval_freq", str(max(1, num_steps // 4)), "--save_freq", str(num_steps), "--print_freq", "20",
         "--num_workers", "2", "--mixed_precision", "fp32", "--device", "cpu", "--output_dir", output_dir,
+        "--overwrite_output_dir",  # the demo's own directory: each demo starts over
     ]
 
 
