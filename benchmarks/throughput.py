@@ -224,7 +224,7 @@ class DALIReaderPipeline:
         from evl.backbone import resolve_backbone
         from pipelines.base import CLIP_MEAN, CLIP_STD
         from pipelines.dali import _device_id
-        from pipelines.loader import clip_specs, load_dataset, make_sampler
+        from pipelines.dataset import clip_specs, load_dataset, make_sampler
         from pipelines.sampling import epoch_permutation
 
         pcfg = make_pipeline_config(cfg, device, True, resolve_backbone(cfg.backbone).image_size[0])
@@ -295,7 +295,7 @@ def pipeline(cfg, name, device, args=None, train=True):
         return DALIReaderPipeline(cfg, device, name == "dali_legacy_reader",
                                   args.work_dir if args else tempfile.gettempdir())
     if name == "fulldecode":
-        from pipelines.loader import DecodingPipeline
+        from pipelines.workers import DecodingPipeline
 
         return DecodingPipeline(make_pipeline_config(cfg, device, train, size), full_decode_read)
     extra = {}
@@ -350,8 +350,8 @@ def decode_ceiling(cfg, pipe, clips: int, workers: int) -> dict:
     import av
     from concurrent.futures import ThreadPoolExecutor
 
-    from pipelines.loader import clip_specs
-    from pipelines.pyav import frame_index
+    from pipelines.dataset import clip_specs
+    from pipelines.index import frame_index
 
     ds = pipe.dataset
     need = []

@@ -27,7 +27,7 @@ import torch
 from pipelines.base import PipelineConfig, thwc_uint8_to_bcthw
 from pipelines.cache import (BUILD, DTYPE, FORMAT, MANIFEST, CacheError, FeatureStore, read_json, read_manifest,
                              record_fields, row_elems, shard_name, split_dir)
-from pipelines.loader import cat_for_transfer
+from pipelines.workers import cat_for_transfer
 
 from .config import auto_augment_arg
 from .decoder import attention_features
@@ -189,7 +189,8 @@ def build_cache(args: argparse.Namespace, say=print, progress: bool = True) -> d
 
 def _build(args: argparse.Namespace, world, group: PatientGroup, say, warn, progress: bool) -> dict:
     """``build_cache`` on one rank; ``say`` prints on rank 0 only, ``warn`` on every rank."""
-    from pipelines.loader import ClipDataset, load_dataset, make_sampler
+    from pipelines.dataset import load_dataset, make_sampler
+    from pipelines.workers import ClipDataset
     from pipelines.pyav import read_frames
 
     train = args.split == "train"

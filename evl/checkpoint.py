@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from pipelines.atomic import atomic_write
+from pipelines.files import atomic_write
 
 from .weights import WeightsError, safe_load, strip_prefix
 

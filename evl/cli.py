@@ -28,7 +28,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from pipelines.base import TooManyBadVideos
     from pipelines.cache import CacheError
     from pipelines.lists import ListFileError
-    from pipelines.pyav import VideoReadError
+    from pipelines.index import VideoReadError
     from pipelines.randaugment import PolicyError
 
     from .checkpoint import RunDirectoryError

@@ -264,7 +264,11 @@ class EVLDecoder(nn.Module):
         return f
 
     def forward(self, features: Sequence[BlockFeatures | AttentionFeatures]) -> torch.Tensor:
-        """The last ``num_layers`` blocks' features (live or cached) -> the final query token ``[B, C]``."""
+        """The last ``num_layers`` blocks' features (live or cached) -> the final query token ``[B, C]``.
+
+        A block's features are its ``out`` tokens with either its ``q`` and ``k`` (live) or the
+        cross-attention maps ``attn_prev`` and ``attn_next`` (cached: any tuple with those
+        fields, such as the feature cache's own)."""
         if len(features) != self.num_layers:
             raise ValueError(f"decoder has {self.num_layers} layers but got features of {len(features)} blocks")
         b, t, length, c = features[0].out.shape
@@ -275,7 +279,7 @@ class EVLDecoder(nn.Module):
         for i, feat in enumerate(features):
             maps = None
             if self.cross_attention is not None:
-                maps = ((feat.attn_prev, feat.attn_next) if isinstance(feat, AttentionFeatures)
+                maps = ((feat.attn_prev, feat.attn_next) if hasattr(feat, "attn_prev")
                         else TemporalCrossAttention.attention_maps(feat.q, feat.k))
             f = self.frame_tokens(i, feat.out, maps)
             x = self.decoder_layers[i](x, f.flatten(1, 2))

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from pipelines.groups import gloo_group
+
 
 @dataclass(frozen=True)
 class World:
@@ -84,21 +86,6 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
-
-
-def gloo_group(purpose: str, fallback: str, timeout_days: float | None = None):
-    """A gloo process group of its own (a collective: every rank calls it), or None, with a
-    warning saying ``fallback``, where gloo cannot connect (a network it cannot use)."""
-    import datetime
-    import logging
-
-    try:
-        if timeout_days is None:
-            return dist.new_group(backend="gloo")
-        return dist.new_group(backend="gloo", timeout=datetime.timedelta(days=timeout_days))
-    except RuntimeError as e:
-        logging.getLogger("evl.distributed").warning("no gloo group %s (%s): %s", purpose, e, fallback)
-        return None
 
 
 class StopAgreement:

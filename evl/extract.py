@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from pipelines.lists import ListFileError, VideoRecord, read_list
-from pipelines.loader import frame_range
+from pipelines.dataset import frame_range
 from pipelines.probe import probe_video
 
 from .distributed import PatientGroup, all_gather_object, cleanup, init_distributed, resolve_device

@@ -17,9 +17,9 @@ import sys
 import torch
 
 from pipelines.lists import VideoRecord
-from pipelines.loader import frame_range
+from pipelines.dataset import frame_range
 from pipelines.probe import probe_video
-from pipelines.pyav import VideoReadError
+from pipelines.index import VideoReadError
 
 from .inference import Predictor, add_model_arguments, predictor_from_args, read_class_names
 from .weights import WeightsError

@@ -63,7 +63,7 @@ def encode_video(job: EncodeJob) -> int:
     import av
 
     from pipelines.probe import probe_video
-    from pipelines.pyav import frame_index
+    from pipelines.index import frame_index
 
     tmp = _temp_path(job.target)
     os.makedirs(os.path.dirname(os.path.abspath(job.target)), exist_ok=True)

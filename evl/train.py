@@ -12,12 +12,10 @@ in the directory; the curves show the current one (see :func:`curves`).
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import logging
 import math
 import os
-import re
 import signal
 import sys
 import time

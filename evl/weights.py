@@ -10,7 +10,6 @@ plain files go through ``torch.load(weights_only=True)`` and TorchScript archive
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import warnings
@@ -18,6 +17,8 @@ import zipfile
 from typing import Any, Mapping
 
 import torch
+
+from pipelines.files import file_sha256
 from torch import nn
 
 __all__ = [
@@ -31,14 +32,6 @@ UNUSED_VISUAL_KEYS = ("ln_post.weight", "ln_post.bias", "proj")
 
 class WeightsError(ValueError):
     """A weights or checkpoint file that cannot be used, with the file named in the message."""
-
-
-def file_sha256(path: str, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _is_torchscript(path: str) -> bool:

@@ -30,16 +30,15 @@ import logging
 import os
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
 
-from evl.weights import file_sha256
-
 from .base import Batch, PipelineConfig, check_bad_videos
 from .lists import VideoRecord
-from .loader import train_shard
+from .epoch import batches_per_epoch, train_shard
+from .files import file_sha256
 from .sampling import epoch_permutation, shard_indices
 
 __all__ = ["CacheError", "CacheMismatch", "CachePipeline", "FeatureStore", "FORMAT", "bytes_per_view",
@@ -51,7 +50,17 @@ FORMAT = "evl-feature-cache/1"
 MANIFEST = "manifest.json"
 BUILD = "build.json"
 DTYPE = np.float16
-FIELDS = ("out", "attn_prev", "attn_next")  # per block, in this order; evl.backbone.AttentionFeatures
+FIELDS = ("out", "attn_prev", "attn_next")  # per block, in this order
+
+
+class CachedBlock(NamedTuple):
+    """One backbone block's cached features, as the model takes them (``Batch.features``): its
+    output tokens and the temporal cross-attention's maps with the previous and next frame.
+    The fields are those of ``evl.backbone.AttentionFeatures``; the decoder reads them by name."""
+
+    out: torch.Tensor
+    attn_prev: torch.Tensor
+    attn_next: torch.Tensor
 _VIEW_STREAM = 5  # after pipelines.sampling's streams 1-4, so a view draw shares no stream with them
 
 
@@ -250,10 +259,7 @@ class CachePipeline:
         self.epoch, self.skip = 0, 0
         self._views, self._views_epoch = None, None
         self.shard_len = len(self._clips())
-        self.batches_per_epoch = self.shard_len // cfg.batch_size if cfg.train else -(-self.shard_len // cfg.batch_size)
-        if cfg.train and self.batches_per_epoch == 0:
-            raise ValueError(f"feature cache {self.directory}: {n} clips are fewer than one global batch of "
-                             f"{cfg.batch_size} x {cfg.world_size} processes")
+        self.batches_per_epoch = batches_per_epoch(self.shard_len, cfg, f"feature cache {self.directory} ({n} clips)")
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -266,7 +272,7 @@ class CachePipeline:
         cfg, n = self.cfg, len(self.valid)
         if not cfg.train:
             return self.valid[shard_indices(n, cfg.rank, cfg.world_size, pad=False)]
-        # The live pipelines' global batches (pipelines.loader.train_shard), from the same permutation.
+        # The live pipelines' global batches (pipelines.epoch.train_shard), from the same permutation.
         order = self.valid[epoch_permutation(n, cfg.seed, self.epoch)]
         return np.asarray(train_shard(order, cfg.batch_size, cfg.rank, cfg.world_size), dtype=np.int64)
 
@@ -285,11 +291,9 @@ class CachePipeline:
         return flat
 
     def _features(self, flat: np.ndarray, n: int) -> list:
-        from evl.backbone import AttentionFeatures
-
         # fp16 to the device (half the bytes), fp32 there: the live backbone hands over fp32 too.
         x = torch.from_numpy(flat).to(self.cfg.device, non_blocking=True).float()
-        return [AttentionFeatures(*(x[n * start:n * stop].view(n, *shape) for start, stop, shape in block))
+        return [CachedBlock(*(x[n * start:n * stop].view(n, *shape) for start, stop, shape in block))
                 for block in self._slices]
 
     def _rows(self, chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

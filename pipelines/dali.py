@@ -18,7 +18,7 @@ With ``cfg.device`` on CUDA the decoder is the "mixed" one (NVDEC) and batches c
 GPU; on the CPU (``device_id=None``) DALI decodes VP8, VP9 and MJPEG only, so anything else is
 refused up front with a hint to use ``--pipeline pyav``. Unreadable
 videos are replaced (training) or skipped (evaluation), counted and reported as in
-:mod:`pipelines.loader`; DALI does not say which sample of a batch failed, so the batch's videos
+:mod:`pipelines.workers`; DALI does not say which sample of a batch failed, so the batch's videos
 are checked one by one and the pipeline is rebuilt from that batch.
 """
 
@@ -41,8 +41,9 @@ from .augment import plan_clip
 from .base import (CLIP_MEAN, CLIP_STD, Batch, PipelineConfig, check_bad_videos, report_bad_videos,
                    summarise_bad_videos)
 from .dali_augment import augment_columns, augment_graph, column_types
-from .loader import MAX_REPLACEMENTS, EpochKeys, clip_specs, load_dataset, make_sampler
-from .pyav import VideoReadError, frame_index, requested_positions
+from .dataset import clip_specs, load_dataset, make_sampler
+from .epoch import EpochKeys, batches_per_epoch, replacements
+from .index import VideoReadError, frame_index, requested_positions
 
 __all__ = ["CPU_CODECS", "GPU_CODECS", "DALIPipeline", "UnsupportedCodecError", "read_frames", "to_torch"]
 
@@ -253,11 +254,7 @@ class DALIPipeline:
         self.sampler = make_sampler(cfg)
         self.num_views = 1 if cfg.train else self.sampler.num_views
         self.keys = EpochKeys(len(records), cfg)
-        self.batches_per_epoch = (len(self.keys) // cfg.batch_size if cfg.train
-                                  else -(-len(self.keys) // cfg.batch_size))
-        if cfg.train and len(self.keys) < cfg.batch_size:
-            raise ValueError(f"{cfg.list_path}: {len(self.keys)} videos per process is fewer than one batch "
-                             f"of {cfg.batch_size}")
+        self.batches_per_epoch = batches_per_epoch(len(self.keys), cfg, f"{cfg.list_path} ({len(records)} readable videos)")
         # One slot per RandAugment layer: each clip's ops run inside the graph.
         self.num_slots = self.sampler.augment.num_layers if self.sampler.augment else 0
         self.known_bad: dict[str, str] = {}  # path -> reason, across epochs
@@ -288,23 +285,20 @@ class DALIPipeline:
 
     def _build_batch(self, number: int, keys: list[tuple[int, int]]):
         """(pending record, external_source outputs) of one batch, or None when every video is bad."""
-        seed, n = self.cfg.seed, len(self.records)
         pending = _Pending(number, [], [], [], [])
         per_view = len(_view_types(self.num_slots))
         columns: list[list[np.ndarray]] = [[] for _ in range(2 + per_view * self.num_views)]
-        for slot, (epoch, index) in enumerate(keys):
-            failures = []
-            rng = np.random.default_rng([seed, epoch, index, 99])  # the loader's replacement stream
-            for _ in range(MAX_REPLACEMENTS if self.cfg.train else 1):
+        for slot, (epoch, first) in enumerate(keys):
+            failures, data = [], None
+            # Training replaces a video that fails, as the PyAV pipeline does; evaluation skips it.
+            tries = replacements(self.cfg.seed, epoch, first, len(self.records)) if self.cfg.train else (first,)
+            for index in tries:
                 try:
                     data = self._read(index)
                     break
                 except (OSError, VideoReadError) as e:
                     reason = e.reason if isinstance(e, VideoReadError) else f"{type(e).__name__}: {e}"
                     failures.append((self.records[index].path, reason))
-                    index = int(rng.integers(n))
-            else:
-                data = None
             self._record_failures((number, slot), failures)
             if data is None:
                 continue

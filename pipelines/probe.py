@@ -1,7 +1,7 @@
 """The per-dataset video index: frame count, fps, size, codec and GOP of every file, cached.
 
 Each file is probed with the same single demux pass that numbers its frames for reading
-(``pipelines.pyav.frame_index``), so "frame k" means the same thing here and in the reader.
+(``pipelines.index.frame_index``), so "frame k" means the same thing here and in the reader.
 Results are cached in a JSON file keyed by (absolute path, size, mtime_ns), so a dataset is read
 once; ``check_videos`` flags files that random access will be slow or inexact on (long GOPs,
 variable frame rate; see docs/decoding-notes.md, "What it buys").
@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from tqdm import tqdm
 
-from pipelines import pyav
+from . import index as frame_indexes
 
 __all__ = ["VideoInfo", "check_videos", "probe_video", "probe_videos", "video_info"]
 
@@ -51,7 +51,7 @@ class VideoInfo:
     display_order_differs: bool = False  # some frame is shown before a frame decoded ahead of it
 
 
-def video_info(index: pyav.FrameIndex) -> VideoInfo:
+def video_info(index: frame_indexes.FrameIndex) -> VideoInfo:
     """Summarises a frame index."""
     n = index.num_frames
     # Runs start at a keyframe (or the file start) and end at the next keyframe (or the file
@@ -71,16 +71,16 @@ def video_info(index: pyav.FrameIndex) -> VideoInfo:
 
 
 def probe_video(path: str) -> VideoInfo:
-    """Probes one file; raises like ``pipelines.pyav.frame_index``."""
-    return video_info(pyav.frame_index(path))
+    """Probes one file; raises like ``pipelines.index.frame_index``."""
+    return video_info(frame_indexes.frame_index(path))
 
 
-def _probe_one(path: str) -> tuple[dict | None, str | None, pyav.FrameIndex | None]:
+def _probe_one(path: str) -> tuple[dict | None, str | None, frame_indexes.FrameIndex | None]:
     # Never raises: a failure is returned, so one bad file cannot stop the pool.
     try:
-        index = pyav.frame_index(path)
+        index = frame_indexes.frame_index(path)
         return asdict(video_info(index)), None, index
-    except (pyav.VideoReadError, OSError) as e:
+    except (frame_indexes.VideoReadError, OSError) as e:
         return None, str(e), None
 
 
@@ -137,7 +137,7 @@ class _FramesWriter:
         """The rows' (first, count) in the new file, or None once writing has failed."""
         if self.error is None:
             try:
-                self.file.write(np.ascontiguousarray(records, dtype=pyav.FRAME_RECORD).tobytes())
+                self.file.write(np.ascontiguousarray(records, dtype=frame_indexes.FRAME_RECORD).tobytes())
             except OSError as e:
                 self.error = e
         if self.error is not None:
@@ -180,7 +180,7 @@ def _old_rows(directory: str, frames_file: str | None) -> np.ndarray | None:
     if not frames_file:
         return None
     try:
-        return np.memmap(os.path.join(directory, frames_file), dtype=pyav.FRAME_RECORD, mode="r")
+        return np.memmap(os.path.join(directory, frames_file), dtype=frame_indexes.FRAME_RECORD, mode="r")
     except (OSError, ValueError):
         return None
 
@@ -255,7 +255,7 @@ def probe_videos(
                 results[i] = (None if info is None else VideoInfo(**info), error)
                 entry = {"size": size, "mtime_ns": mtime_ns, "info": info, "error": error}
                 if writer and index is not None:
-                    entry["frames"], entry["meta"] = writer.add(pyav.index_records(index)), pyav.index_meta(index)
+                    entry["frames"], entry["meta"] = writer.add(frame_indexes.index_records(index)), frame_indexes.index_meta(index)
                 cache[key] = entry
 
             _probe_many([key for _, key, _, _ in todo], num_workers, progress, on_result)
@@ -290,7 +290,7 @@ def probe_videos(
             if info is not None and entry and entry.get("frames") and entry.get("meta"):
                 shared[key] = (entry["size"], entry["mtime_ns"], os.path.join(directory, frames_file),
                                *entry["frames"], entry["meta"])
-        pyav.register_shared_indexes(shared)
+        frame_indexes.register_shared_indexes(shared)
 
     infos = [info for info, _ in results]
     failures = [(str(path), error) for path, (info, error) in zip(paths, results) if info is None]

@@ -166,7 +166,7 @@ def test_stock_videos_are_long_gop_natural_and_listed(tmp_path):
     assert lines == ["videos/000.mp4 0", "videos/001.mp4 1"]
     import numpy as np
 
-    from pipelines.pyav import frame_index
+    from pipelines.index import frame_index
 
     index = frame_index(str(tmp_path / "videos" / "000.mp4"))
     assert (index.num_frames, index.width, index.height) == (40, 96, 64)

@@ -56,7 +56,8 @@ def pipe_cfg(data, train=True, **kw):
 
 
 def test_cached_loss_and_gradients_equal_the_live_path(data):
-    from pipelines.loader import ClipDataset, load_dataset, make_sampler
+    from pipelines.dataset import load_dataset, make_sampler
+    from pipelines.workers import ClipDataset
     from pipelines.pyav import read_frames
 
     model = model_for(data).eval()  # no dropout: the two paths must see the same function
@@ -371,7 +372,7 @@ def test_undecodable_videos_past_the_limit_leave_the_cache_incomplete(data, tmp_
     import json
 
     from pipelines.base import TooManyBadVideos
-    from pipelines.loader import ClipDataset
+    from pipelines.workers import ClipDataset
 
     load = ClipDataset.load
 

@@ -282,7 +282,7 @@ def check_pipeline_applies_the_samplers_decisions(root, caplog, device: str) -> 
     colours do not enter), clip by clip."""
     from pipelines.augment import augment_clip
     from pipelines.base import thwc_uint8_to_bcthw
-    from pipelines.loader import clip_specs
+    from pipelines.dataset import clip_specs
 
     cfg = make_cfg(root, train=True, auto_augment=RECIPE, num_frames=4, device=device)
     batches = collect(build_pipeline("dali", cfg), epoch=2)

@@ -10,7 +10,7 @@ import torch
 from pipelines import PipelineConfig, TooManyBadVideos, build_pipeline
 from pipelines.base import CLIP_MEAN, CLIP_STD
 from pipelines.lists import read_list
-from pipelines.loader import train_shard
+from pipelines.epoch import train_shard
 from pipelines.pyav import read_frames
 from pipelines.sampling import ClipSampler
 from pipelines.transforms import apply_spec
@@ -174,7 +174,7 @@ def _probe_rank(rank: int, init_file: str, list_path: str, root: str, out_dir: s
     import torch.distributed as dist
 
     from pipelines import probe
-    from pipelines.loader import load_dataset
+    from pipelines.dataset import load_dataset
 
     os.environ["LOCAL_RANK"] = str(rank)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
@@ -237,7 +237,7 @@ def test_exit_with_live_workers_does_not_hang(demo_data):
 def test_segments_past_the_end_of_their_video_are_reported_by_line(demo_data, tmp_path, caplog):
     """`<path> <label> 5.0 10.0` on a 0.3 s video trained on one repeated frame: such a line is
     left out and named; one that only runs over the end is warned about."""
-    from pipelines.loader import load_dataset
+    from pipelines.dataset import load_dataset
 
     video = read_list(demo_data.train_list, data_root=demo_data.root)[0].path  # 8 frames
     lines = f"{video} 0 0.0 0.2\n{video} 1 5.0 10.0\n{video} 2 0.1 3.0\n"

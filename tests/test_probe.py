@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from pipelines import probe, pyav
+from pipelines import index as frame_indexes, probe, pyav
 from pipelines.probe import VideoInfo, check_videos, probe_video, probe_videos
 from tests.videos import write_video
 
@@ -67,7 +67,7 @@ def test_cache_hit_and_invalidation(dataset, tmp_path, monkeypatch):
         probed.append(path)
         raise AssertionError("cached file probed again")
 
-    monkeypatch.setattr(pyav, "frame_index", no_reading)
+    monkeypatch.setattr(frame_indexes, "frame_index", no_reading)
     assert probe_videos(paths, cache_path=cache) == first  # failures come from the cache too
     assert probed == []
 
@@ -130,39 +130,39 @@ def test_readers_take_frame_indexes_from_the_probe_cache(dataset, tmp_path, monk
     files = {name: shutil.copy(dataset[name], tmp_path / os.path.basename(dataset[name]))
              for name in ("short", "vp9", "vfr")}
     paths = [str(p) for p in files.values()]
-    want = {p: _index_fields(pyav._build_index(os.path.abspath(p))) for p in paths}
+    want = {p: _index_fields(frame_indexes._build_index(os.path.abspath(p))) for p in paths}
     frames = {p: pyav.read_frames(p, [0, 5, 3]) for p in paths}
     cache = str(tmp_path / "list.txt.probe.json")
     probe_videos(paths, cache_path=cache)
 
     built = []
-    build = pyav._build_index
-    monkeypatch.setattr(pyav, "_build_index", lambda p: built.append(p) or build(p))
-    pyav._cached_index.cache_clear()  # a fresh worker
+    build = frame_indexes._build_index
+    monkeypatch.setattr(frame_indexes, "_build_index", lambda p: built.append(p) or build(p))
+    frame_indexes._cached_index.cache_clear()  # a fresh worker
     for p in paths:
-        assert _index_fields(pyav.frame_index(p)) == want[p]
+        assert _index_fields(frame_indexes.frame_index(p)) == want[p]
         assert (pyav.read_frames(p, [0, 5, 3]) == frames[p]).all()
     assert built == []
 
     # A file changed since the probe: its shared index is stale and is not used.
     write_video(paths[0], 30, gop=10)
-    pyav._cached_index.cache_clear()
-    assert pyav.frame_index(paths[0]).num_frames == 30 and built == [os.path.abspath(paths[0])]
+    frame_indexes._cached_index.cache_clear()
+    assert frame_indexes.frame_index(paths[0]).num_frames == 30 and built == [os.path.abspath(paths[0])]
 
     # Re-probing rewrites the frames file (with the changed file) and removes the old one.
     old = [n for n in os.listdir(tmp_path) if ".frames-" in n]
     probe_videos(paths, cache_path=cache)
     new = [n for n in os.listdir(tmp_path) if ".frames-" in n]
     assert len(new) == 1 and new != old
-    pyav._cached_index.cache_clear()
+    frame_indexes._cached_index.cache_clear()
     built.clear()
-    assert [pyav.frame_index(p).num_frames for p in paths] == [30, 30, 20] and built == []
+    assert [frame_indexes.frame_index(p).num_frames for p in paths] == [30, 30, 20] and built == []
 
     # The frames file lost: readers demux, as without a cache.
     os.remove(tmp_path / new[0])
-    pyav._frames_files.clear()
-    pyav._cached_index.cache_clear()
-    assert _index_fields(pyav.frame_index(paths[1])) == want[paths[1]] and len(built) == 1
+    frame_indexes._frames_files.clear()
+    frame_indexes._cached_index.cache_clear()
+    assert _index_fields(frame_indexes.frame_index(paths[1])) == want[paths[1]] and len(built) == 1
 
 
 @pytest.mark.parametrize("fails", ["frames_rows", "cache_json"])
@@ -196,6 +196,6 @@ def test_full_disk_keeps_the_old_cache_and_the_results(dataset, tmp_path, monkey
     assert [i.num_frames for i in infos] == [30, 30] and failures == []
     after = {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path) if n.startswith("list.txt.probe")}
     assert after == before and not [n for n in os.listdir(tmp_path) if n.startswith(".")]
-    pyav._cached_index.cache_clear()  # a fresh worker: the changed file is read as it is now
-    assert pyav.frame_index(paths[0]).num_frames == 30
+    frame_indexes._cached_index.cache_clear()  # a fresh worker: the changed file is read as it is now
+    assert frame_indexes.frame_index(paths[0]).num_frames == 30
     assert (pyav.read_frames(paths[0], [29, 0]) == pyav.read_frames(paths[0], [0, 29])[::-1]).all()

@@ -93,12 +93,12 @@ def test_metrics_on_a_full_disk_name_the_file(tmp_path):
 def test_config_on_a_full_disk_names_the_file(tiny_vit, demo_data, tmp_path, monkeypatch):
     import errno
 
-    import pipelines.atomic
+    import pipelines.files
 
     def no_space(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(pipelines.atomic.os, "fsync", no_space)
+    monkeypatch.setattr(pipelines.files.os, "fsync", no_space)
     with pytest.raises(OSError, match=r"could not write run configuration .*config\.json \(No space left on device\)"):
         run(train_argv(tiny_vit, demo_data, tmp_path / "run", "--num_steps", "1"))
     assert os.listdir(tmp_path / "run") == [".lock"]  # no half-written config, no temporary file
@@ -485,7 +485,7 @@ def test_evaluating_a_training_directory_leaves_its_files_alone(tiny_vit, demo_d
 def test_an_evaluation_that_fails_costs_no_steps(tiny_vit, demo_data, tmp_path, monkeypatch):
     """Val videos that fail to decode stop the run at its evaluation (the bad-video limit), but
     the checkpoint of that step is saved first."""
-    from pipelines.loader import ClipDataset
+    from pipelines.workers import ClipDataset
 
     load = ClipDataset.load
 
@@ -552,7 +552,7 @@ def test_a_full_disk_while_saving_names_the_checkpoint_and_keeps_the_last(tiny_v
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
 
     monkeypatch.setattr(evl.checkpoint.torch, "save", disk_fills)
-    monkeypatch.setattr("pipelines.atomic.shutil.disk_usage", lambda d: sh._ntuple_diskusage(100, 100, 0))
+    monkeypatch.setattr("pipelines.files.shutil.disk_usage", lambda d: sh._ntuple_diskusage(100, 100, 0))
     with pytest.raises(OSError, match=r"could not write checkpoint .*checkpoint-4\.pth \(no space left on device\); "
                                       "earlier checkpoints are untouched"):
         run(train_argv(tiny_vit, demo_data, out, "--num_steps", "4", "--save_freq", "2", "--auto_resume"))

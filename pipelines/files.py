@@ -1,4 +1,4 @@
-"""Writing a file so that a reader, a crash or a full disk never leaves half of it.
+"""Files written whole, and their hashes.
 
 :func:`atomic_write` writes to a temporary file beside the target (``.tmp-*``), fsyncs it and
 renames it over the target: the old file stays whole until the new one is complete. On any
@@ -10,12 +10,13 @@ write as ``RuntimeError: ... unexpected pos``).
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import shutil
 import tempfile
 from typing import BinaryIO, Callable
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "file_sha256"]
 
 _FULL = 1 << 20  # bytes free below which a failed write is taken for a full disk
 
@@ -50,3 +51,12 @@ def atomic_write(path: str, data: bytes | Callable[[BinaryIO], None], *, what: s
         if isinstance(e, RuntimeError) and shutil.disk_usage(directory).free < _FULL:
             raise OSError(errno.ENOSPC, f"could not write {what} {path} (no space left on device); {keeps}") from e
         raise
+
+
+def file_sha256(path: str, chunk: int = 1 << 22) -> str:
+    """The SHA-256 of a file's bytes, read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,75 @@
+"""One epoch of a split, the same for every backend (PyAV, DALI, the feature cache).
+
+Which samples a process gets and in which order (training: whole global batches of one
+shuffled order, so any number of processes sees the same global batches; evaluation: every
+sample exactly once), how many batches that makes, and which video stands in for a training
+sample whose video cannot be read. Every draw is keyed by (seed, epoch, sample), never by
+worker or process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .base import PipelineConfig
+from .sampling import epoch_permutation, shard_indices
+
+__all__ = ["MAX_REPLACEMENTS", "EpochKeys", "batches_per_epoch", "replacements", "train_shard"]
+
+MAX_REPLACEMENTS = 10  # videos a training sample tries before it gives up
+_REPLACEMENT_STREAM = 99  # a sampler stream number of its own (pipelines.sampling numbers its own from 1)
+
+
+def train_shard(order: Sequence[int], batch_size: int, rank: int, world_size: int) -> list[int]:
+    """Rank ``rank``'s part of each global batch of ``order``, whole global batches only.
+
+    Global batch g is ``order[g*G:(g+1)*G]`` with ``G = batch_size * world_size``, whatever the
+    number of processes, so 8 GPUs x 32, 4 x 64 and 1 x 256 (with accumulation) see the same
+    global batches and, up to float rounding, take the same steps.
+    """
+    g = batch_size * world_size
+    usable = len(order) // g * g
+    return [int(order[start + rank * batch_size + j]) for start in range(0, usable, g) for j in range(batch_size)]
+
+
+def batches_per_epoch(num_keys: int, cfg: PipelineConfig, what: str) -> int:
+    """Batches of ``num_keys`` keys: training drops a last partial batch (the ranks step
+    together), evaluation keeps it. ``what`` names the data in the error for an empty epoch."""
+    if not cfg.train:
+        return -(-num_keys // cfg.batch_size)
+    if num_keys < cfg.batch_size:
+        raise ValueError(f"{what}: {num_keys} samples per process are fewer than one batch of {cfg.batch_size} "
+                         f"({cfg.world_size} process(es))")
+    return num_keys // cfg.batch_size
+
+
+def replacements(seed: int, epoch: int, index: int, num_samples: int) -> Iterator[int]:
+    """The videos a training sample tries, in order: its own, then up to ``MAX_REPLACEMENTS`` - 1
+    others from a stream of its own, the same in every backend (a generator is only made if a
+    video fails: it costs 15 us per clip)."""
+    yield index
+    rng = np.random.default_rng([seed, epoch, index, _REPLACEMENT_STREAM])
+    for _ in range(MAX_REPLACEMENTS - 1):
+        yield int(rng.integers(num_samples))
+
+
+class EpochKeys(torch.utils.data.Sampler):
+    """This rank's ``(epoch, index)`` keys: a shuffled padded shard (train) or an exact one (eval)."""
+
+    def __init__(self, num_samples: int, cfg: PipelineConfig):
+        self.n, self.cfg, self.epoch, self.skip = num_samples, cfg, 0, 0
+
+    def indices(self) -> list[int]:
+        cfg = self.cfg
+        if not cfg.train:
+            return shard_indices(self.n, cfg.rank, cfg.world_size, pad=False)
+        return train_shard(epoch_permutation(self.n, cfg.seed, self.epoch), cfg.batch_size, cfg.rank, cfg.world_size)
+
+    def __len__(self) -> int:
+        return len(self.indices()) - self.skip
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter([(self.epoch, i) for i in self.indices()[self.skip:]])

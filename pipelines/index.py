@@ -1,0 +1,271 @@
+"""Where every frame of a video file is: the frame index both decoding backends number frames by.
+
+One demux pass over a file's packets (no decoding) gives its ``FrameIndex``: per frame, in
+presentation order, its pts, dts, decode position and keyframe flag, plus the stream's size,
+codec and rate. "Frame k" is the k-th frame a sequential decode shows: the k-th pts, ties in
+decode order (docs/decoding-notes.md, "Numbering frames"). The PyAV reader (:mod:`pipelines.pyav`)
+seeks by it, the probe (:mod:`pipelines.probe`) summarises and caches it, and DALI's frame
+lists are built from it. A file that cannot be indexed (no video stream, no frames, cut short)
+raises :class:`VideoReadError` naming it.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+
+import av
+import numpy as np
+
+__all__ = ["FRAME_RECORD", "NO_TS", "FrameIndex", "VideoReadError", "frame_index", "index_meta", "index_records",
+           "open_video", "register_shared_indexes", "requested_positions"]
+
+NO_TS = np.iinfo(np.int64).min  # a packet without dts (mkv often omits it)
+INDEX_CACHE_SIZE = 4096  # entries of a few KB each: a few tens of MB per process at most
+TRUNCATED_SHARE = 0.02  # frames missing from what the header declares, beyond 2, that make a file truncated
+
+
+class VideoReadError(RuntimeError):
+    """A video file that exists but cannot be read: corrupt, no video stream, no frames."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+@dataclass(frozen=True, eq=False)
+class FrameIndex:
+    """Where every frame of a file is, from one demux pass; frame k is the k-th pts.
+
+    Per-frame arrays (length ``num_frames``) are in presentation order. ``decode_pos`` is the
+    position of the frame's packet in demux (= decode) order. Without pts (raw ``.h264``) the
+    arrays are in demux order, ``pts`` and ``dts`` hold ``NO_TS`` and frames must be counted
+    from the start.
+    """
+
+    pts: np.ndarray  # int64, ascending
+    dts: np.ndarray  # int64, NO_TS where missing
+    decode_pos: np.ndarray  # int64
+    keyframe: np.ndarray  # bool
+    time_base: Fraction
+    fps: float
+    width: int
+    height: int
+    codec: str
+    stream_index: int
+    has_pts: bool = True
+    # The demuxer that read the file ("mov", "matroska", ...): later opens name it instead of
+    # letting FFmpeg probe every format (a quarter to a half of opening a small clip).
+    container_format: str | None = None
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.keyframe)
+
+    @functools.cached_property
+    def shared_pts(self) -> int:
+        """Frames whose pts another frame has too (a muxer's bug): 0 in a sound file."""
+        if not self.has_pts or self.num_frames < 2:
+            return 0
+        same = self.pts[1:] == self.pts[:-1]
+        return int(same.sum() + (same[1:] & ~same[:-1]).sum() + same[0])
+
+    @functools.cached_property
+    def _keys_by_decode(self) -> tuple[np.ndarray, np.ndarray]:
+        """(presentation positions, decode positions) of the keyframes, in decode order."""
+        pos = np.flatnonzero(self.keyframe)
+        dec = self.decode_pos[pos]
+        order = np.argsort(dec, kind="stable")
+        return pos[order], dec[order]
+
+    def start_keyframes(self, first: int, min_decode_pos: int) -> np.ndarray:
+        """Keyframes to start decoding from to get every frame from ``first`` on, best first.
+
+        A start keyframe displays at or before ``first`` and decodes at or before every wanted
+        frame (``min_decode_pos``); the latest such keyframe in decode order decodes least.
+        An open-GOP keyframe does not qualify for its own leading frames (they display before
+        it), so for those the previous keyframe is chosen, from which they decode correctly.
+        """
+        pos, dec = self._keys_by_decode
+        ok = (pos <= first) & (dec <= min_decode_pos)
+        return pos[ok][::-1]
+
+
+def _video_stream(container: av.container.InputContainer, path: str) -> av.VideoStream:
+    for stream in container.streams.video:
+        # Cover art in mp4/mkv is a one-picture video stream; it is never the video.
+        if not stream.disposition & av.stream.Disposition.attached_pic:
+            return stream
+    raise VideoReadError(path, "no video stream")
+
+
+def open_video(path: str, container_format: str | None = None) -> av.container.InputContainer:
+    try:
+        if container_format:
+            try:
+                return av.open(path, format=container_format)
+            except (av.FFmpegError, ValueError):
+                pass  # no longer that format (the index is checked by size and mtime): probe it
+        return av.open(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, "video file not found", path) from None
+    except (av.FFmpegError, OSError, ValueError) as e:
+        raise VideoReadError(path, f"cannot open: {e}") from e
+
+
+def _declared_frames(container: av.container.InputContainer, stream: av.VideoStream, fps: float) -> int:
+    """The frame count a file's header promises: the stream's (mp4 sample tables), else its
+    duration's, else the container's duration when the video is its only stream (an audio
+    track may outlast the video); 0 when it says nothing."""
+    if stream.frames:
+        return int(stream.frames)
+    if fps <= 0:
+        return 0
+    if stream.duration and stream.time_base:
+        return round(float(stream.duration * stream.time_base) * fps)
+    if container.duration and len(container.streams) == 1:
+        return round(container.duration / av.time_base * fps)
+    return 0
+
+
+def _build_index(path: str) -> FrameIndex:
+    with open_video(path) as container:
+        stream = _video_stream(container, path)
+        for other in container.streams:
+            if other.index != stream.index:
+                # Lets the demuxer skip audio etc. instead of returning it.
+                other.discard = av.stream.Discard.all
+        pts, dts, key = [], [], []
+        hidden = 0
+        try:
+            for packet in container.demux(stream):
+                # Empty packets are flush markers; discarded ones are hidden by an edit list
+                # (mp4) and never displayed, so neither is a frame.
+                if packet.size == 0 or packet.is_discard:
+                    hidden += packet.size > 0
+                    continue
+                pts.append(packet.pts)
+                dts.append(packet.dts)
+                key.append(packet.is_keyframe)
+        except av.FFmpegError as e:
+            raise VideoReadError(path, f"cannot demux: {e}") from e
+        if not key:
+            raise VideoReadError(path, "no video frames")
+        ctx = stream.codec_context
+        n = len(key)
+        has_pts = None not in pts
+        decode_pos = np.arange(n, dtype=np.int64)
+        dts_arr = np.array([NO_TS if d is None else d for d in dts], dtype=np.int64)
+        key_arr = np.array(key, dtype=bool)
+        if has_pts:
+            pts_arr = np.array(pts, dtype=np.int64)
+            order = np.argsort(pts_arr, kind="stable")
+            pts_arr, dts_arr, decode_pos, key_arr = (
+                pts_arr[order], dts_arr[order], decode_pos[order], key_arr[order])
+        else:
+            pts_arr = np.full(n, NO_TS, dtype=np.int64)
+        time_base = stream.time_base or Fraction(1, 1)
+        span = int(pts_arr[-1] - pts_arr[0]) if has_pts else 0
+        rate = stream.average_rate or stream.guessed_rate
+        fps = float(rate) if rate else 0.0
+        # The pts span is the truth; the declared rate wins only when it explains the span
+        # to within the one tick of rounding of coarse time bases (mkv: 1 ms at 30000/1001).
+        explained = rate and abs((n - 1) / rate - span * time_base) <= time_base
+        if n > 1 and span > 0 and not explained:
+            fps = float((n - 1) / (span * time_base))
+        declared = _declared_frames(container, stream, fps)
+        if declared and declared - (n + hidden) > max(2, TRUNCATED_SHARE * declared):
+            raise VideoReadError(path, f"truncated: its header declares {declared} frames, the file holds {n + hidden} "
+                                       "(an interrupted download or copy?)")
+        for arr in (pts_arr, dts_arr, decode_pos, key_arr):
+            arr.flags.writeable = False  # shared by every reader of the cached index
+        return FrameIndex(
+            pts=pts_arr, dts=dts_arr, decode_pos=decode_pos, keyframe=key_arr,
+            time_base=time_base, fps=fps, width=ctx.width, height=ctx.height,
+            codec=ctx.name, stream_index=stream.index, has_pts=has_pts,
+            container_format=container.format.name.split(",")[0])
+
+
+# -- frame indexes shared through the probe cache -------------------------------------------
+
+# One record per frame, in presentation order: what FrameIndex holds per frame.
+FRAME_RECORD = np.dtype([("pts", "<i8"), ("dts", "<i8"), ("decode_pos", "<i4"), ("keyframe", "u1")])
+
+
+def index_records(index: FrameIndex) -> np.ndarray:
+    """A frame index's per-frame arrays as ``FRAME_RECORD`` rows (for ``pipelines.probe``)."""
+    rec = np.empty(index.num_frames, dtype=FRAME_RECORD)
+    rec["pts"], rec["dts"], rec["decode_pos"], rec["keyframe"] = (
+        index.pts, index.dts, index.decode_pos, index.keyframe)
+    return rec
+
+
+def index_meta(index: FrameIndex) -> dict:
+    """The rest of a frame index, JSON-serialisable."""
+    return {"time_base": [index.time_base.numerator, index.time_base.denominator], "fps": index.fps,
+            "width": index.width, "height": index.height, "codec": index.codec,
+            "stream_index": index.stream_index, "has_pts": index.has_pts, "format": index.container_format}
+
+
+# abspath -> (size, mtime_ns, frames file, first row, rows, meta): registered by the probe in
+# the training process, inherited by forked DataLoader workers, which then read a file's index
+# from the shared frames file instead of demuxing the video once more.
+_shared: dict[str, tuple] = {}
+_frames_files: dict[str, np.ndarray] = {}  # per process: frames file -> its memory map
+
+
+def register_shared_indexes(entries: dict[str, tuple]) -> None:
+    _shared.update(entries)
+
+
+def _shared_index(path: str, size: int, mtime_ns: int) -> FrameIndex | None:
+    entry = _shared.get(path)
+    if entry is None or entry[:2] != (size, mtime_ns):
+        return None
+    _, _, frames_file, first, count, meta = entry
+    try:
+        table = _frames_files.get(frames_file)
+        if table is None:
+            table = _frames_files[frames_file] = np.memmap(frames_file, dtype=FRAME_RECORD, mode="r")
+        rows = np.array(table[first:first + count])
+    except (OSError, ValueError):  # the file went away or is short: demux instead
+        return None
+    if len(rows) != count or count == 0:
+        return None
+    arrays = [rows[name].astype(np.int64 if name != "keyframe" else bool) for name in FRAME_RECORD.names]
+    for arr in arrays:
+        arr.flags.writeable = False
+    pts, dts, decode_pos, keyframe = arrays
+    return FrameIndex(pts=pts, dts=dts, decode_pos=decode_pos, keyframe=keyframe,
+                      time_base=Fraction(*meta["time_base"]), fps=meta["fps"], width=meta["width"],
+                      height=meta["height"], codec=meta["codec"], stream_index=meta["stream_index"],
+                      has_pts=meta["has_pts"], container_format=meta.get("format"))
+
+
+@functools.lru_cache(maxsize=INDEX_CACHE_SIZE)
+def _cached_index(path: str, size: int, mtime_ns: int) -> FrameIndex:
+    return _shared_index(path, size, mtime_ns) or _build_index(path)
+
+
+def frame_index(path: str) -> FrameIndex:
+    """The file's frame index, cached in-process per (path, size, mtime)."""
+    path = os.path.abspath(os.fspath(path))
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, "video file not found", path) from None
+    return _cached_index(path, st.st_size, st.st_mtime_ns)
+
+
+def requested_positions(path: str, frame_indices: Sequence[int], num_frames: int) -> np.ndarray:
+    """``frame_indices`` as int64 positions, each checked against the video's frame count."""
+    positions = np.asarray(frame_indices, dtype=np.int64).reshape(-1)
+    bad = positions[(positions < 0) | (positions >= num_frames)]
+    if len(bad):
+        raise IndexError(f"{path}: frame index {int(bad[0])} out of range for a video of {num_frames} frames")
+    return positions
