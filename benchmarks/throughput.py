@@ -155,7 +155,7 @@ def step_fn(model, opt, get_batch, device, precision):
     return step
 
 
-def full_decode_read(path: str, frame_indices) -> "np.ndarray":
+def full_decode_read(path: str, frame_indices):
     """The reference implementation's decode strategy: decode every frame of the file, order
     them by pts, convert the sampled ones. Plugged into our pipeline (same workers, sampler and
     transforms), it isolates what frame-exact seeking buys over it."""
@@ -488,12 +488,13 @@ def main(argv=None) -> dict:
     from tqdm import tqdm
 
     from evl.distributed import threads_beside_decoders
+    from pipelines import BACKENDS, cpu_workers
 
     torch.manual_seed(0)
     device = torch.device(args.device)
     cfg = setup(args)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    results, rows = [], []
+    results = []
     jobs = []
     policy = cfg.auto_augment
     if "data" in stages:
@@ -512,11 +513,10 @@ def main(argv=None) -> dict:
         cfg = type(base_cfg)(**{**base_cfg.to_dict(), "auto_augment": augment})
         rec = {"stage": stage, "pipeline": name, "augment": augment}
         it = None
-        # Compute threads as evl.train sets them: a core left to each decoding worker.
-        decoding = ("pyav", "dali", "fulldecode", "reference", "dali_reader", "dali_legacy_reader")
-        decoders = args.num_workers if name in decoding and stage in ("data", "train") else 0
-        if stage == "cache":
-            decoders = 1  # the cache's read-ahead thread, as evl.train counts it
+        # Compute threads as evl.train sets them: a core left to each CPU worker of the pipeline
+        # (the harness's own readers decode in workers as PyAV does).
+        backend = name if name in BACKENDS else "pyav"
+        decoders = cpu_workers(backend, args.num_workers) if stage in ("data", "train", "cache") else 0
         with threads_beside_decoders(decoders):
             rec["threads"] = torch.get_num_threads()
             try:

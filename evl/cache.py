@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from pipelines.base import PipelineConfig, thwc_uint8_to_bcthw
+from pipelines.files import atomic_write
 from pipelines.cache import (BUILD, DTYPE, FORMAT, MANIFEST, CacheError, FeatureStore, read_json, read_manifest,
                              record_fields, row_elems, shard_name, split_dir)
 from pipelines.workers import cat_for_transfer
@@ -49,20 +50,11 @@ def _human(n: float) -> str:
 
 
 def _write_json_atomic(path: str, value: dict) -> None:
-    tmp = f"{path}.tmp"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(value, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:  # a full disk, say: name the file; the shards written so far are kept
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
-        raise CacheError(f"could not write {path} ({e.strerror or e}): {'free some space and ' if full else ''}"
-                         "rerun the build; the shards written so far are kept") from None
+        atomic_write(path, (json.dumps(value, indent=1) + "\n").encode(), what="feature cache file",
+                     keeps="the shards written so far are kept: rerun the build")
+    except OSError as e:
+        raise CacheError(str(e)) from None
 
 
 def _fsync_dir(directory: str) -> None:

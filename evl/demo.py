@@ -22,6 +22,7 @@ from fractions import Fraction
 import av
 import numpy as np
 
+from pipelines.files import atomic_write
 from pipelines.lists import ListFileError, VideoRecord, read_list, write_list
 
 __all__ = ["CLASS_NAMES", "DemoDataset", "object_size", "render_clip", "write_demo_dataset"]
@@ -167,11 +168,7 @@ def _is_complete(dataset: DemoDataset, manifest_path: str, params: dict) -> bool
 
 
 def _write_atomic_json(path: str, value: object) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write(path, (json.dumps(value, indent=1) + "\n").encode(), what="demo dataset file")
 
 
 def write_demo_dataset(

@@ -24,6 +24,12 @@ class World:
         return self.rank == 0
 
 
+def print0(world: World, *args) -> None:
+    """``print`` on rank 0 only, flushed (logs are read live)."""
+    if world.is_primary:
+        print(*args, flush=True)
+
+
 def resolve_device(device: str | None) -> torch.device:
     """``--device``: cuda when there is one and none is named; a clear error for CUDA without one."""
     if not device:

@@ -19,13 +19,13 @@ import json
 import os
 import re
 import sys
-import tempfile
 
 import numpy as np
 import torch
 
 from pipelines.lists import ListFileError, VideoRecord, read_list
 from pipelines.dataset import frame_range
+from pipelines.files import atomic_write
 from pipelines.probe import probe_video
 
 from .distributed import PatientGroup, all_gather_object, cleanup, init_distributed, resolve_device
@@ -45,26 +45,15 @@ def feature_paths(output: str, i: int, record: VideoRecord) -> tuple[str, str]:
     return base + ".npy", base + ".cls.npy"
 
 
+_KEPT = "the features written so far are kept and a rerun continues from them"
+
+
 def _save_npy(path: str, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".npy")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError):  # a full disk: name the file; a rerun resumes after the last written
-            raise OSError(e.errno, f"could not write {path} ({e.strerror}); the features written so far are "
-                                   "kept and a rerun continues from them") from e
-        raise
+    atomic_write(path, lambda f: np.save(f, array), what="features", keeps=_KEPT)
 
 
 def _write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write(path, text.encode("utf-8"), keeps=_KEPT)
 
 
 class _Videos(torch.utils.data.Dataset):

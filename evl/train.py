@@ -28,17 +28,12 @@ from . import checkpoint as ckpt_io
 from .cli import STOPPED, SetupError, safe_stdio, user_errors
 from .config import TrainConfig, parse_config
 from .distributed import (StopAgreement, World, all_gather_object, all_reduce_max, all_reduce_sum, barrier,
-                          cleanup, init_distributed, threads_beside_decoders)
+                          cleanup, init_distributed, print0, threads_beside_decoders)
 from .eval import evaluate, write_predictions
 from .model import build_model
 from .precision import autocast, grad_scaler, resolve_precision
 
 log = logging.getLogger("evl.train")
-
-
-def print0(world: World, *args) -> None:
-    if world.is_primary:
-        print(*args, flush=True)
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -291,21 +286,13 @@ def batches_forever(pipeline, start_step: int):
         epoch, skip = epoch + 1, 0
 
 
-def decode_workers(cfg: TrainConfig) -> int:
-    """How many workers of this process feed it batches from its cores: the decoders (PyAV
-    processes, DALI threads), or the feature cache's read-ahead thread. On 2 cores the cache
-    trained about 10% faster with one compute thread beside that thread than with two (median
-    of five benchmark runs each: 1,884 against 1,710 clips/s)."""
-    if cfg.pipeline == "cache":
-        return 1
-    return cfg.num_workers if cfg.pipeline in ("pyav", "dali") else 0
-
-
 def train(cfg: TrainConfig) -> dict:
     """Train (or evaluate, with ``eval_only``) as configured; returns the final metrics, and
     ``stopped_by`` (the signal's number) when a signal stopped the run."""
     check_inputs(cfg)
-    with threads_beside_decoders(decode_workers(cfg)):
+    from pipelines import cpu_workers
+
+    with threads_beside_decoders(cpu_workers(cfg.pipeline, cfg.num_workers)):
         return _train(cfg)
 
 

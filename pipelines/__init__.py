@@ -20,6 +20,16 @@ BACKENDS = {
 }
 
 
+def cpu_workers(name: str, num_workers: int) -> int:
+    """How many CPU workers backend ``name`` runs beside the training step, given
+    ``--num_workers``: its decoding processes (PyAV) or threads (DALI), the feature cache's one
+    read-ahead thread, none for synthetic batches. The training process leaves them a core each
+    (``evl.distributed.threads_beside_decoders``)."""
+    if name == "cache":
+        return 1
+    return 0 if name == "dummy" else num_workers
+
+
 def available_backends() -> list[str]:
     """Backends whose module imports here (DALI only where nvidia-dali is installed)."""
     names = []
@@ -45,4 +55,4 @@ def build_pipeline(name: str, cfg: PipelineConfig) -> Pipeline:
 
 
 __all__ = ["Batch", "Pipeline", "PipelineConfig", "TooManyBadVideos", "build_pipeline", "available_backends",
-           "BACKENDS"]
+           "cpu_workers", "BACKENDS"]

@@ -13,9 +13,10 @@ from __future__ import annotations
 import errno
 import math
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+from .files import atomic_write
 
 __all__ = ["ListFileError", "VideoRecord", "read_list", "write_list"]
 
@@ -177,22 +178,6 @@ def write_list(
     With `data_root`, absolute record paths are written relative to it, so that
     `read_list(path, data_root=data_root)` gives the same paths back.
     """
-    target = os.fspath(path)
     root = os.fspath(data_root) if data_root is not None else None
     text = "".join(_format_record(r, root) + "\n" for r in records)
-    directory = os.path.dirname(os.path.abspath(target))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".txt")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp makes the file private (0600); give it the permissions open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(os.fspath(path), text.encode("utf-8"), what="list file")

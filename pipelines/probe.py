@@ -27,6 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import index as frame_indexes
+from .files import atomic_write
 
 __all__ = ["VideoInfo", "check_videos", "probe_video", "probe_videos", "video_info"]
 
@@ -104,17 +105,9 @@ def _load_cache(cache_path: str) -> tuple[dict[str, dict], str | None]:
 
 
 def _save_cache(cache_path: str, videos: dict[str, dict], frames_file: str | None) -> None:
-    directory = os.path.dirname(os.path.abspath(cache_path))
-    os.makedirs(directory, exist_ok=True)
-    # Temp file + rename: a reader (or a crash) never sees a half-written cache.
-    fd, tmp = tempfile.mkstemp(prefix=".probe-", suffix=".json.tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"version": CACHE_VERSION, "frames_file": frames_file, "videos": videos}, f)
-        os.replace(tmp, cache_path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    # Atomically: a reader (or a crash) never sees a half-written cache.
+    data = json.dumps({"version": CACHE_VERSION, "frames_file": frames_file, "videos": videos}).encode()
+    atomic_write(cache_path, data, what="probe cache", keeps="the previous probe cache is untouched")
 
 
 class _FramesWriter:
