@@ -351,7 +351,7 @@ class _FrameTokens(torch.autograd.Function):
         if has_conv:
             # The convolution's own weight-and-bias backward: one pass over the tokens, where a
             # product and a reduction per tap would take three (and on two threads reduce
-            # across the split of the product that produced them: 6x slower here).
+            # across the split of the product that produced them, far slower).
             k = ctx.kernel
             _, w_grad, b_grad = torch.ops.aten.convolution_backward(
                 g.permute(0, 3, 1, 2), out.permute(0, 3, 1, 2), g.new_zeros(c, 1, k, 1), [c], [1, 1], [k // 2, 0],

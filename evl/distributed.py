@@ -58,8 +58,8 @@ def compute_threads(decode_workers: int) -> int | None:
     """Intra-op threads for this process, leaving a core to each of its decoding workers.
 
     PyTorch takes every core for its own ops, while the pipeline's worker processes (PyAV) or
-    threads (DALI on the CPU) decode on the same cores: on 2 cores with 2 workers, the demo
-    trained 20% faster with one compute thread (104 s against 131 s). The cores are shared by
+    threads (DALI on the CPU) decode on the same cores, and the two fight over them when both
+    take them all (the demo trains faster with a core left to each worker). The cores are shared by
     the ``LOCAL_WORLD_SIZE`` processes of a node. None when ``OMP_NUM_THREADS`` is set: the
     user's choice stands.
     """

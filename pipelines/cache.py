@@ -327,7 +327,7 @@ class CachePipeline:
         # rows (ViT-B: 13 MiB a view) reading overlaps the decoder's step instead of adding to it.
         # The thread runs numpy only. A torch op there would start a second OpenMP team, and with
         # more OpenMP threads than cores libgomp stops spinning between parallel regions: the
-        # training step then ran at half speed (1400 -> 730 clips/s on 2 cores, demo config).
+        # training step then runs at about half speed.
         with ThreadPoolExecutor(1, thread_name_prefix="feature-cache") as pool:
             ahead = pool.submit(self._read, chunks[0]) if chunks else None
             for nxt in chunks[1:] + [None]:

@@ -9,8 +9,8 @@ variable frame rate; see docs/decoding-notes.md, "What it buys").
 The frame indexes themselves (every frame's pts, dts, decode position and keyframe flag) are
 kept too, in a binary file beside the JSON (``<list>.probe.json.frames-<token>``, 21 bytes per
 frame), and registered with ``pipelines.pyav``: DataLoader workers then read a file's index from
-it instead of demuxing the whole video again before decoding a clip (0.43 of the 1.5 ms a
-64 px 8-frame clip took, 1.8 of 9.9 ms for 8 frames of a 300-frame 256 px video).
+it instead of demuxing the whole video again before decoding a clip (a large share of the
+time of a short clip's read).
 """
 
 from __future__ import annotations

@@ -47,9 +47,9 @@ def _decoder_threads() -> str:
     """One decoding thread in a DataLoader worker, FFmpeg's choice elsewhere.
 
     The workers already decode one video each on every core; frame threads on top add thread
-    hand-offs, and each seek drains them (8 per clip for sparse sampling). Kinetics-like 256 px
-    H.264, one process: 12.2 ms per 8x16 clip single-threaded against 15.4 ms with "AUTO".
-    In the main process (``--num_workers 0``, ``evl.predict``) threads still help large frames.
+    hand-offs, and each seek drains them (8 per clip for sparse sampling), so a clip takes longer
+    with them than on one thread. In the main process (``--num_workers 0``, ``evl.predict``)
+    threads still help large frames.
     """
     import torch.utils.data
 
