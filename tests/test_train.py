@@ -282,24 +282,12 @@ def run_cli(args, env=None, **kw):
                             text=True, **kw)
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_with_a_stop_status(tiny_vit, demo_data, tmp_path):
-    """A stopped run is not a finished one: after its checkpoint it exits with 128 + the signal
-    (143), so that `train && eval` and schedulers can tell (it exited 0)."""
-    out = tmp_path / "sig"
-    proc = run_cli(["-m", "evl.train", *train_argv(tiny_vit, demo_data, out, "--num_steps", "100000")])
-    wait_for_training(out)
-    proc.send_signal(signal.SIGTERM)
-    log, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, log
-    saved = [f for f in os.listdir(out) if f.startswith("checkpoint-")]
-    assert len(saved) == 1 and "stopped by signal" in log
-    assert 0 < safe_load(str(out / saved[0]))["next_step"] < 100000
-
-
 def test_sigterm_to_the_process_group_saves_with_decoding_workers(tiny_vit, demo_data, tmp_path):
     """A scheduler signals the whole process group: the DataLoader workers must not die of it
     while the training process finishes its step and saves (it then failed with "DataLoader
-    worker exited unexpectedly" and no checkpoint), and they must be gone after it exits."""
+    worker exited unexpectedly" and no checkpoint), and they must be gone after it exits. A
+    stopped run is not a finished one: it exits with 128 + the signal (143; it exited 0), so
+    that `train && eval` and schedulers can tell."""
     out = tmp_path / "sig_pg"
     proc = run_cli(["-m", "evl.train", *train_argv(tiny_vit, demo_data, out, "--num_steps", "100000",
                                                   "--num_workers", "2")], start_new_session=True)
@@ -312,7 +300,8 @@ def test_sigterm_to_the_process_group_saves_with_decoding_workers(tiny_vit, demo
         proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM, log
     assert "stopped by signal 15" in log and "exited unexpectedly" not in log
-    assert len([f for f in os.listdir(out) if f.startswith("checkpoint-")]) == 1
+    saved = [f for f in os.listdir(out) if f.startswith("checkpoint-")]
+    assert len(saved) == 1 and 0 < safe_load(str(out / saved[0]))["next_step"] < 100000
     deadline = time.time() + 30
     while time.time() < deadline:
         try:
@@ -451,22 +440,27 @@ def test_cuda_without_cuda_is_a_clear_error(tmp_path):
 
 
 def test_a_second_writer_is_refused_and_a_killed_runs_lock_is_not_stale(tiny_vit, demo_data, tmp_path):
+    from evl.checkpoint import RunDirectory, RunDirectoryError
+
     out = tmp_path / "locked"
-    first = run_cli(["-m", "evl.train", *train_argv(tiny_vit, demo_data, out, "--num_steps", "100000",
-                                                   "--save_freq", "2")])
+    run(train_argv(tiny_vit, demo_data, out, "--num_steps", "2", "--save_freq", "2"))
+    holder = RunDirectory(str(out))
+    holder.lock()  # a run in progress
     try:
-        wait_for_training(out)
-        second = run_cli(["-m", "evl.train", *train_argv(tiny_vit, demo_data, out, "--num_steps", "4", "--auto_resume")])
-        log, _ = second.communicate(timeout=120)
-        assert second.returncode == 1 and f"is in use by another run (pid {first.pid}" in log, log
-        assert "Traceback" not in log
+        with pytest.raises(RunDirectoryError, match=rf"is in use by another run \(pid {os.getpid()} on"):
+            run(train_argv(tiny_vit, demo_data, out, "--num_steps", "4", "--auto_resume"))
     finally:
-        first.kill()  # kill -9: no handler runs, the lock goes with the process
-        first.communicate(timeout=60)
-    resumed_from = _saved_step(out)
-    result = run(train_argv(tiny_vit, demo_data, out, "--num_steps", str(resumed_from + 2), "--save_freq", "2",
-                            "--auto_resume"))
-    assert result["step"] == _saved_step(out) == resumed_from + 2
+        holder.unlock()
+    # A run killed with -9 holds the flock until the kernel drops it with the process.
+    killed = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(600)",
+                               str(out / ".lock")], stdout=subprocess.PIPE, text=True)
+    assert killed.stdout.readline().strip() == "locked"
+    with pytest.raises(RunDirectoryError, match="is in use by another run"):
+        run(train_argv(tiny_vit, demo_data, out, "--num_steps", "4", "--auto_resume"))
+    killed.kill()
+    killed.wait()
+    assert run(train_argv(tiny_vit, demo_data, out, "--num_steps", "4", "--auto_resume"))["step"] == 4
 
 
 def _saved_step(out) -> int:
@@ -578,29 +572,27 @@ def test_bad_numbers_in_flags_are_refused_up_front(tiny_vit, demo_data, tmp_path
     assert not (tmp_path / "run").exists()  # before anything is written
 
 
-def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tiny_vit, demo_data, tmp_path):
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tiny_vit, demo_data, tmp_path, capsys):
     bad = tmp_path / "bad.txt"
     bad.write_text("clip.mp4 1\nclip.mp4 x\n")
-    argv = ["-m", "evl.train", *train_argv(tiny_vit, demo_data, tmp_path / "run", "--train_list_path", str(bad))]
-    proc = run_cli(argv)
-    log, _ = proc.communicate(timeout=120)
-    lines = [ln for ln in log.splitlines() if "error" in ln]
-    assert proc.returncode == 1 and "Traceback" not in log
-    assert lines and lines[0].startswith("python -m evl.train: error: invalid list file") or "bad.txt:2" in log, log
-    proc = run_cli(argv + ["--debug"])
-    log, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 1 and "Traceback" in log and "ListFileError" in log
+    argv = train_argv(tiny_vit, demo_data, tmp_path / "run", "--train_list_path", str(bad))
+    with pytest.raises(SystemExit) as e:
+        train_mod.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "Traceback" not in err
+    assert err.startswith("python -m evl.train: error: invalid list file") and "bad.txt:2" in err, err
+    with pytest.raises(ListFileError):  # --debug: the exception itself, with its traceback
+        train_mod.main(argv + ["--debug"])
     # A start that failed leaves no run behind: the corrected command needs no extra flag.
     assert run(train_argv(tiny_vit, demo_data, tmp_path / "run", "--num_steps", "1"))["step"] == 1
-    proc = run_cli(["-m", "evl.eval", *train_argv(tiny_vit, demo_data, tmp_path / "e", "--checkpoint",
-                                                   str(tmp_path / "none.pth"))])
-    log, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 1 and "Traceback" not in log and "none.pth: file not found" in log, log
+    with pytest.raises(SystemExit) as e:
+        eval_main(train_argv(tiny_vit, demo_data, tmp_path / "e", "--checkpoint", str(tmp_path / "none.pth")))
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "Traceback" not in err and "none.pth: file not found" in err, err
 
 
-def test_log_lines_without_a_terminal(tiny_vit, demo_data, tmp_path):
+def test_log_lines_without_a_terminal(tiny_vit, demo_data, tmp_path, capsys):
     """nohup, SLURM, `| tee`: no progress bar, and a line per logged step instead."""
-    proc = run_cli(["-m", "evl.train", *train_argv(tiny_vit, demo_data, tmp_path / "run", "--num_steps", "3")])
-    log, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, log
-    assert [ln.split()[1] for ln in log.splitlines() if ln.startswith("step ") and "loss" in ln] == ["1/3", "2/3", "3/3"]
+    run(train_argv(tiny_vit, demo_data, tmp_path / "run", "--num_steps", "3"))  # stderr here is not a terminal
+    out = capsys.readouterr().out
+    assert [ln.split()[1] for ln in out.splitlines() if ln.startswith("step ") and "loss" in ln] == ["1/3", "2/3", "3/3"]
