@@ -138,7 +138,7 @@ def make_model(cfg, device):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return build_model(cfg.backbone, cfg.num_classes, cfg.num_frames, **cfg.model_kwargs()).to(device)
+        return build_model(cfg.model_config()).to(device)
 
 
 def step_fn(model, opt, get_batch, device, precision):

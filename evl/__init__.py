@@ -5,6 +5,6 @@ Public API: :func:`build_model` builds the model on a frozen open_clip ViT and
 """
 
 from .checkpoint import load_checkpoint
-from .model import EVLModel, build_model
+from .model import EVLConfig, EVLModel, build_model
 
-__all__ = ["build_model", "load_checkpoint", "EVLModel"]
+__all__ = ["build_model", "load_checkpoint", "EVLConfig", "EVLModel"]

@@ -69,11 +69,11 @@ class TrainConfig:
     debug: bool = False
     extra: dict = field(default_factory=dict)
 
-    def model_kwargs(self) -> dict:
-        names = ("backbone_path", "decoder_num_layers", "decoder_qkv_dim", "decoder_num_heads", "decoder_mlp_factor",
-                 "enable_temporal_conv", "enable_temporal_pos_embed", "enable_temporal_cross_attention",
-                 "cls_dropout", "decoder_mlp_dropout")
-        return {n: getattr(self, n) for n in names}
+    def model_config(self):
+        """The model these flags describe (the fields of ``evl.model.EVLConfig``, by name)."""
+        from .model import EVLConfig
+
+        return EVLConfig.from_dict(self.to_dict())
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 import torch
@@ -29,7 +29,7 @@ from pipelines.transforms import decode_clips
 
 from .checkpoint import check_backbone_identity, describe_state, load_checkpoint, read_model_state
 from .distributed import resolve_device
-from .model import EVLModel, build_model
+from .model import EVLConfig, EVLModel, build_model
 from .precision import autocast, resolve_precision
 from .weights import WeightsError, safe_load
 
@@ -165,9 +165,9 @@ def load_predictor(
     train_config: dict[str, Any] = (ckpt.get("config") or {}) if isinstance(ckpt, Mapping) else {}
 
     if model_config:  # this project's checkpoint: it says what it is
-        names = ("decoder_num_layers", "decoder_qkv_dim", "decoder_num_heads", "decoder_mlp_factor",
-                 "enable_temporal_conv", "enable_temporal_pos_embed", "enable_temporal_cross_attention")
-        kwargs = {k: model_config[k] for k in names if k in model_config}
+        # What the checkpoint says the model is, but for what the arguments decide below.
+        kwargs = {k: v for k, v in asdict(EVLConfig.from_dict(model_config)).items()
+                  if k not in ("backbone", "backbone_path", "num_classes", "num_frames")}
         saved_frames = int(model_config["num_frames"])
         num_classes = int(model_config["num_classes"])
         if backbone is None:

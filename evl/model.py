@@ -11,7 +11,8 @@ go straight into ``forward_head``.
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ from .backbone import (AttentionFeatures, BackboneSpec, BlockFeatures, FrozenBac
                        resolve_backbone)
 from .decoder import EVLDecoder, EVLHead
 
-__all__ = ["EVLModel", "build_model"]
+__all__ = ["EVLConfig", "EVLModel", "build_model"]
 
 
 class EVLModel(nn.Module):
@@ -66,56 +67,74 @@ class EVLModel(nn.Module):
         return self.forward_head(self.forward_features(clips) if features is None else features)
 
 
-def build_model(
-    backbone: str,
-    num_classes: int,
-    num_frames: int,
-    *,
-    backbone_path: str | None = None,
-    decoder_num_layers: int = 4,
-    decoder_qkv_dim: int | None = None,
-    decoder_num_heads: int | None = None,
-    decoder_mlp_factor: float = 4.0,
-    enable_temporal_conv: bool = True,
-    enable_temporal_pos_embed: bool = True,
-    enable_temporal_cross_attention: bool = True,
-    cls_dropout: float = 0.5,
-    decoder_mlp_dropout: float = 0.5,
-) -> EVLModel:
-    """Build EVL on an open_clip ViT (a model name or a model-config JSON path).
+@dataclass(frozen=True)
+class EVLConfig:
+    """What an EVL model is: everything :func:`build_model` needs to build it again.
 
-    ``backbone_path`` loads CLIP weights offline (an OpenAI TorchScript archive, a full CLIP state
-    dict or a visual-only one); without it the backbone is random and a warning says so.
-    The decoder reads the last ``decoder_num_layers`` blocks; its width is the backbone's,
-    ``decoder_qkv_dim`` defaults to it and ``decoder_num_heads`` to ``qkv_dim / 64``.
+    Checkpoints store it (``model_config``, with the backbone's description and the sha256 of its
+    weights file); the training flags of the same names make it (``TrainConfig.model_config``).
+    The decoder's width is the backbone's; ``decoder_qkv_dim`` defaults to it and
+    ``decoder_num_heads`` to ``qkv_dim / 64``.
+    """
+
+    backbone: str = "ViT-B-16"
+    num_classes: int = 400
+    num_frames: int = 8
+    backbone_path: str | None = None
+    decoder_num_layers: int = 4
+    decoder_qkv_dim: int | None = None
+    decoder_num_heads: int | None = None
+    decoder_mlp_factor: float = 4.0
+    enable_temporal_conv: bool = True
+    enable_temporal_pos_embed: bool = True
+    enable_temporal_cross_attention: bool = True
+    cls_dropout: float = 0.5
+    decoder_mlp_dropout: float = 0.5
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], **overrides) -> "EVLConfig":
+        """The fields ``values`` holds (a checkpoint's ``model_config``, a run's flags), overridden."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{**{k: v for k, v in values.items() if k in names}, **overrides})
+
+
+def build_model(backbone: str | EVLConfig, num_classes: int | None = None, num_frames: int | None = None,
+                **kwargs) -> EVLModel:
+    """Build EVL on an open_clip ViT: ``build_model(EVLConfig(...))``, or with the config's fields
+    as arguments, ``build_model("ViT-B-16", 400, 8, backbone_path=...)``.
+
+    ``backbone`` is an open_clip model name or a model-config JSON path. ``backbone_path`` loads
+    CLIP weights offline (an OpenAI TorchScript archive, a full CLIP state dict or a visual-only
+    one); without it the backbone is random and a warning says so.
     """
     from .weights import load_backbone_weights
 
-    if num_classes < 1 or num_frames < 1:
-        raise ValueError(f"num_classes and num_frames must be positive, got {num_classes} and {num_frames}")
-    spec = resolve_backbone(backbone)
+    if isinstance(backbone, EVLConfig):
+        cfg = backbone
+    else:
+        given = {k: v for k, v in (("num_classes", num_classes), ("num_frames", num_frames)) if v is not None}
+        cfg = EVLConfig(backbone=backbone, **given, **kwargs)
+    if cfg.num_classes < 1 or cfg.num_frames < 1:
+        raise ValueError(f"num_classes and num_frames must be positive, got {cfg.num_classes} and {cfg.num_frames}")
+    spec = resolve_backbone(cfg.backbone)
     visual = create_vision_tower(spec)
     weights_sha256 = None
-    if backbone_path:
-        weights_sha256 = load_backbone_weights(visual, backbone_path, spec)
+    if cfg.backbone_path:
+        weights_sha256 = load_backbone_weights(visual, cfg.backbone_path, spec)
     else:
         warnings.warn(f"no backbone_path given: the {spec.name} backbone has RANDOM weights "
                       "(fine for tests and speed measurements, useless for real accuracy)", stacklevel=2)
-    frozen = FrozenBackbone(visual, spec, decoder_num_layers)
+    frozen = FrozenBackbone(visual, spec, cfg.decoder_num_layers)
     decoder = EVLDecoder(
-        num_frames=num_frames, grid=spec.grid, dim=spec.width, num_layers=decoder_num_layers,
-        qkv_dim=decoder_qkv_dim, num_heads=decoder_num_heads, mlp_factor=decoder_mlp_factor,
-        mlp_dropout=decoder_mlp_dropout, enable_temporal_conv=enable_temporal_conv,
-        enable_temporal_pos_embed=enable_temporal_pos_embed,
-        enable_temporal_cross_attention=enable_temporal_cross_attention,
+        num_frames=cfg.num_frames, grid=spec.grid, dim=spec.width, num_layers=cfg.decoder_num_layers,
+        qkv_dim=cfg.decoder_qkv_dim, num_heads=cfg.decoder_num_heads, mlp_factor=cfg.decoder_mlp_factor,
+        mlp_dropout=cfg.decoder_mlp_dropout, enable_temporal_conv=cfg.enable_temporal_conv,
+        enable_temporal_pos_embed=cfg.enable_temporal_pos_embed,
+        enable_temporal_cross_attention=cfg.enable_temporal_cross_attention,
     )
-    config = dict(
-        backbone=backbone, backbone_id=spec.describe(), num_classes=num_classes, num_frames=num_frames, backbone_path=backbone_path,
-        backbone_sha256=weights_sha256, decoder_num_layers=decoder_num_layers,
-        decoder_qkv_dim=decoder.decoder_layers[0].attn.q_proj.out_features,
-        decoder_num_heads=decoder.decoder_layers[0].attn.num_heads, decoder_mlp_factor=decoder_mlp_factor,
-        enable_temporal_conv=enable_temporal_conv, enable_temporal_pos_embed=enable_temporal_pos_embed,
-        enable_temporal_cross_attention=enable_temporal_cross_attention, cls_dropout=cls_dropout,
-        decoder_mlp_dropout=decoder_mlp_dropout,
-    )
-    return EVLModel(frozen, decoder, EVLHead(spec.width, num_classes, cls_dropout), config)
+    # The identity a checkpoint records: the config with the decoder's resolved sizes, the
+    # backbone's description and its weights' sha256.
+    resolved = replace(cfg, decoder_qkv_dim=decoder.decoder_layers[0].attn.q_proj.out_features,
+                       decoder_num_heads=decoder.decoder_layers[0].attn.num_heads)
+    config = dict(asdict(resolved), backbone_id=spec.describe(), backbone_sha256=weights_sha256)
+    return EVLModel(frozen, decoder, EVLHead(spec.width, cfg.num_classes, cfg.cls_dropout), config)

@@ -12,6 +12,7 @@ in the directory; the curves show the current one (see :func:`curves`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -30,7 +31,7 @@ from .config import TrainConfig, parse_config
 from .distributed import (StopAgreement, World, all_gather_object, all_reduce_max, all_reduce_sum, barrier,
                           cleanup, init_distributed, print0, threads_beside_decoders)
 from .eval import evaluate, write_predictions
-from .model import build_model
+from .model import EVLConfig, build_model
 from .precision import autocast, grad_scaler, resolve_precision
 
 log = logging.getLogger("evl.train")
@@ -231,11 +232,9 @@ def restore_rng(state: dict, world: World, seed: int) -> None:
 # Resuming with other values of these would continue another run than the checkpoint's: the
 # model and what it computes, the samples and their order, the optimiser's settings (restored
 # from the checkpoint, so a new --lr or --weight_decay would be ignored). Refused, with a message.
-RESUME_FIXED = ("backbone", "num_classes", "num_frames", "decoder_num_layers", "decoder_qkv_dim", "decoder_num_heads",
-                "decoder_mlp_factor", "enable_temporal_conv", "enable_temporal_pos_embed",
-                "enable_temporal_cross_attention", "cls_dropout", "decoder_mlp_dropout", "train_list_path",
-                "sampling_rate", "sampling", "auto_augment", "mirror", "crop_scale", "seed", "lr", "weight_decay",
-                "warmup_steps")
+RESUME_FIXED = tuple(f.name for f in dataclasses.fields(EVLConfig) if f.name != "backbone_path") + (
+    "train_list_path", "sampling_rate", "sampling", "auto_augment", "mirror", "crop_scale", "seed", "lr",
+    "weight_decay", "warmup_steps")
 # How a run continues, not which run it is: not compared.
 RESUME_IGNORED = ("output_dir", "auto_resume", "resume_path", "overwrite_output_dir", "eval_only", "debug",
                   "predictions_path", "extra", "batch_size")
@@ -347,7 +346,7 @@ def _run(cfg: TrainConfig, world: World, run: ckpt_io.RunDirectory | None) -> di
     try:  # before the first step, a ValueError is about the input: the flags, the model, the data
         precision = resolve_precision(cfg.mixed_precision, device)
         torch.manual_seed(cfg.seed)  # the same model on every rank, a random backbone included
-        model = build_model(cfg.backbone, cfg.num_classes, cfg.num_frames, **cfg.model_kwargs())
+        model = build_model(cfg.model_config())
         torch.manual_seed(cfg.seed + world.rank)  # ranks draw different dropout masks
         input_size = model.spec.image_size[0]
         resume = cfg.resume_path or (run.latest() if run is not None and cfg.auto_resume else None)

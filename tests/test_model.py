@@ -30,6 +30,27 @@ def test_random_backbone_warns(tiny_vit):
         evl.build_model(tiny_vit, 3, 4)
 
 
+def test_recorded_config_rebuilds_the_same_model(tiny_vit):
+    # A checkpoint's model_config is enough to build the model again: same parameters, same shapes,
+    # the decoder sizes it resolved (qkv width, heads) recorded rather than left to defaults.
+    model = build_tiny(tiny_vit, decoder_num_layers=2, decoder_qkv_dim=128, enable_temporal_conv=False)
+    assert model.config["decoder_num_heads"] == 2  # qkv_dim / 64, resolved at build time
+    cfg = evl.EVLConfig.from_dict(model.config)
+    assert (cfg.decoder_num_layers, cfg.decoder_qkv_dim, cfg.enable_temporal_conv) == (2, 128, False)
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="RANDOM"):
+        again = evl.build_model(cfg)
+    a, b = model.state_dict(), again.state_dict()
+    assert a.keys() == b.keys()
+    assert all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
+    assert again.config == model.config
+
+
+def test_config_rejects_unknown_fields(tiny_vit):
+    with pytest.raises(TypeError):
+        evl.build_model(tiny_vit, 5, 4, decoder_layers=2)  # a typo is an error, not a default
+
+
 def test_only_decoder_and_head_receive_gradients(tiny_vit):
     model = build_tiny(tiny_vit).train()
     model(clips()).logsumexp(-1).sum().backward()
