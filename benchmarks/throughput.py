@@ -323,25 +323,19 @@ def cycle(pipe):
 
 
 def ensure_cache(cfg, work_dir: str, views: int = 4) -> str:
-    """Build the training feature cache for ``cfg`` once (``python -m evl.cache build``)."""
-    from evl.cache import main as cache_main
+    """Build the training feature cache for ``cfg`` once (``evl.cache``'s build)."""
+    import dataclasses
 
+    from evl.cache import CacheBuild, run_build
+
+    job = CacheBuild.for_run(cfg, "train", "", num_views=views, device=cfg.device or "cpu")
     # One cache per list and geometry: a run on other videos (VP9 for DALI, long videos) or
     # another backbone must not find, and be refused by, a cache built for different settings.
-    key = json.dumps([os.path.abspath(cfg.train_list_path), cfg.backbone, cfg.backbone_path, cfg.num_frames,
-                      cfg.sampling_rate, cfg.sampling, cfg.auto_augment, list(cfg.crop_scale), cfg.decoder_num_layers,
-                      cfg.seed, views])
+    key = json.dumps([os.path.abspath(job.list_path), dataclasses.asdict(job.model),
+                      dataclasses.asdict(dataclasses.replace(job.data, num_workers=0)), job.seed, views])
     out = os.path.join(work_dir, "feature_cache", hashlib.sha256(key.encode()).hexdigest()[:12])
     if not os.path.isfile(os.path.join(out, "train", "manifest.json")):
-        argv = ["build", "--split", "train", "--list_path", cfg.train_list_path, "--output", out,
-                "--backbone", cfg.backbone, "--num_frames", str(cfg.num_frames), "--sampling_rate",
-                str(cfg.sampling_rate), "--sampling", cfg.sampling, "--num_views", str(views),
-                "--auto_augment", cfg.auto_augment or "none", "--crop_scale", *map(str, cfg.crop_scale),
-                "--decoder_num_layers", str(cfg.decoder_num_layers), "--seed", str(cfg.seed),
-                "--num_workers", str(cfg.num_workers), "--device", cfg.device or "cpu", "--no_progress"]
-        argv += ["--data_root", cfg.data_root] if cfg.data_root else []
-        argv += ["--backbone_path", cfg.backbone_path] if cfg.backbone_path else []
-        cache_main(argv)
+        run_build(dataclasses.replace(job, output=out), progress=False)
     return out
 
 

@@ -13,6 +13,7 @@ the manifest is written last, and a rerun of the same command continues where it
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import json
 import os
@@ -20,17 +21,18 @@ import shutil
 import sys
 import warnings
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from pipelines.base import PipelineConfig, thwc_uint8_to_bcthw
+from pipelines import build_pipeline, cpu_workers
 from pipelines.files import atomic_write
-from pipelines.cache import (BUILD, DTYPE, FORMAT, MANIFEST, CacheError, FeatureStore, read_json, read_manifest,
-                             record_fields, row_elems, shard_name, split_dir)
-from pipelines.workers import cat_for_transfer
+from pipelines.cache import (BUILD, DTYPE, FORMAT, MANIFEST, CacheError, FeatureStore, cache_identity, read_json,
+                             read_manifest, record_fields, row_elems, shard_name, split_dir)
 
-from .config import auto_augment_arg
+from .cli import SetupError, user_errors
+from .config import DataConfig, EVLConfig, TrainConfig, add_model_arguments
 from .decoder import attention_features
 from .distributed import PatientGroup, cleanup, init_distributed, resolve_device, threads_beside_decoders
 from .model import build_model
@@ -39,6 +41,7 @@ from .weights import file_sha256
 # Keys of build.json that may differ when a build is resumed (same data, another path to it).
 _INFORMATIONAL = ("list_path", "data_root", "backbone_path")
 _SHARD_TARGET_BYTES = 512 << 20
+DECODERS = ("pyav", "dali")  # the pipelines a build can read video with
 
 
 def _human(n: float) -> str:
@@ -66,31 +69,6 @@ def _fsync_dir(directory: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-class _Items(torch.utils.data.Dataset):
-    """One item per ``(epoch, clip)`` key: the clip's views ``[V, T, S, S, 3]`` uint8, or its error."""
-
-    def __init__(self, dataset, keys: list[tuple[int, int]]):
-        self.dataset, self.keys = dataset, keys
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def __getitem__(self, j: int) -> dict:
-        key = self.keys[j]
-        try:
-            clips, _ = self.dataset.load(key)
-            return {"key": key, "clips": clips, "error": None}
-        except Exception as e:  # noqa: BLE001 -- any decoder failure: the clip is left out and reported
-            return {"key": key, "clips": None, "error": f"{type(e).__name__}: {e}"}
-
-
-def _collate(items: list[dict]) -> tuple[list[dict], torch.Tensor | None]:
-    """The items without their clips, and the readable items' clips as one tensor: one
-    shared-memory transfer a batch instead of one a clip."""
-    good = [it["clips"] for it in items if it["clips"] is not None]
-    return [{**it, "clips": None} for it in items], cat_for_transfer(good) if good else None
 
 
 def _reserve(path: str) -> None:
@@ -165,67 +143,95 @@ def _shard_done(directory: str, k: int, expected_bytes: int) -> dict | None:
     return info
 
 
-def build_cache(args: argparse.Namespace, say=print, progress: bool = True) -> dict:
+@dataclass(frozen=True)
+class CacheBuild:
+    """One ``build``: which list, which split, the model and data settings the features are of
+    (those of the training run that will read them), and how the build runs."""
+
+    list_path: str
+    output: str  # cache root: the split goes to OUTPUT/train or OUTPUT/val
+    split: str = "train"
+    model: EVLConfig = EVLConfig()  # backbone, backbone_path, num_frames and decoder_num_layers matter
+    data: DataConfig = DataConfig()
+    num_views: int = 4  # training: augmented views stored per clip
+    num_classes: int | None = None  # check the labels against it
+    seed: int = 0
+    batch_size: int = 32  # clip-views per backbone batch
+    device: str | None = None
+    shard_clips: int | None = None
+    overwrite: bool = False
+
+    @classmethod
+    def for_run(cls, cfg: TrainConfig, split: str, output: str, **overrides) -> "CacheBuild":
+        """The build whose cache ``cfg`` (``--pipeline cache --feature_cache OUTPUT``) reads."""
+        data = cfg.data_config()
+        if data.pipeline not in DECODERS:  # the run reads the cache (or dummy clips): decode with PyAV
+            data = dataclasses.replace(data, pipeline="pyav")
+        values = dict(list_path=cfg.train_list_path if split == "train" else cfg.val_list_path, output=output,
+                      split=split, model=cfg.model_config(), data=data, num_classes=cfg.num_classes,
+                      seed=cfg.seed, batch_size=cfg.batch_size, device=cfg.device)
+        return cls(**{**values, **overrides})
+
+
+def build_cache(job: CacheBuild, say=print, progress: bool = True) -> dict:
     """Build (or finish building) the cache of one split; returns its manifest.
 
     Under ``torchrun`` every process builds its share of the shards (shard ``k`` on rank
     ``k % world_size``, each on its own GPU), and rank 0 writes the manifest once all are done.
     """
-    world = init_distributed(args.device)
+    if job.split not in ("train", "val"):
+        raise ValueError(f"split must be train or val, got {job.split!r}")
+    if job.num_views < 1:
+        raise ValueError("--num_views must be at least 1")
+    world = init_distributed(job.device)
     group = PatientGroup()  # ranks finish their shares at different times
     try:
-        return _build(args, world, group, say if world.is_primary else (lambda *a, **k: None), say, progress)
+        return _build(job, world, group, say if world.is_primary else (lambda *a, **k: None), say, progress)
     finally:
         group.close()
 
 
-def _build(args: argparse.Namespace, world, group: PatientGroup, say, warn, progress: bool) -> dict:
+def _build(job: CacheBuild, world, group: PatientGroup, say, warn, progress: bool) -> dict:
     """``build_cache`` on one rank; ``say`` prints on rank 0 only, ``warn`` on every rank."""
     from pipelines.dataset import load_dataset, make_sampler
-    from pipelines.workers import ClipDataset
-    from pipelines.pyav import read_frames
 
-    train = args.split == "train"
-    directory = split_dir(args.output, train)
+    train = job.split == "train"
+    directory = split_dir(job.output, train)
     device = world.device
     # Seeded as evl.train seeds before build_model, so that a random (test/demo) backbone is the same.
-    torch.manual_seed(args.seed)
+    torch.manual_seed(job.seed)
     with warnings.catch_warnings():
-        if not args.backbone_path:
+        if not job.model.backbone_path:
             warnings.filterwarnings("ignore", message="no backbone_path given")
-            say(f"warning: no --backbone_path: caching the features of a RANDOM {args.backbone} backbone "
-                f"(seed {args.seed}), as evl.train would build it")
-        model = build_model(args.backbone, 1, args.num_frames, backbone_path=args.backbone_path,
-                            decoder_num_layers=args.decoder_num_layers)
+            say(f"warning: no --backbone_path: caching the features of a RANDOM {job.model.backbone} backbone "
+                f"(seed {job.seed}), as evl.train would build it")
+        model = build_model(dataclasses.replace(job.model, num_classes=1))
     spec = model.spec
-    pcfg = PipelineConfig(
-        list_path=args.list_path, num_classes=args.num_classes, num_frames=args.num_frames,
-        sampling_rate=args.sampling_rate, sampling=args.sampling, input_size=spec.image_size[0], train=train,
-        data_root=args.data_root, num_workers=args.num_workers, num_spatial_views=args.num_spatial_views,
-        num_temporal_views=args.num_temporal_views, auto_augment=args.auto_augment if train else None,
-        hflip=0.5 if args.mirror and train else 0.0, crop_scale=tuple(args.crop_scale), seed=args.seed,
-        max_bad_fraction=args.max_bad_fraction)
-    records, infos = load_dataset(pcfg)
+    num_frames, layers = job.model.num_frames, job.model.decoder_num_layers
+    pcfg = job.data.pipeline_config(list_path=job.list_path, train=train, num_frames=num_frames,
+                                    num_classes=job.num_classes, input_size=spec.image_size[0], batch_size=1,
+                                    seed=job.seed, device=str(device))
+    records, _ = load_dataset(pcfg)
     sampler = make_sampler(pcfg)
-    views = args.num_views if train else sampler.num_views
-    fields = record_fields(args.num_frames, spec.num_tokens, spec.width, args.decoder_num_layers)
+    views = job.num_views if train else sampler.num_views
+    fields = record_fields(num_frames, spec.num_tokens, spec.width, layers)
     elems = row_elems(fields)
     view_bytes = elems * np.dtype(DTYPE).itemsize
     n = len(records)
-    shard_clips = args.shard_clips or max(1, _SHARD_TARGET_BYTES // (view_bytes * views))
+    shard_clips = job.shard_clips or max(1, _SHARD_TARGET_BYTES // (view_bytes * views))
     num_shards = -(-n // shard_clips)
+    # What the cache is (the settings a run must match: pipelines.cache.cache_identity) and how it
+    # is laid out. Resuming a build needs both to be the same.
     header = {
-        "format": FORMAT, "split": args.split, "backbone": args.backbone, "backbone_path": args.backbone_path,
-        "backbone_id": model.config["backbone_id"], "backbone_sha256": model.config["backbone_sha256"],
-        "num_frames": args.num_frames, "sampling_rate": args.sampling_rate, "sampling": args.sampling,
-        "input_size": spec.image_size[0], "decoder_num_layers": args.decoder_num_layers,
+        "format": FORMAT, "backbone": job.model.backbone, "backbone_path": job.model.backbone_path,
         "auto_augment": pcfg.auto_augment, "crop_scale": list(pcfg.crop_scale), "crop_ratio": list(pcfg.crop_ratio),
-        "hflip": pcfg.hflip, "seed": args.seed, "num_views": views,
+        "hflip": pcfg.hflip, "seed": job.seed, "num_views": views,
         "num_temporal_views": sampler.num_temporal_views, "num_spatial_views": sampler.num_spatial_views,
         "dtype": np.dtype(DTYPE).name, "fields": fields, "row_elems": elems, "row_bytes": view_bytes,
         "num_clips": n, "shard_clips": shard_clips, "num_shards": num_shards,
-        "list_path": os.path.abspath(args.list_path), "list_sha256": file_sha256(args.list_path),
-        "data_root": args.data_root, "clips": [[r.path, r.label] for r in records],
+        "list_path": os.path.abspath(job.list_path), "data_root": job.data.data_root,
+        "clips": [[r.path, r.label] for r in records],
+        **cache_identity(pcfg, model.config),
     }
     os.makedirs(directory, exist_ok=True)
     build_path = os.path.join(directory, BUILD)
@@ -233,7 +239,7 @@ def _build(args: argparse.Namespace, world, group: PatientGroup, say, warn, prog
     if os.path.isfile(build_path):  # every rank checks (the same file, the same verdict) ...
         old = read_json(build_path)
         diff = [k for k in sorted(set(old) | set(header)) if k not in _INFORMATIONAL and old.get(k) != header.get(k)]
-        if diff and not args.overwrite:
+        if diff and not job.overwrite:
             raise CacheError(f"{directory} holds a cache built with other settings (differs in: {', '.join(diff)}); "
                              "pass --overwrite to replace it, or choose another --output")
     group.barrier()
@@ -275,58 +281,72 @@ def _build(args: argparse.Namespace, world, group: PatientGroup, say, warn, prog
         warn(f"rank {world.rank}: {len(pending)} shard(s) to write {pending}")
 
     if pending:
-        dataset = ClipDataset(records, infos, sampler, read_frames, train=train)
         keys = [(v, i) if train else (0, i) for k in pending for i in range(*shard_range(k))
                 for v in (range(views) if train else (0,))]
         per_item = 1 if train else views
-        loader = torch.utils.data.DataLoader(
-            _Items(dataset, keys), batch_size=max(1, args.batch_size // per_item), num_workers=args.num_workers,
-            collate_fn=_collate, pin_memory=device.type == "cuda",
-            persistent_workers=False, prefetch_factor=4 if args.num_workers > 0 else None)
+        # The pipeline training uses reads every key once, in order; a video that fails is left
+        # out and reported (the cache's limit on them is applied once every shard is written).
+        try:
+            pipe = build_pipeline(job.data.pipeline, dataclasses.replace(
+                pcfg, keys=keys, batch_size=max(1, job.batch_size // per_item), max_bad_fraction=1.0))
+        except ValueError as e:  # the data does not suit the pipeline (a codec DALI cannot decode here)
+            raise SetupError(str(e)) from e
         model.to(device)
         from tqdm import tqdm
 
         todo = sum(shard_range(k)[1] - shard_range(k)[0] for k in pending) * views
         if world.world_size > 1:  # rank 0's bar: its own share (the others print nothing)
-            bar = tqdm(total=todo, desc=f"cache {args.split} (rank 0 of {world.world_size})", unit="view",
+            bar = tqdm(total=todo, desc=f"cache {job.split} (rank 0 of {world.world_size})", unit="view",
                        dynamic_ncols=True, disable=not (progress and world.is_primary) or None)
         else:
-            bar = tqdm(total=n * views, initial=n * views - todo, desc=f"cache {args.split}", unit="view",
+            bar = tqdm(total=n * views, initial=n * views - todo, desc=f"cache {job.split}", unit="view",
                        dynamic_ncols=True, disable=not progress or None)
         writers: dict[int, _ShardWriter] = {}
+
+        def store(key: tuple[int, int], data: np.ndarray | None) -> None:
+            """Write the key's rows, or (``None``) record its video as left out."""
+            epoch, i = key
+            k, local_clip = divmod(i, shard_clips)
+            if k not in writers:
+                a, b = shard_range(k)
+                writers[k] = _ShardWriter(directory, k, b - a, views, elems)
+            w = writers[k]
+            if data is None:
+                reason = dict(pipe.bad).get(records[i].path, "could not be read")
+                w.bad[i] = reason
+                warn(f"warning: {records[i].path}: {reason} (left out of the cache)")
+                w.remaining -= per_item  # its rows stay zero and are never read
+            else:
+                first = local_clip * views + (epoch if train else 0)
+                w.write(np.arange(first, first + per_item), data)
+            if w.remaining == 0:
+                a, b = shard_range(k)
+                done[k] = _finish_shard(w, {"shard": k, "first_clip": a, "num_clips": b - a})
+                del writers[k]
+
+        position = 0  # keys before it are written or left out
         try:
-            for items, clips in loader:
-                data = None
-                if clips is not None:
-                    x = thwc_uint8_to_bcthw(clips, device)
-                    feats = attention_features(model.forward_features(x))
-                    data = torch.cat([t.flatten(1) for f in feats for t in f], 1).to(torch.float16).cpu().numpy()
-                    if not np.isfinite(data).all():
-                        raise CacheError("backbone features overflow float16; this backbone cannot be cached in fp16")
-                pos = 0
-                for it in items:
-                    epoch, i = it["key"]
-                    k, local_clip = divmod(i, shard_clips)
-                    if k not in writers:
-                        a, b = shard_range(k)
-                        writers[k] = _ShardWriter(directory, k, b - a, views, elems)
-                    w = writers[k]
-                    first = local_clip * views + (epoch if train else 0)
-                    rows = np.arange(first, first + per_item)
-                    if it["error"] is not None:
-                        w.bad[i] = it["error"]
-                        warn(f"warning: {records[i].path}: {it['error']} (left out of the cache)")
-                        w.remaining -= per_item  # its rows stay zero and are never read
-                    else:
-                        w.write(rows, data[pos:pos + per_item])
-                        pos += per_item
-                    if w.remaining == 0:
-                        a, b = shard_range(k)
-                        done[k] = _finish_shard(w, {"shard": k, "first_clip": a, "num_clips": b - a})
-                        del writers[k]
-                bar.update(len(items) * per_item)
+            for batch in pipe:
+                feats = attention_features(model.forward_features(batch.clips))
+                data = torch.cat([t.flatten(1) for f in feats for t in f], 1).to(torch.float16).cpu().numpy()
+                if not np.isfinite(data).all():
+                    raise CacheError("backbone features overflow float16; this backbone cannot be cached in fp16")
+                index, view = batch.index.tolist(), batch.view.tolist()
+                for r in range(0, len(index), per_item):  # a training row, or a video's evaluation views
+                    key = (view[r], index[r]) if train else (0, index[r])
+                    while keys[position] != key:  # the pipeline left these out
+                        store(keys[position], None)
+                        position += 1
+                    store(key, data[r:r + per_item])
+                    position += 1
+                bar.update(len(index))
+            for key in keys[position:]:
+                store(key, None)
         finally:
             bar.close()
+            close = getattr(pipe, "close", None)
+            if close is not None:
+                close()
             for w in writers.values():
                 w.arr = None  # the half-written .tmp file is removed by the next run
     if world.world_size > 1:
@@ -341,14 +361,14 @@ def _build(args: argparse.Namespace, world, group: PatientGroup, say, warn, prog
             raise CacheError(f"{directory}: shard(s) {missing} were not completed")
         manifest = dict(header, shards=[done[k] for k in range(num_shards)])
         bad = {int(i): (k, reason) for k in done for i, reason in done[k].get("bad_reasons", {}).items()}
-        if len(bad) > args.max_bad_fraction * n:
+        if len(bad) > job.data.max_bad_fraction * n:
             # The limit live training applies: past it the cache is not completed (no manifest),
             # and the finished shards are kept for the rerun.
             shown = "\n".join(f"  {records[i].path}: {reason}" for i, (_, reason) in sorted(bad.items())[:20])
             shards = sorted({shard_name(k) for k, _ in bad.values()})
             raise CacheError(
                 f"{len(bad)} of {n} videos could not be decoded, more than --max_bad_fraction "
-                f"({args.max_bad_fraction:.1%}):\n{shown}\nthe finished shards are kept: rerun with a higher "
+                f"({job.data.max_bad_fraction:.1%}):\n{shown}\nthe finished shards are kept: rerun with a higher "
                 f"--max_bad_fraction to complete the cache without them, or fix them, delete "
                 f"{', '.join(shards[:5])}{' ...' if len(shards) > 5 else ''} and rerun")
         if bad:
@@ -390,30 +410,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="run the frozen backbone over a list and store the decoder's inputs")
     b.add_argument("--list_path", "--train_list_path", "--val_list_path", dest="list_path", required=True)
-    b.add_argument("--data_root")
     b.add_argument("--split", choices=["train", "val"], default="train",
                    help="train: --num_views augmented views per clip; val: every evaluation view")
     b.add_argument("--output", "--feature_cache", dest="output", required=True,
                    help="cache root: the split is written to OUTPUT/train or OUTPUT/val")
-    b.add_argument("--backbone", default="ViT-B-16")
-    b.add_argument("--backbone_path")
+    add_model_arguments(b, ("backbone", "backbone_path", "num_frames", "decoder_num_layers"))
     b.add_argument("--num_classes", type=int, help="check labels against it (optional)")
-    b.add_argument("--num_frames", type=int, default=8)
-    b.add_argument("--sampling_rate", type=int, default=16)
-    b.add_argument("--sampling", choices=["dense", "segment"], default="dense")
     b.add_argument("--num_views", type=int, default=4, help="training: augmented views stored per clip")
-    b.add_argument("--num_temporal_views", type=int, default=3)
-    b.add_argument("--num_spatial_views", type=int, default=1, choices=[1, 3])
-    b.add_argument("--auto_augment", type=auto_augment_arg, default="rand-m7-n4-mstd0.5-inc1", help="'none' to disable")
-    b.add_argument("--mirror", action="store_true")
-    b.add_argument("--crop_scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"))
-    b.add_argument("--decoder_num_layers", type=int, default=4)
+    DataConfig.add_arguments(b, pipelines=DECODERS)
     b.add_argument("--seed", type=int, default=0, help="the sampler's seed (and a random backbone's)")
     b.add_argument("--batch_size", type=int, default=32, help="clip-views per backbone batch")
-    b.add_argument("--num_workers", type=int, default=4)
     b.add_argument("--device")
     b.add_argument("--shard_clips", type=int, help="clips per shard (default: about 512 MiB per shard)")
-    b.add_argument("--max_bad_fraction", type=float, default=0.01)
     b.add_argument("--overwrite", action="store_true", help="replace a cache built with other settings")
     b.add_argument("--no_progress", dest="progress", action="store_false")
     for name, text in (("info", "describe a cache"), ("verify", "check every shard's SHA-256")):
@@ -422,25 +430,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def job_from_args(args: argparse.Namespace) -> CacheBuild:
+    model = EVLConfig(backbone=args.backbone, backbone_path=args.backbone_path, num_frames=args.num_frames,
+                      decoder_num_layers=args.decoder_num_layers)
+    return CacheBuild(list_path=args.list_path, output=args.output, split=args.split, model=model,
+                      data=DataConfig.from_args(args), num_views=args.num_views, num_classes=args.num_classes,
+                      seed=args.seed, batch_size=args.batch_size, device=args.device, shard_clips=args.shard_clips,
+                      overwrite=args.overwrite)
+
+
+def run_build(job: CacheBuild, progress: bool = True) -> dict:
+    """:func:`build_cache` as a job of its own: the CPU threads left beside the decoders, the
+    process group of ``torchrun`` joined and left."""
+    import torch.distributed as dist
+
+    try:
+        resolve_device(job.device)
+    except ValueError as e:
+        raise SetupError(str(e)) from None
+    joined = not dist.is_initialized()  # build_cache joins torchrun's group, if any
+    with threads_beside_decoders(cpu_workers(job.data.pipeline, job.data.num_workers)):
+        try:
+            return build_cache(job, progress=progress)
+        finally:
+            if joined:
+                cleanup()
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
+    with user_errors("python -m evl.cache"):
         if args.command == "build":
             if args.num_views < 1:
-                raise SystemExit("error: --num_views must be at least 1")
-            import torch.distributed as dist
-
-            try:
-                resolve_device(args.device)
-            except ValueError as e:
-                raise SystemExit(f"error: {e}") from None
-            joined = not dist.is_initialized()  # build_cache joins torchrun's group, if any
-            with threads_beside_decoders(args.num_workers):  # it decodes with PyAV workers, as training does
-                try:
-                    return build_cache(args, progress=args.progress)
-                finally:
-                    if joined:
-                        cleanup()
+                raise SetupError("--num_views must be at least 1")
+            return run_build(job_from_args(args), progress=args.progress)
         dirs = [args.directory]
         if not os.path.isfile(os.path.join(args.directory, MANIFEST)):
             dirs = [d for d in (split_dir(args.directory, True), split_dir(args.directory, False))
@@ -451,8 +474,6 @@ def main(argv: list[str] | None = None) -> dict | None:
             else:
                 verify_cache(d)
         return None
-    except CacheError as e:
-        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""The run configuration of ``python -m evl.train`` / ``evl.eval``: one dataclass, one parser.
+"""The configurations: the model (:class:`EVLConfig`), how its clips are read
+(:class:`DataConfig`) and a training run (:class:`TrainConfig`, both and the run's own settings),
+with the flags that make them.
 
 Flag names follow the reference implementation (``--num_frames``, ``--sampling_rate``,
 ``--backbone_path``, ``--train_list_path``, ``--batch_split``, ``--no_temporal_conv``, ...) so its
@@ -11,15 +13,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
 
 
-@dataclass
-class TrainConfig:
-    # model (evl.build_model)
+@dataclass(frozen=True)
+class EVLConfig:
+    """What an EVL model is: everything :func:`evl.build_model` needs to build it again.
+
+    Checkpoints store it (``model_config``, with the backbone's description and the sha256 of its
+    weights file); the training flags of the same names make it. The decoder's width is the
+    backbone's; ``decoder_qkv_dim`` defaults to it and ``decoder_num_heads`` to ``qkv_dim / 64``.
+    """
+
     backbone: str = "ViT-B-16"
-    backbone_path: str | None = None
     num_classes: int = 400
     num_frames: int = 8
+    backbone_path: str | None = None
     decoder_num_layers: int = 4
     decoder_qkv_dim: int | None = None
     decoder_num_heads: int | None = None
@@ -29,10 +38,21 @@ class TrainConfig:
     enable_temporal_cross_attention: bool = True
     cls_dropout: float = 0.5
     decoder_mlp_dropout: float = 0.5
-    # data
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], **overrides):
+        """The fields ``values`` holds (a checkpoint's ``model_config``, a run's flags), overridden."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{**{k: v for k, v in values.items() if k in names}, **overrides})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How clips are read and sampled: the data flags every job that reads video shares (training,
+    evaluation, the feature cache build). :meth:`pipeline_config` turns it into what a pipeline
+    of :mod:`pipelines` takes, for one list and split."""
+
     pipeline: str = "pyav"
-    train_list_path: str | None = None
-    val_list_path: str | None = None
     data_root: str | None = None
     sampling_rate: int = 16
     sampling: str = "dense"
@@ -43,6 +63,53 @@ class TrainConfig:
     crop_scale: tuple[float, float] = (0.08, 1.0)
     num_workers: int = 4
     max_bad_fraction: float = 0.01
+
+    @classmethod
+    def add_arguments(cls, group, pipelines: Sequence[str] = ("pyav", "dali", "dummy", "cache")) -> None:
+        d = cls()
+        group.add_argument("--pipeline", default=d.pipeline, choices=list(pipelines))
+        group.add_argument("--data_root", help="directory the list's relative video paths are under")
+        group.add_argument("--sampling_rate", type=int, default=d.sampling_rate)
+        group.add_argument("--sampling", default=d.sampling, choices=["dense", "segment"],
+                           help="segment = TSN sampling, one frame per segment (Something-Something)")
+        group.add_argument("--num_spatial_views", type=int, default=d.num_spatial_views, choices=[1, 3])
+        group.add_argument("--num_temporal_views", type=int, default=d.num_temporal_views)
+        group.add_argument("--auto_augment", type=auto_augment_arg, default=d.auto_augment,
+                           help="timm RandAugment policy, the same ops for every frame of a clip; 'none' to disable")
+        group.add_argument("--mirror", action="store_true", help="random horizontal flip (off in the reference recipe)")
+        group.add_argument("--crop_scale", type=float, nargs=2, default=d.crop_scale, metavar=("MIN", "MAX"))
+        group.add_argument("--num_workers", type=int, default=d.num_workers)
+        group.add_argument("--max_bad_fraction", type=float, default=d.max_bad_fraction)
+
+    @staticmethod
+    def from_args(ns) -> "DataConfig":
+        """The data settings of parsed flags (or of any object that has them, a ``TrainConfig``)."""
+        values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(DataConfig)}
+        return DataConfig(**dict(values, crop_scale=tuple(values["crop_scale"])))
+
+    def pipeline_config(self, *, list_path: str | None, train: bool, num_frames: int, num_classes: int | None,
+                        input_size: int, batch_size: int, seed: int, device: str = "cpu", rank: int = 0,
+                        world_size: int = 1, keys=None, extra: dict | None = None):
+        """The pipelines' view of these settings for one split: RandAugment and the flip are
+        training's only."""
+        from pipelines import PipelineConfig
+
+        return PipelineConfig(
+            list_path=list_path, num_classes=num_classes, num_frames=num_frames, sampling_rate=self.sampling_rate,
+            sampling=self.sampling, input_size=input_size, batch_size=batch_size, train=train,
+            data_root=self.data_root, num_workers=self.num_workers, num_spatial_views=self.num_spatial_views,
+            num_temporal_views=self.num_temporal_views, auto_augment=self.auto_augment if train else None,
+            hflip=0.5 if self.mirror and train else 0.0, crop_scale=tuple(self.crop_scale), seed=seed,
+            device=device, rank=rank, world_size=world_size, max_bad_fraction=self.max_bad_fraction, keys=keys,
+            extra=dict(extra or {}))
+
+
+@dataclass(frozen=True)
+class TrainConfig(DataConfig, EVLConfig):
+    """A training (or ``--eval_only``) run: the model, the data, and the run's own settings."""
+
+    train_list_path: str | None = None
+    val_list_path: str | None = None
     feature_cache: str | None = None
     cache_in_memory: bool = False
     # optimisation (evl-spec §3)
@@ -69,11 +136,12 @@ class TrainConfig:
     debug: bool = False
     extra: dict = field(default_factory=dict)
 
-    def model_config(self):
-        """The model these flags describe (the fields of ``evl.model.EVLConfig``, by name)."""
-        from .model import EVLConfig
-
+    def model_config(self) -> EVLConfig:
+        """The model these flags describe."""
         return EVLConfig.from_dict(self.to_dict())
+
+    def data_config(self) -> DataConfig:
+        return DataConfig.from_args(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -92,41 +160,41 @@ def auto_augment_arg(text: str) -> str | None:
     return text
 
 
+def add_model_arguments(group, names: Sequence[str] | None = None) -> None:
+    """The model's flags (reference names), all of them or ``names``, with :class:`EVLConfig`'s defaults."""
+    d = EVLConfig()
+    flags = {
+        "backbone": (("--backbone",), dict(default=d.backbone, help="open_clip model name or model-config JSON path")),
+        "backbone_path": (("--backbone_path",), dict(help="local CLIP weights (OpenAI .pt archive or state dict)")),
+        "num_classes": (("--num_classes",), dict(type=int, default=d.num_classes)),
+        "num_frames": (("--num_frames",), dict(type=int, default=d.num_frames)),
+        "decoder_num_layers": (("--decoder_num_layers",), dict(type=int, default=d.decoder_num_layers)),
+        "decoder_qkv_dim": (("--decoder_qkv_dim",), dict(type=int)),
+        "decoder_num_heads": (("--decoder_num_heads",), dict(type=int)),
+        "decoder_mlp_factor": (("--decoder_mlp_factor",), dict(type=float, default=d.decoder_mlp_factor)),
+        "cls_dropout": (("--cls_dropout",), dict(type=float, default=d.cls_dropout)),
+        "decoder_mlp_dropout": (("--decoder_mlp_dropout",), dict(type=float, default=d.decoder_mlp_dropout)),
+        "enable_temporal_conv": (("--no_temporal_conv",), dict(dest="enable_temporal_conv", action="store_false")),
+        "enable_temporal_pos_embed": (("--no_temporal_pos_embed",),
+                                      dict(dest="enable_temporal_pos_embed", action="store_false")),
+        "enable_temporal_cross_attention": (("--no_temporal_cross_attention",),
+                                            dict(dest="enable_temporal_cross_attention", action="store_false")),
+    }
+    for name in names or flags:
+        args, kwargs = flags[name]
+        group.add_argument(*args, **kwargs)
+
+
 def build_parser(prog: str = "python -m evl.train") -> argparse.ArgumentParser:
     d = TrainConfig()
     p = argparse.ArgumentParser(prog=prog, description="Train or evaluate EVL on a frozen CLIP backbone. "
                                 "With no arguments: the built-in CPU demo.")
-    m = p.add_argument_group("model")
-    m.add_argument("--backbone", default=d.backbone, help="open_clip model name or model-config JSON path")
-    m.add_argument("--backbone_path", help="local CLIP weights (OpenAI .pt archive or state dict)")
-    m.add_argument("--num_classes", type=int, default=d.num_classes)
-    m.add_argument("--num_frames", type=int, default=d.num_frames)
-    m.add_argument("--decoder_num_layers", type=int, default=d.decoder_num_layers)
-    m.add_argument("--decoder_qkv_dim", type=int)
-    m.add_argument("--decoder_num_heads", type=int)
-    m.add_argument("--decoder_mlp_factor", type=float, default=d.decoder_mlp_factor)
-    m.add_argument("--cls_dropout", type=float, default=d.cls_dropout)
-    m.add_argument("--decoder_mlp_dropout", type=float, default=d.decoder_mlp_dropout)
-    m.add_argument("--no_temporal_conv", dest="enable_temporal_conv", action="store_false")
-    m.add_argument("--no_temporal_pos_embed", dest="enable_temporal_pos_embed", action="store_false")
-    m.add_argument("--no_temporal_cross_attention", dest="enable_temporal_cross_attention", action="store_false")
+    add_model_arguments(p.add_argument_group("model"))
     g = p.add_argument_group("data")
-    g.add_argument("--pipeline", default=d.pipeline, choices=["pyav", "dali", "dummy", "cache"])
+    DataConfig.add_arguments(g)
     g.add_argument("--dummy_dataset", action="store_true", help="alias of --pipeline dummy")
     g.add_argument("--train_list_path")
     g.add_argument("--val_list_path")
-    g.add_argument("--data_root")
-    g.add_argument("--sampling_rate", type=int, default=d.sampling_rate)
-    g.add_argument("--sampling", default=d.sampling, choices=["dense", "segment"],
-                   help="segment = TSN sampling, one frame per segment (Something-Something)")
-    g.add_argument("--num_spatial_views", type=int, default=d.num_spatial_views, choices=[1, 3])
-    g.add_argument("--num_temporal_views", type=int, default=d.num_temporal_views)
-    g.add_argument("--auto_augment", type=auto_augment_arg, default=d.auto_augment,
-                   help="timm RandAugment policy, the same ops for every frame of a clip; 'none' to disable")
-    g.add_argument("--mirror", action="store_true", help="random horizontal flip (off in the reference recipe)")
-    g.add_argument("--crop_scale", type=float, nargs=2, default=d.crop_scale, metavar=("MIN", "MAX"))
-    g.add_argument("--num_workers", type=int, default=d.num_workers)
-    g.add_argument("--max_bad_fraction", type=float, default=d.max_bad_fraction)
     g.add_argument("--feature_cache", help="cache root written by `python -m evl.cache build` (ROOT/train, ROOT/val)")
     g.add_argument("--cache_in_memory", action="store_true",
                    help="load the feature cache into RAM instead of reading it through the page cache")

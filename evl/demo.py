@@ -279,27 +279,23 @@ def demo_argv(dataset: DemoDataset, backbone_json: str, output_dir: str, *, pipe
 
 def build_demo_cache(dataset: DemoDataset, backbone_json: str, train_argv: list[str]) -> str:
     """The demo's feature cache (4 views per training clip, the val views), built once per
-    setting: the directory is named by a hash of the build's flags and the backbone's config, so
-    a change of either builds a new cache instead of failing on the old one's manifest."""
+    setting: the directory is named by a hash of the build's settings and the backbone's config,
+    so a change of either builds a new cache instead of failing on the old one's manifest."""
+    import dataclasses
     import hashlib
 
-    from .cache import main as cache_main
+    from .cache import CacheBuild, run_build
     from .config import parse_config
 
     cfg = parse_config(train_argv)
-    settings = ["--backbone", backbone_json, "--data_root", dataset.root, "--num_frames", str(cfg.num_frames),
-                "--sampling_rate", str(cfg.sampling_rate), "--crop_scale", *map(str, cfg.crop_scale),
-                "--auto_augment", "none", "--decoder_num_layers", str(cfg.decoder_num_layers),
-                "--num_temporal_views", str(cfg.num_temporal_views),
-                "--num_spatial_views", str(cfg.num_spatial_views), "--seed", str(cfg.seed), "--num_views", "4"]
+    jobs = [CacheBuild.for_run(cfg, split, "", num_views=4, device="cpu") for split in ("train", "val")]
     with open(backbone_json, encoding="utf-8") as f:
-        key = hashlib.sha256(json.dumps([settings, f.read()]).encode()).hexdigest()[:12]
-    out = os.path.join(dataset.root, "feature_cache", key)
-    common = [*settings, "--num_workers", str(cfg.num_workers), "--device", "cpu", "--output", out]
-    for split, list_path in (("train", dataset.train_list), ("val", dataset.val_list)):
-        if not os.path.isfile(os.path.join(out, split, "manifest.json")):
-            print(f"demo: caching the backbone's features of the {split} clips in {out}", flush=True)
-            cache_main(["build", "--split", split, "--list_path", list_path, *common])
+        settings = [dataclasses.asdict(jobs[0].model), dataclasses.asdict(jobs[0].data), jobs[0].seed, f.read()]
+    out = os.path.join(dataset.root, "feature_cache", hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:12])
+    for job in jobs:
+        if not os.path.isfile(os.path.join(out, job.split, "manifest.json")):
+            print(f"demo: caching the backbone's features of the {job.split} clips in {out}", flush=True)
+            run_build(dataclasses.replace(job, output=out))
     return out
 
 

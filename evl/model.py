@@ -11,14 +11,15 @@ go straight into ``forward_head``.
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Mapping, Sequence
+from dataclasses import asdict, replace
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from .backbone import (AttentionFeatures, BackboneSpec, BlockFeatures, FrozenBackbone, create_vision_tower,
                        resolve_backbone)
+from .config import EVLConfig
 from .decoder import EVLDecoder, EVLHead
 
 __all__ = ["EVLConfig", "EVLModel", "build_model"]
@@ -65,37 +66,6 @@ class EVLModel(nn.Module):
                 features: Sequence[BlockFeatures | AttentionFeatures] | None = None) -> torch.Tensor:
         """Clips -> logits; or cached backbone ``features`` -> logits (through DDP too)."""
         return self.forward_head(self.forward_features(clips) if features is None else features)
-
-
-@dataclass(frozen=True)
-class EVLConfig:
-    """What an EVL model is: everything :func:`build_model` needs to build it again.
-
-    Checkpoints store it (``model_config``, with the backbone's description and the sha256 of its
-    weights file); the training flags of the same names make it (``TrainConfig.model_config``).
-    The decoder's width is the backbone's; ``decoder_qkv_dim`` defaults to it and
-    ``decoder_num_heads`` to ``qkv_dim / 64``.
-    """
-
-    backbone: str = "ViT-B-16"
-    num_classes: int = 400
-    num_frames: int = 8
-    backbone_path: str | None = None
-    decoder_num_layers: int = 4
-    decoder_qkv_dim: int | None = None
-    decoder_num_heads: int | None = None
-    decoder_mlp_factor: float = 4.0
-    enable_temporal_conv: bool = True
-    enable_temporal_pos_embed: bool = True
-    enable_temporal_cross_attention: bool = True
-    cls_dropout: float = 0.5
-    decoder_mlp_dropout: float = 0.5
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any], **overrides) -> "EVLConfig":
-        """The fields ``values`` holds (a checkpoint's ``model_config``, a run's flags), overridden."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{**{k: v for k, v in values.items() if k in names}, **overrides})
 
 
 def build_model(backbone: str | EVLConfig, num_classes: int | None = None, num_frames: int | None = None,

@@ -27,11 +27,11 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt_io
 from .cli import STOPPED, SetupError, safe_stdio, user_errors
-from .config import TrainConfig, parse_config
+from .config import EVLConfig, TrainConfig, parse_config
 from .distributed import (StopAgreement, World, all_gather_object, all_reduce_max, all_reduce_sum, barrier,
                           cleanup, init_distributed, print0, threads_beside_decoders)
 from .eval import evaluate, write_predictions
-from .model import EVLConfig, build_model
+from .model import build_model
 from .precision import autocast, grad_scaler, resolve_precision
 
 log = logging.getLogger("evl.train")
@@ -84,16 +84,10 @@ def check_inputs(cfg: TrainConfig) -> None:
 
 def pipeline_config(cfg: TrainConfig, world: World, train: bool, input_size: int, model_config: dict | None = None):
     """The pipelines' view of the run configuration, for one split."""
-    from pipelines import PipelineConfig
-
-    return PipelineConfig(
-        list_path=cfg.train_list_path if train else cfg.val_list_path, num_classes=cfg.num_classes,
-        num_frames=cfg.num_frames, sampling_rate=cfg.sampling_rate, sampling=cfg.sampling, input_size=input_size,
-        batch_size=cfg.batch_size, train=train, data_root=cfg.data_root, num_workers=cfg.num_workers,
-        num_spatial_views=cfg.num_spatial_views, num_temporal_views=cfg.num_temporal_views,
-        auto_augment=cfg.auto_augment if train else None, hflip=0.5 if cfg.mirror and train else 0.0,
-        crop_scale=tuple(cfg.crop_scale), seed=cfg.seed, device=str(world.device), rank=world.rank,
-        world_size=world.world_size, max_bad_fraction=cfg.max_bad_fraction,
+    return cfg.data_config().pipeline_config(
+        list_path=cfg.train_list_path if train else cfg.val_list_path, train=train, num_frames=cfg.num_frames,
+        num_classes=cfg.num_classes, input_size=input_size, batch_size=cfg.batch_size, seed=cfg.seed,
+        device=str(world.device), rank=world.rank, world_size=world.world_size,
         extra={"feature_cache": cfg.feature_cache, "cache_in_memory": cfg.cache_in_memory,
                "model_config": model_config, **cfg.extra})
 

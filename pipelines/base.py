@@ -55,6 +55,10 @@ class PipelineConfig:
     rank: int = 0
     world_size: int = 1
     max_bad_fraction: float = 0.01  # stop when more than this share of an epoch is unreadable
+    # Read exactly these (epoch, index) keys, in this order: no shuffling, sharding, dropped last
+    # batch or replacement of a bad video (it is left out and reported in ``bad``). Batch.view is
+    # then the key's epoch for a training key. For jobs that read a list once (the feature cache).
+    keys: Sequence[tuple[int, int]] | None = None
     extra: dict = field(default_factory=dict)  # backend-specific options (e.g. feature_cache dir)
 
 
@@ -77,10 +81,10 @@ class TooManyBadVideos(RuntimeError):
 _log = logging.getLogger("pipelines")
 
 
-def report_bad_videos(failures: Sequence[tuple[str, str]], train: bool) -> None:
+def report_bad_videos(failures: Sequence[tuple[str, str]], replaced: bool) -> None:
     for path, reason in failures:
         _log.warning("unreadable video %s (%s): %s", path, reason,
-                     "replaced by another sample" if train else "skipped")
+                     "replaced by another sample" if replaced else "skipped")
 
 
 def check_bad_videos(bad: Sequence[tuple[str, str]], epoch_size: int, max_fraction: float) -> None:
@@ -90,9 +94,9 @@ def check_bad_videos(bad: Sequence[tuple[str, str]], epoch_size: int, max_fracti
                                f"(limit {max_fraction:.1%}):\n{files}")
 
 
-def summarise_bad_videos(epoch: int, bad: Sequence[tuple[str, str]], train: bool) -> None:
+def summarise_bad_videos(epoch: int, bad: Sequence[tuple[str, str]], replaced: bool) -> None:
     if bad:
-        _log.warning("epoch %d: %d unreadable video(s) %s: %s", epoch, len(bad), "replaced" if train else "skipped",
+        _log.warning("epoch %d: %d unreadable video(s) %s: %s", epoch, len(bad), "replaced" if replaced else "skipped",
                      ", ".join(sorted({p for p, _ in bad})))
 
 

@@ -132,8 +132,9 @@ def read_manifest(directory: str) -> dict:
     return manifest
 
 
-def expected_settings(cfg: PipelineConfig, model_config: dict | None) -> dict:
-    """What the cache must have been built with for this run to read it."""
+def cache_identity(cfg: PipelineConfig, model_config: dict | None) -> dict:
+    """What a cache is of: the settings of the features it holds, which a run's must equal for
+    it to read them. The build records them; a run checks them with :func:`check_manifest`."""
     want = {"split": "train" if cfg.train else "val", "num_frames": cfg.num_frames,
             "sampling_rate": cfg.sampling_rate, "sampling": cfg.sampling, "input_size": cfg.input_size}
     if cfg.train:
@@ -231,7 +232,7 @@ class CachePipeline:
         self.cfg = cfg
         self.directory = split_dir(root, cfg.train)
         manifest = read_manifest(self.directory)
-        check_manifest(manifest, expected_settings(cfg, cfg.extra.get("model_config")), self.directory)
+        check_manifest(manifest, cache_identity(cfg, cfg.extra.get("model_config")), self.directory)
         self.manifest = manifest
         self.records = [VideoRecord(path, int(label)) for path, label in manifest["clips"]]
         self.num_samples = len(self.records)

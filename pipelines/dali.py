@@ -42,7 +42,7 @@ from .base import (CLIP_MEAN, CLIP_STD, Batch, PipelineConfig, check_bad_videos,
                    summarise_bad_videos)
 from .dali_augment import augment_columns, augment_graph, column_types
 from .dataset import clip_specs, load_dataset, make_sampler
-from .epoch import EpochKeys, batches_per_epoch, replacements
+from .epoch import EpochKeys, batches_per_epoch, replacements, training_epoch
 from .index import VideoReadError, frame_index, requested_positions
 
 __all__ = ["CPU_CODECS", "GPU_CODECS", "DALIPipeline", "UnsupportedCodecError", "read_frames", "to_torch"]
@@ -221,6 +221,7 @@ class _Pending:
     frames: list[np.ndarray]
     labels: list[int]
     index: list[int]
+    epoch: list[int]
 
 
 class _Feeder:
@@ -273,7 +274,7 @@ class DALIPipeline:
     def _epoch_batches(self) -> list[list[tuple[int, int]]]:
         keys, b = list(self.keys), self.cfg.batch_size
         batches = [keys[i:i + b] for i in range(0, len(keys), b)]
-        if self.cfg.train and batches and len(batches[-1]) < b:
+        if training_epoch(self.cfg) and batches and len(batches[-1]) < b:
             batches.pop()  # as the PyAV pipeline's drop_last
         return batches
 
@@ -285,13 +286,14 @@ class DALIPipeline:
 
     def _build_batch(self, number: int, keys: list[tuple[int, int]]):
         """(pending record, external_source outputs) of one batch, or None when every video is bad."""
-        pending = _Pending(number, [], [], [], [])
+        pending = _Pending(number, [], [], [], [], [])
         per_view = len(_view_types(self.num_slots))
         columns: list[list[np.ndarray]] = [[] for _ in range(2 + per_view * self.num_views)]
         for slot, (epoch, first) in enumerate(keys):
             failures, data = [], None
             # Training replaces a video that fails, as the PyAV pipeline does; evaluation skips it.
-            tries = replacements(self.cfg.seed, epoch, first, len(self.records)) if self.cfg.train else (first,)
+            replace = training_epoch(self.cfg)
+            tries = replacements(self.cfg.seed, epoch, first, len(self.records)) if replace else (first,)
             for index in tries:
                 try:
                     data = self._read(index)
@@ -326,6 +328,7 @@ class DALIPipeline:
             pending.frames.append(wanted)
             pending.labels.append(self.records[index].label)
             pending.index.append(index)
+            pending.epoch.append(epoch)
         return (pending, tuple(columns)) if pending.paths else None
 
     def _record_failures(self, slot: tuple[int, int], failures: list[tuple[str, str]]) -> None:
@@ -334,7 +337,8 @@ class DALIPipeline:
             self._failures.pop(slot, None)
             return
         old = self._failures.get(slot, [])
-        report_bad_videos(failures[len(old):] if failures[:len(old)] == old else failures, self.cfg.train)
+        report_bad_videos(failures[len(old):] if failures[:len(old)] == old else failures,
+                          training_epoch(self.cfg))
         self._failures[slot] = failures
         self.bad = [f for fs in self._failures.values() for f in fs]
 
@@ -375,7 +379,8 @@ class DALIPipeline:
         v = self.num_views
         labels = torch.tensor(fed.labels, dtype=torch.long).repeat_interleave(v)
         index = torch.tensor(fed.index, dtype=torch.long).repeat_interleave(v)
-        view = torch.arange(v, dtype=torch.long).repeat(len(fed.index))
+        # A training row's view is its clip's epoch, as in the PyAV pipeline.
+        view = torch.tensor(fed.epoch) if self.cfg.train else torch.arange(v, dtype=torch.long).repeat(len(fed.index))
         return Batch(clips, labels.to(self.device), index.to(self.device), view.to(self.device))
 
     def __iter__(self) -> Iterator[Batch]:
@@ -403,4 +408,4 @@ class DALIPipeline:
             finally:
                 del pipe
         self._check_limit()
-        summarise_bad_videos(self.keys.epoch, self.bad, self.cfg.train)
+        summarise_bad_videos(self.keys.epoch, self.bad, training_epoch(self.cfg))

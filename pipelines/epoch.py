@@ -17,7 +17,7 @@ import torch
 from .base import PipelineConfig
 from .sampling import epoch_permutation, shard_indices
 
-__all__ = ["MAX_REPLACEMENTS", "EpochKeys", "batches_per_epoch", "replacements", "train_shard"]
+__all__ = ["MAX_REPLACEMENTS", "EpochKeys", "batches_per_epoch", "training_epoch", "replacements", "train_shard"]
 
 MAX_REPLACEMENTS = 10  # videos a training sample tries before it gives up
 _REPLACEMENT_STREAM = 99  # a sampler stream number of its own (pipelines.sampling numbers its own from 1)
@@ -38,12 +38,19 @@ def train_shard(order: Sequence[int], batch_size: int, rank: int, world_size: in
 def batches_per_epoch(num_keys: int, cfg: PipelineConfig, what: str) -> int:
     """Batches of ``num_keys`` keys: training drops a last partial batch (the ranks step
     together), evaluation keeps it. ``what`` names the data in the error for an empty epoch."""
-    if not cfg.train:
+    if not training_epoch(cfg):
         return -(-num_keys // cfg.batch_size)
     if num_keys < cfg.batch_size:
         raise ValueError(f"{what}: {num_keys} samples per process are fewer than one batch of {cfg.batch_size} "
                          f"({cfg.world_size} process(es))")
     return num_keys // cfg.batch_size
+
+
+def training_epoch(cfg: PipelineConfig) -> bool:
+    """Whether ``cfg`` reads a training epoch: shuffled whole batches, a sample whose video fails
+    replaced by another. Evaluation, and reading given ``keys``, keep the last partial batch and
+    leave a bad video out."""
+    return cfg.train and cfg.keys is None
 
 
 def replacements(seed: int, epoch: int, index: int, num_samples: int) -> Iterator[int]:
@@ -57,7 +64,8 @@ def replacements(seed: int, epoch: int, index: int, num_samples: int) -> Iterato
 
 
 class EpochKeys(torch.utils.data.Sampler):
-    """This rank's ``(epoch, index)`` keys: a shuffled padded shard (train) or an exact one (eval)."""
+    """This rank's ``(epoch, index)`` keys: a shuffled padded shard (train), an exact one (eval), or
+    the config's ``keys`` as given."""
 
     def __init__(self, num_samples: int, cfg: PipelineConfig):
         self.n, self.cfg, self.epoch, self.skip = num_samples, cfg, 0, 0
@@ -68,8 +76,13 @@ class EpochKeys(torch.utils.data.Sampler):
             return shard_indices(self.n, cfg.rank, cfg.world_size, pad=False)
         return train_shard(epoch_permutation(self.n, cfg.seed, self.epoch), cfg.batch_size, cfg.rank, cfg.world_size)
 
+    def _keys(self) -> Sequence[tuple[int, int]]:
+        if self.cfg.keys is not None:
+            return self.cfg.keys
+        return [(self.epoch, i) for i in self.indices()]
+
     def __len__(self) -> int:
-        return len(self.indices()) - self.skip
+        return len(self._keys()) - self.skip
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        return iter([(self.epoch, i) for i in self.indices()[self.skip:]])
+        return iter([(int(e), int(i)) for e, i in self._keys()[self.skip:]])

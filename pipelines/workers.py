@@ -21,7 +21,7 @@ import torch
 
 from .base import Batch, PipelineConfig, check_bad_videos, report_bad_videos, summarise_bad_videos, thwc_uint8_to_bcthw
 from .dataset import clip_specs, load_dataset, make_sampler
-from .epoch import EpochKeys, batches_per_epoch, replacements
+from .epoch import EpochKeys, batches_per_epoch, replacements, training_epoch
 from .lists import VideoRecord
 from .sampling import ClipSampler, ClipSpec
 from .transforms import decode_clips
@@ -40,10 +40,11 @@ class ClipDataset(torch.utils.data.Dataset):
     """Map-style dataset keyed by ``(epoch, index)``; returns a dict per item (see ``collate``)."""
 
     def __init__(self, records: Sequence[VideoRecord], infos: Sequence[VideoInfo], sampler: ClipSampler,
-                 read_frames: ReadFrames, *, train: bool):
+                 read_frames: ReadFrames, *, train: bool, replace: bool | None = None):
         self.records, self.infos = list(records), list(infos)
         self.sampler, self.read_frames = sampler, read_frames
         self.train = train
+        self.replace = train if replace is None else replace
 
     def __len__(self) -> int:
         return len(self.records)
@@ -58,12 +59,12 @@ class ClipDataset(torch.utils.data.Dataset):
         epoch, index = key
         failures = []
         # Training replaces a video that fails (the same replacement in every backend); evaluation skips it.
-        tries = replacements(self.sampler.seed, epoch, index, len(self.records)) if self.train else (index,)
+        tries = replacements(self.sampler.seed, epoch, index, len(self.records)) if self.replace else (index,)
         for index in tries:
             try:
                 clips, specs = self.load((epoch, index))
                 return {"clips": clips, "label": self.records[index].label, "index": [s.index for s in specs],
-                        "view": [s.view for s in specs], "failures": failures}
+                        "view": [epoch] if self.train else [s.view for s in specs], "failures": failures}
             except Exception as e:  # noqa: BLE001 -- any decoder failure is a bad video, reported below
                 failures.append((self.records[index].path, f"{type(e).__name__}: {e}"))
         return {"clips": None, "failures": failures}
@@ -156,12 +157,13 @@ class DecodingPipeline:
         records, infos = load_dataset(cfg)
         self.records = records
         self.num_samples = len(records)
-        self.dataset = ClipDataset(records, infos, make_sampler(cfg), read_frames, train=cfg.train)
+        self.dataset = ClipDataset(records, infos, make_sampler(cfg), read_frames, train=cfg.train,
+                                   replace=training_epoch(cfg))
         self.keys = EpochKeys(len(records), cfg)
         self.batches_per_epoch = batches_per_epoch(len(self.keys), cfg, f"{cfg.list_path} ({len(records)} readable videos)")
         self.loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=cfg.batch_size, sampler=self.keys, num_workers=cfg.num_workers,
-            collate_fn=collate, pin_memory=torch.device(cfg.device).type == "cuda", drop_last=cfg.train,
+            collate_fn=collate, pin_memory=torch.device(cfg.device).type == "cuda", drop_last=training_epoch(cfg),
             persistent_workers=cfg.num_workers > 0, prefetch_factor=4 if cfg.num_workers > 0 else None,
             worker_init_fn=WorkerSignals() if cfg.num_workers > 0 else None,
             # Its own generator: a new iterator (each epoch, or a resume mid-epoch) must not draw
@@ -189,7 +191,7 @@ class DecodingPipeline:
         self.bad = []
         for out in self.loader:
             if out["failures"]:
-                report_bad_videos(out["failures"], self.cfg.train)
+                report_bad_videos(out["failures"], training_epoch(self.cfg))
                 self.bad += out["failures"]
                 check_bad_videos(self.bad, len(self.keys), self.cfg.max_bad_fraction)
             if "clips" not in out:
@@ -197,4 +199,4 @@ class DecodingPipeline:
             device = self.cfg.device
             labels, index, view = (torch.from_numpy(out[k]).to(device) for k in ("labels", "index", "view"))
             yield Batch(thwc_uint8_to_bcthw(out["clips"], device), labels, index, view)
-        summarise_bad_videos(self.keys.epoch, self.bad, self.cfg.train)
+        summarise_bad_videos(self.keys.epoch, self.bad, training_epoch(self.cfg))

@@ -1,6 +1,7 @@
 """The feature cache: live-path equivalence, manifest checks, resumable build, corruption, training."""
 
 import os
+import re
 import shutil
 from collections import namedtuple
 
@@ -26,6 +27,14 @@ def build_argv(data, split, output, *extra):
             "--num_temporal_views", "2", "--auto_augment", "none", "--crop_scale", "0.5", "1",
             "--decoder_num_layers", str(LAYERS), "--output", str(output), "--num_workers", "0",
             "--shard_clips", "3", "--batch_size", "6", "--device", "cpu", "--no_progress", *extra]
+
+
+def fails(capsys, pattern: str, argv: list) -> None:
+    """``python -m evl.cache ARGV`` stops with exit status 1 and one error line matching ``pattern``."""
+    with pytest.raises(SystemExit) as e:
+        cache_cli.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and re.search(pattern, err), err
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +199,7 @@ def test_read_ahead_thread_runs_no_torch(data, monkeypatch):
     assert all(t is threading.main_thread() for t in threads)
 
 
-def test_interrupted_build_resumes_and_never_reads_a_partial_shard(data, tmp_path, monkeypatch):
+def test_interrupted_build_resumes_and_never_reads_a_partial_shard(data, tmp_path, monkeypatch, capsys):
     out = tmp_path / "features"
     finish, calls = cache_cli._finish_shard, []
 
@@ -222,11 +231,10 @@ def test_interrupted_build_resumes_and_never_reads_a_partial_shard(data, tmp_pat
     rows = np.arange(manifest["num_clips"] * VIEWS)
     np.testing.assert_allclose(got.read(rows).astype(np.float32), ref.read(rows).astype(np.float32), atol=1e-3)
     # A different setting on the same directory is refused, naming it.
-    with pytest.raises(SystemExit, match="num_views"):
-        cache_cli.main(build_argv(data, "train", out) + ["--num_views", "3"])
+    fails(capsys, "num_views", build_argv(data, "train", out) + ["--num_views", "3"])
 
 
-def test_disk_filling_up_during_the_build_is_a_clear_error(data, tmp_path, monkeypatch):
+def test_disk_filling_up_during_the_build_is_a_clear_error(data, tmp_path, monkeypatch, capsys):
     """The space check passed, then the disk filled up: the next shard's blocks cannot be
     reserved, which is an error naming the shard (not a SIGBUS on a memory-mapped store), and
     the shards already written are kept for the rerun."""
@@ -242,15 +250,15 @@ def test_disk_filling_up_during_the_build_is_a_clear_error(data, tmp_path, monke
         return reserve(fd, offset, size)
 
     monkeypatch.setattr(os, "posix_fallocate", full_after_first)
-    with pytest.raises(SystemExit, match=r"no disk space left for feature cache shard .*\.tmp-shard-00001\.npy"):
-        cache_cli.main(build_argv(data, "train", out))
+    fails(capsys, r"no disk space left for feature cache shard .*\.tmp-shard-00001\.npy",
+          build_argv(data, "train", out))
     assert (out / "train" / "shard-00000.npy").exists()
     monkeypatch.setattr(os, "posix_fallocate", reserve)
     manifest = cache_cli.main(build_argv(data, "train", out))
     assert len(manifest["shards"]) == 3
 
 
-def test_corrupted_shard_is_detected(data, tmp_path):
+def test_corrupted_shard_is_detected(data, tmp_path, capsys):
     root = tmp_path / "features"
     shutil.copytree(data.root, root)
     shard = root / "train" / "shard-00001.npy"
@@ -263,17 +271,16 @@ def test_corrupted_shard_is_detected(data, tmp_path):
             pipe.set_epoch(epoch)
             for _ in pipe:
                 pass
-    with pytest.raises(SystemExit, match="shard-00001.npy is corrupted"):
-        cache_cli.main(["verify", str(root)])
+    fails(capsys, "shard-00001.npy is corrupted", ["verify", str(root)])
     shard.write_bytes(bytes(raw[:-100]))  # truncated: caught when the cache is opened
     with pytest.raises(CacheError, match="shard-00001.npy"):
         CachePipeline(pipe_cfg(data, extra={"feature_cache": str(root)}))
 
 
-def test_build_refuses_without_disk_space(data, tmp_path, monkeypatch):
+def test_build_refuses_without_disk_space(data, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cache_cli.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1000))
-    with pytest.raises(SystemExit, match=r"not enough disk space .* bytes .* still to write, 1,000 bytes"):
-        cache_cli.main(build_argv(data, "val", tmp_path / "features"))
+    fails(capsys, r"not enough disk space .* bytes .* still to write, 1,000 bytes",
+          build_argv(data, "val", tmp_path / "features"))
 
 
 def test_train_main_from_the_cache(data, tmp_path):
@@ -366,7 +373,7 @@ def test_json_write_on_a_full_disk_names_the_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
-def test_undecodable_videos_past_the_limit_leave_the_cache_incomplete(data, tmp_path, monkeypatch):
+def test_undecodable_videos_past_the_limit_leave_the_cache_incomplete(data, tmp_path, monkeypatch, capsys):
     """The build applies --max_bad_fraction as live training does (it left 8% of the videos out
     with a warning and exit 0), and training refuses a cache with more bad clips than it allows."""
     import json
@@ -383,8 +390,8 @@ def test_undecodable_videos_past_the_limit_leave_the_cache_incomplete(data, tmp_
 
     monkeypatch.setattr(ClipDataset, "load", two_break)
     out = tmp_path / "features"
-    with pytest.raises(SystemExit, match=r"2 of 8 videos could not be decoded, more than --max_bad_fraction \(10\.0%\)"):
-        cache_cli.main(build_argv(data, "train", out, "--max_bad_fraction", "0.1"))
+    fails(capsys, r"2 of 8 videos could not be decoded, more than --max_bad_fraction \(10\.0%\)",
+          build_argv(data, "train", out, "--max_bad_fraction", "0.1"))
     assert not (out / "train" / "manifest.json").exists()
     shards = sorted(p.name for p in (out / "train").glob("shard-*.npy"))
     assert len(shards) == 3  # every shard written is kept
@@ -396,13 +403,13 @@ def test_undecodable_videos_past_the_limit_leave_the_cache_incomplete(data, tmp_
     assert len(CachePipeline(pipe_cfg(data, extra={"feature_cache": str(out)}, max_bad_fraction=0.3)).valid) == 6
 
 
-def test_a_full_disk_when_a_shard_is_created_names_the_shard(data, tmp_path, monkeypatch):
+def test_a_full_disk_when_a_shard_is_created_names_the_shard(data, tmp_path, monkeypatch, capsys):
     import errno
 
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(cache_cli.np.lib.format, "open_memmap", no_space)
-    with pytest.raises(SystemExit, match=r"could not create feature cache shard .*\.tmp-shard-00000\.npy "
-                                         r"\(No space left on device\): the shards written so far are kept"):
-        cache_cli.main(build_argv(data, "train", tmp_path / "features"))
+    fails(capsys, r"could not create feature cache shard .*\.tmp-shard-00000\.npy "
+                  r"\(No space left on device\): the shards written so far are kept",
+          build_argv(data, "train", tmp_path / "features"))

@@ -210,6 +210,81 @@ def test_evaluation_shards_cover_every_video_once(dataset):
     assert sorted(seen) == list(range(9))
 
 
+# -- the feature cache built with DALI ---------------------------------------------------------
+
+
+def cache_argv(root, split, out, pipeline, tiny_vit, *extra):
+    return ["build", "--pipeline", pipeline, "--split", split, "--list_path", str(root / "all.txt"),
+            "--data_root", str(root), "--backbone", tiny_vit, "--num_frames", "8", "--sampling_rate", "2",
+            "--num_views", "2", "--num_temporal_views", "2", "--num_spatial_views", "3", "--mirror",
+            "--crop_scale", "0.3", "1", "--decoder_num_layers", "2", "--seed", "5", "--shard_clips", "4",
+            "--batch_size", "6", "--num_workers", "0", "--device", "cpu", "--output", str(out), "--no_progress",
+            *extra]
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_cache_built_with_dali_holds_the_features_pyav_gives(dataset, tmp_path, tiny_vit, split):
+    """``evl.cache build --pipeline dali`` stores, row for row, the features of the clips the PyAV
+    build stores, up to the two decoders' colour difference: each row is nearest to the PyAV row
+    of its own (clip, view); it is the backbone's features of the clip the DALI pipeline gives for
+    that key; and that clip is the PyAV pipeline's within the decoders' PSNR bound."""
+    import warnings
+
+    import evl.cache as cache_cli
+    from evl.decoder import attention_features
+    from evl.model import build_model
+    from pipelines.cache import FeatureStore, read_manifest, split_dir
+
+    train = split == "train"
+    extra = ["--auto_augment", "none"] if train else []
+    stores, clips = {}, {}
+    for pipeline in ("dali", "pyav"):
+        out = tmp_path / pipeline
+        argv = cache_argv(dataset, split, out, pipeline, tiny_vit, *extra)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            manifest = cache_cli.main(argv)
+        assert manifest["num_clips"] == 9 and not any(sh["bad"] for sh in manifest["shards"])
+        directory = split_dir(str(out), train)
+        stores[pipeline] = torch.from_numpy(FeatureStore(directory, read_manifest(directory)).read(
+            np.arange(manifest["num_clips"] * manifest["num_views"])).astype(np.float32))
+        # The clips of the same keys, as the pipeline gives them.
+        job = cache_cli.job_from_args(cache_cli.build_parser().parse_args(argv))
+        keys = [(v, i) for i in range(9) for v in range(2)] if train else [(0, i) for i in range(9)]
+        pcfg = job.data.pipeline_config(list_path=job.list_path, train=train, num_frames=8, num_classes=None,
+                                        input_size=64, batch_size=4, seed=5, keys=keys)
+        clips[pipeline] = torch.cat([b.clips for b in build_pipeline(pipeline, pcfg)])
+
+    got, want = stores["dali"], stores["pyav"]
+    distance = torch.cdist(got, want)  # views of a video too short for them are the same clip: ties
+    assert (distance.diagonal() <= distance.min(1).values).all()
+    values = [psnr(a, b) for a, b in zip(to_pixels(clips["dali"]), to_pixels(clips["pyav"]))]
+    assert len(values) == len(want) and min(values) >= MIN_PSNR, values
+    torch.manual_seed(5)  # the build's random backbone
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_model(tiny_vit, 1, 8, decoder_num_layers=2).eval()
+    with torch.no_grad():
+        feats = attention_features(model.forward_features(clips["dali"]))
+    live = torch.cat([t.flatten(1) for f in feats for t in f], 1)
+    torch.testing.assert_close(got, live, atol=2e-3, rtol=2e-3)  # float16 storage
+    relative = ((got - want).norm(dim=1) / want.norm(dim=1)).max().item()
+    print(f"\n{split} cache, DALI-CPU vs PyAV: clip PSNR min {min(values):.1f} dB, relative feature "
+          f"difference max {relative:.3f}")
+
+
+def test_cache_build_with_dali_on_h264_without_gpu_points_to_pyav(tmp_path, tiny_vit, capsys):
+    import evl.cache as cache_cli
+
+    write_video(str(tmp_path / "clip.mp4"), natural_frames(2, 20), codec="h264")
+    write_list(str(tmp_path / "all.txt"), [VideoRecord("clip.mp4", 0)] * 2)
+    with pytest.raises(SystemExit) as e:
+        cache_cli.main(cache_argv(tmp_path, "val", tmp_path / "out", "dali", tiny_vit))
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "clip.mp4" in err and "--pipeline pyav" in err, err
+    assert "Traceback" not in err
+
+
 # -- bad input -------------------------------------------------------------------------------
 
 

@@ -421,7 +421,7 @@ def test_compute_threads_leave_a_core_to_each_decoder(tiny_vit, demo_data, tmp_p
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_cuda_without_cuda_is_a_clear_error(tmp_path):
+def test_cuda_without_cuda_is_a_clear_error(tmp_path, capsys):
     """--device cuda where there is none: one clear message (it was a ZeroDivisionError in the
     process-group set-up), and an error line from the cache and extract CLIs."""
     from evl.cache import main as cache_main
@@ -430,8 +430,9 @@ def test_cuda_without_cuda_is_a_clear_error(tmp_path):
 
     with pytest.raises(ValueError, match="--device cuda: no CUDA device is available here; use --device cpu"):
         init_distributed("cuda")
-    with pytest.raises(SystemExit, match="error: --device cuda: no CUDA device"):
+    with pytest.raises(SystemExit) as e:
         cache_main(["build", "--list_path", "x.txt", "--output", str(tmp_path / "c"), "--device", "cuda"])
+    assert e.value.code == 1 and "error: --device cuda: no CUDA device" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="error: --device cuda: no CUDA device"):
         extract_main(["--list", "x.txt", "--checkpoint", "y.pth", "--output", str(tmp_path / "e"), "--device", "cuda"])
 
