@@ -283,7 +283,7 @@ def pipeline(cfg, name, device, args=None, train=True):
     """Pipeline ``name`` for the run ``cfg``; ``args``: the benchmark's flags (cache, reference)."""
     from evl.backbone import resolve_backbone
     from evl.distributed import World
-    from evl.train import make_pipeline
+    from evl.jobs import make_pipeline
 
     size = resolve_backbone(cfg.backbone).image_size[0]
     if name == "reference":
@@ -309,7 +309,7 @@ def pipeline(cfg, name, device, args=None, train=True):
 def make_pipeline_config(cfg, device, train, size):
     """The PipelineConfig evl.train would build for ``cfg`` (for pipelines built here directly)."""
     from evl.distributed import World
-    from evl.train import pipeline_config
+    from evl.jobs import pipeline_config
 
     return pipeline_config(cfg, World(0, 1, 0, device), train, size, None)
 

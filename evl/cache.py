@@ -34,7 +34,7 @@ from pipelines.cache import (BUILD, DTYPE, FORMAT, MANIFEST, CacheError, Feature
 from .cli import SetupError, user_errors
 from .config import DataConfig, EVLConfig, TrainConfig, add_model_arguments
 from .decoder import attention_features
-from .distributed import PatientGroup, cleanup, init_distributed, resolve_device, threads_beside_decoders
+from .distributed import PatientGroup, process_group, resolve_device, threads_beside_decoders
 from .model import build_model
 from .weights import file_sha256
 
@@ -176,19 +176,19 @@ class CacheBuild:
 def build_cache(job: CacheBuild, say=print, progress: bool = True) -> dict:
     """Build (or finish building) the cache of one split; returns its manifest.
 
-    Under ``torchrun`` every process builds its share of the shards (shard ``k`` on rank
+    Under ``torchrun`` (whose process group it joins, and leaves, unless the caller had) every process builds its share of the shards (shard ``k`` on rank
     ``k % world_size``, each on its own GPU), and rank 0 writes the manifest once all are done.
     """
     if job.split not in ("train", "val"):
         raise ValueError(f"split must be train or val, got {job.split!r}")
     if job.num_views < 1:
         raise ValueError("--num_views must be at least 1")
-    world = init_distributed(job.device)
-    group = PatientGroup()  # ranks finish their shares at different times
-    try:
-        return _build(job, world, group, say if world.is_primary else (lambda *a, **k: None), say, progress)
-    finally:
-        group.close()
+    with process_group(job.device) as world:
+        group = PatientGroup()  # ranks finish their shares at different times
+        try:
+            return _build(job, world, group, say if world.is_primary else (lambda *a, **k: None), say, progress)
+        finally:
+            group.close()
 
 
 def _build(job: CacheBuild, world, group: PatientGroup, say, warn, progress: bool) -> dict:
@@ -440,21 +440,14 @@ def job_from_args(args: argparse.Namespace) -> CacheBuild:
 
 
 def run_build(job: CacheBuild, progress: bool = True) -> dict:
-    """:func:`build_cache` as a job of its own: the CPU threads left beside the decoders, the
-    process group of ``torchrun`` joined and left."""
-    import torch.distributed as dist
-
+    """:func:`build_cache` as a job of its own: the device checked first, the CPU threads left
+    beside the decoders."""
     try:
         resolve_device(job.device)
     except ValueError as e:
         raise SetupError(str(e)) from None
-    joined = not dist.is_initialized()  # build_cache joins torchrun's group, if any
     with threads_beside_decoders(cpu_workers(job.data.pipeline, job.data.num_workers)):
-        try:
-            return build_cache(job, progress=progress)
-        finally:
-            if joined:
-                cleanup()
+        return build_cache(job, progress=progress)
 
 
 def main(argv: list[str] | None = None) -> dict | None:

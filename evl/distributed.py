@@ -54,6 +54,18 @@ def init_distributed(device: str | None = None) -> World:
     return World(rank, world_size, local_rank, dev)
 
 
+@contextlib.contextmanager
+def process_group(device: str | None = None):
+    """The block runs in torchrun's process group (joined here when there is one) on this
+    process's device; a group joined here is left when the block ends, whichever way it ends."""
+    joined = not (dist.is_available() and dist.is_initialized())
+    try:
+        yield init_distributed(device)
+    finally:
+        if joined:
+            cleanup()
+
+
 def compute_threads(decode_workers: int) -> int | None:
     """Intra-op threads for this process, leaving a core to each of its decoding workers.
 

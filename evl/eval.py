@@ -8,13 +8,18 @@ prediction; top-1 / top-5 over every readable val video exactly once, under DDP 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from dataclasses import dataclass
 
 import torch
 
-from .distributed import all_reduce_sum
+from .cli import safe_stdio, user_errors
+from .config import TrainConfig, parse_config
+from .distributed import all_reduce_sum, print0, process_group, threads_beside_decoders
+from .jobs import build_run_model, check_inputs, has_val_data, load_run_checkpoint, make_pipeline, setting_up
+from .precision import autocast, resolve_precision
 
 
 @dataclass
@@ -78,12 +83,47 @@ def write_predictions(path: str, result: EvalResult, paths: list[str], class_nam
             f.write(json.dumps(rec) + "\n")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    from .train import main as train_main
+def evaluate_run(cfg: TrainConfig) -> dict:
+    """Evaluate the model of ``cfg.resume_path`` on the val split (``--eval_only``): its own model
+    and pipeline, nothing written but the predictions (``--predictions_path``, or
+    ``OUTPUT_DIR/predictions.jsonl``). Returns top-1 and top-5."""
+    from pipelines import cpu_workers
 
+    check_inputs(cfg)
+    with threads_beside_decoders(cpu_workers(cfg.pipeline, cfg.num_workers)), process_group(cfg.device) as world:
+        device = world.device
+        print0(world, "config: " + json.dumps(cfg.to_dict()))
+        with setting_up():
+            precision = resolve_precision(cfg.mixed_precision, device)
+            model = build_run_model(cfg, world)
+            state = load_run_checkpoint(model, cfg.resume_path) if cfg.resume_path else {}
+            if cfg.resume_path:
+                print0(world, f"loaded {cfg.resume_path}")
+            if not has_val_data(cfg):
+                return {}
+            pipe = make_pipeline(cfg, world, False, model.spec.image_size[0], model.config)
+        model.to(device)
+        res = evaluate(model, pipe, lambda: autocast(precision, device), device, cfg.num_classes,
+                       progress=world.is_primary)
+        print0(world, f"step {int(state.get('next_step', 0))}: val top-1 {res.top1:.2f}%  top-5 {res.top5:.2f}%  "
+                      f"({res.num_videos} videos)")
+        pred = cfg.predictions_path or (os.path.join(cfg.output_dir, "predictions.jsonl") if cfg.output_dir else None)
+        if pred and world.is_primary:
+            records = getattr(pipe, "records", None)  # the dummy pipeline's samples have no files
+            paths = [r.path for r in records] if records else [str(i) for i in range(pipe.num_samples)]
+            write_predictions(pred, res, paths)
+            print0(world, f"predictions written to {pred}")
+        return {"top1": res.top1, "top5": res.top5}
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m evl.eval") -> dict:
+    safe_stdio()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = ["--resume_path" if a == "--checkpoint" else a for a in argv]
-    return train_main(argv + ["--eval_only"], prog="python -m evl.eval")
+    cfg = parse_config(argv + ["--eval_only"], prog)
+    with user_errors(prog, cfg.debug):
+        return evaluate_run(cfg)
 
 
 if __name__ == "__main__":

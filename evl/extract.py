@@ -28,7 +28,7 @@ from pipelines.dataset import frame_range
 from pipelines.files import atomic_write
 from pipelines.probe import probe_video
 
-from .distributed import PatientGroup, all_gather_object, cleanup, init_distributed, resolve_device
+from .distributed import PatientGroup, all_gather_object, process_group, resolve_device
 from .inference import ViewReader, add_model_arguments, predictor_from_args
 from .weights import WeightsError, file_sha256
 
@@ -115,8 +115,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Returns the exit status: 0, or 1 when some video could not be read."""
-    import torch.distributed as dist
-
     ns = build_parser().parse_args(argv)
     if ns.batch_size < 1 or ns.num_workers < 0:
         raise SystemExit("error: --batch_size must be positive and --num_workers not negative")
@@ -124,17 +122,14 @@ def main(argv: list[str] | None = None) -> int:
         resolve_device(ns.device)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    joined = not dist.is_initialized()
-    world = init_distributed(ns.device)  # under torchrun: this process's share, on its own GPU
-    if world.world_size > 1:
-        ns.device = str(world.device)
-    group = PatientGroup()  # processes finish their shares at different times
-    try:
-        return _extract(ns, world, group)
-    finally:
-        group.close()
-        if joined:
-            cleanup()
+    with process_group(ns.device) as world:  # under torchrun: this process's share, on its own GPU
+        if world.world_size > 1:
+            ns.device = str(world.device)
+        group = PatientGroup()  # processes finish their shares at different times
+        try:
+            return _extract(ns, world, group)
+        finally:
+            group.close()
 
 
 def _extract(ns: argparse.Namespace, world, group: PatientGroup) -> int:

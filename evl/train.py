@@ -29,9 +29,9 @@ from . import checkpoint as ckpt_io
 from .cli import STOPPED, SetupError, safe_stdio, user_errors
 from .config import EVLConfig, TrainConfig, parse_config
 from .distributed import (StopAgreement, World, all_gather_object, all_reduce_max, all_reduce_sum, barrier,
-                          cleanup, init_distributed, print0, threads_beside_decoders)
-from .eval import evaluate, write_predictions
-from .model import build_model
+                          print0, process_group, threads_beside_decoders)
+from .eval import evaluate, evaluate_run
+from .jobs import build_run_model, check_inputs, has_val_data, load_run_checkpoint, make_pipeline, setting_up
 from .precision import autocast, grad_scaler, resolve_precision
 
 log = logging.getLogger("evl.train")
@@ -45,57 +45,6 @@ def lr_lambda(cfg: TrainConfig):
         progress = (step - cfg.warmup_steps) / max(1, cfg.num_steps - cfg.warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     return fn
-
-
-def check_inputs(cfg: TrainConfig) -> None:
-    """Fail on inconsistent flags before any heavy work."""
-    problems = []
-    if not cfg.eval_only and not cfg.train_list_path and cfg.pipeline not in ("dummy", "cache"):
-        problems.append("--train_list_path is required for training")
-    if cfg.eval_only and not (cfg.val_list_path or cfg.pipeline in ("dummy", "cache")):
-        problems.append("--eval_only needs --val_list_path")
-    for flag in ("train_list_path", "val_list_path", "backbone_path", "resume_path"):
-        path = getattr(cfg, flag)
-        if path and not os.path.isfile(path):
-            problems.append(f"--{flag} {path}: file not found")
-    at_least = {"batch_size": 1, "batch_split": 1, "num_steps": 1, "save_freq": 1, "eval_freq": 1, "print_freq": 1,
-                "keep_last": 1, "warmup_steps": 0, "num_workers": 0, "num_frames": 1, "num_classes": 1,
-                "num_temporal_views": 1}
-    if cfg.sampling == "dense":
-        at_least["sampling_rate"] = 1
-    for flag, low in at_least.items():
-        if getattr(cfg, flag) < low:
-            problems.append(f"--{flag} {getattr(cfg, flag)} must be at least {low}")
-    if not 0.0 <= cfg.max_bad_fraction <= 1.0:
-        problems.append(f"--max_bad_fraction {cfg.max_bad_fraction} must be in [0, 1]")
-    if not (cfg.lr > 0 and math.isfinite(cfg.lr)) or cfg.weight_decay < 0:
-        problems.append(f"--lr {cfg.lr} must be positive and --weight_decay {cfg.weight_decay} not negative")
-    if not 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1:
-        problems.append(f"--crop_scale {cfg.crop_scale[0]} {cfg.crop_scale[1]} must satisfy 0 < MIN <= MAX <= 1")
-    if cfg.overwrite_output_dir and (cfg.auto_resume or cfg.resume_path):
-        problems.append("--overwrite_output_dir starts a run over: it cannot go with --auto_resume or --resume_path")
-    if cfg.batch_size >= 1 and cfg.batch_split >= 1 and cfg.batch_size % cfg.batch_split:
-        problems.append(f"--batch_size {cfg.batch_size} is not divisible by --batch_split {cfg.batch_split}")
-    if cfg.pipeline == "cache" and not cfg.feature_cache:
-        problems.append("--pipeline cache needs --feature_cache DIR")
-    if problems:
-        raise SetupError("; ".join(problems))
-
-
-def pipeline_config(cfg: TrainConfig, world: World, train: bool, input_size: int, model_config: dict | None = None):
-    """The pipelines' view of the run configuration, for one split."""
-    return cfg.data_config().pipeline_config(
-        list_path=cfg.train_list_path if train else cfg.val_list_path, train=train, num_frames=cfg.num_frames,
-        num_classes=cfg.num_classes, input_size=input_size, batch_size=cfg.batch_size, seed=cfg.seed,
-        device=str(world.device), rank=world.rank, world_size=world.world_size,
-        extra={"feature_cache": cfg.feature_cache, "cache_in_memory": cfg.cache_in_memory,
-               "model_config": model_config, **cfg.extra})
-
-
-def make_pipeline(cfg: TrainConfig, world: World, train: bool, input_size: int, model_config: dict | None = None):
-    from pipelines import build_pipeline
-
-    return build_pipeline(cfg.pipeline, pipeline_config(cfg, world, train, input_size, model_config))
 
 
 class MetricsLog:
@@ -280,13 +229,41 @@ def batches_forever(pipeline, start_step: int):
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Train (or evaluate, with ``eval_only``) as configured; returns the final metrics, and
-    ``stopped_by`` (the signal's number) when a signal stopped the run."""
+    """Train as configured (``eval_only``: evaluate, as ``evl.eval``); returns the final metrics,
+    and ``stopped_by`` (the signal's number) when a signal stopped the run."""
+    if cfg.eval_only:
+        return evaluate_run(cfg)
     check_inputs(cfg)
     from pipelines import cpu_workers
 
-    with threads_beside_decoders(cpu_workers(cfg.pipeline, cfg.num_workers)):
-        return _train(cfg)
+    with threads_beside_decoders(cpu_workers(cfg.pipeline, cfg.num_workers)), process_group(cfg.device) as world:
+        run = open_run_directory(cfg, world)
+        try:
+            return _run(cfg, world, run)
+        finally:
+            if run is not None:
+                run.unlock()
+
+
+def train_step(model, batch, optimizer, scaler, scheduler, amp, batch_split: int,
+               no_sync=contextlib.nullcontext) -> torch.Tensor:
+    """One optimiser step on ``batch``, in ``batch_split`` chunks whose gradients accumulate
+    (``no_sync``: DDP's, so that gradients are all-reduced once, with the last chunk). Returns
+    the batch's loss, left on the device: reading it would wait for the step to finish."""
+    optimizer.zero_grad(set_to_none=True)
+    chunk = batch.labels.shape[0] // batch_split
+    loss_sum = torch.zeros((), device=batch.labels.device)
+    for j in range(batch_split):
+        part = batch.rows(slice(j * chunk, (j + 1) * chunk))
+        with (contextlib.nullcontext() if j == batch_split - 1 else no_sync()), amp():
+            logits = model(part.clips, features=part.features)
+            loss = F.cross_entropy(logits.float(), part.labels) / batch_split
+        scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    return loss_sum
 
 
 def open_run_directory(cfg: TrainConfig, world: World) -> ckpt_io.RunDirectory | None:
@@ -294,9 +271,9 @@ def open_run_directory(cfg: TrainConfig, world: World) -> ckpt_io.RunDirectory |
 
     A directory that holds another run is never written into silently: continuing it needs
     ``--auto_resume`` (or ``--resume_path`` of one of its checkpoints), starting over needs
-    ``--overwrite_output_dir``. Evaluation writes no run files there.
+    ``--overwrite_output_dir``.
     """
-    if not cfg.output_dir or cfg.eval_only:
+    if not cfg.output_dir:
         return None
     run = ckpt_io.RunDirectory(cfg.output_dir, cfg.keep_last)
     if world.is_primary:
@@ -323,47 +300,26 @@ def open_run_directory(cfg: TrainConfig, world: World) -> ckpt_io.RunDirectory |
     return run
 
 
-def _train(cfg: TrainConfig) -> dict:
-    world = init_distributed(cfg.device)
-    run = None
-    try:
-        run = open_run_directory(cfg, world)
-        return _run(cfg, world, run)
-    finally:
-        if run is not None:
-            run.unlock()
-
-
 def _run(cfg: TrainConfig, world: World, run: ckpt_io.RunDirectory | None) -> dict:
     device = world.device
     print0(world, "config: " + json.dumps(cfg.to_dict()))
-    try:  # before the first step, a ValueError is about the input: the flags, the model, the data
+    with setting_up():
         precision = resolve_precision(cfg.mixed_precision, device)
-        torch.manual_seed(cfg.seed)  # the same model on every rank, a random backbone included
-        model = build_model(cfg.model_config())
-        torch.manual_seed(cfg.seed + world.rank)  # ranks draw different dropout masks
+        model = build_run_model(cfg, world)
         input_size = model.spec.image_size[0]
         resume = cfg.resume_path or (run.latest() if run is not None and cfg.auto_resume else None)
         state = None
         if resume:
-            state = ckpt_io.load_checkpoint(model, resume)
-            if "model_config" in state:
-                ckpt_io.check_backbone_identity(state, model, resume)
-            if "config" in state and "optimizer" in state and not cfg.eval_only:
+            state = load_run_checkpoint(model, resume)
+            if "config" in state and "optimizer" in state:
                 changed = check_resume_flags(state["config"], len(state.get("rng_per_rank") or [None]), cfg, world,
                                              resume)
                 if changed:
                     print0(world, "resuming with changed flags, in effect from here on: " + "; ".join(changed))
             print0(world, f"loaded {resume}")
         # Pipelines validate their lists (labels, missing files) before the model moves or trains.
-        has_val = cfg.val_list_path or cfg.pipeline == "dummy" or (
-            cfg.pipeline == "cache" and os.path.isdir(os.path.join(cfg.feature_cache, "val")))
-        val_pipe = make_pipeline(cfg, world, False, input_size, model.config) if has_val else None
-        train_pipe = None if cfg.eval_only else make_pipeline(cfg, world, True, input_size, model.config)
-    except ValueError as e:
-        if type(e) is not ValueError:  # a subclass says what it is (ListFileError, WeightsError, ...)
-            raise
-        raise SetupError(str(e)) from e
+        val_pipe = make_pipeline(cfg, world, False, input_size, model.config) if has_val_data(cfg) else None
+        train_pipe = make_pipeline(cfg, world, True, input_size, model.config)
     out_dir = run.path if run is not None else None
     if run is not None and world.is_primary:  # once set-up went through: a failed start leaves no run behind
         run.write_config(cfg.to_dict())
@@ -382,17 +338,6 @@ def _run(cfg: TrainConfig, world: World, run: ckpt_io.RunDirectory | None) -> di
         print0(world, f"step {step}: val top-1 {res.top1:.2f}%  top-5 {res.top5:.2f}%  ({res.num_videos} videos)")
         metrics.write(step=step, top1=res.top1, top5=res.top5, num_videos=res.num_videos)
         return {"result": res, "top1": res.top1, "top5": res.top5}
-
-    if cfg.eval_only:
-        r = run_eval(int(state.get("next_step", 0)) if state else 0)
-        if r and world.is_primary:
-            pred = cfg.predictions_path or (os.path.join(cfg.output_dir, "predictions.jsonl") if cfg.output_dir else None)
-            if pred:
-                write_predictions(pred, r["result"], [rec.path for rec in val_pipe.records]
-                                  if hasattr(val_pipe, "records") else [str(i) for i in range(val_pipe.num_samples)])
-                print0(world, f"predictions written to {pred}")
-        cleanup()
-        return {"top1": r["top1"], "top5": r["top5"]} if r else {}
 
     # fused: one kernel for all parameters (CPU and GPU); fewer passes over the optimizer state.
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
@@ -447,24 +392,10 @@ def _run(cfg: TrainConfig, world: World, run: ckpt_io.RunDirectory | None) -> di
     stopped_by = None
     with StopRequest() as stop:
         for step, batch in batches_forever(train_pipe, start) if start < cfg.num_steps else ():
-            optimizer.zero_grad(set_to_none=True)
-            n = batch.labels.shape[0]
-            chunk = n // cfg.batch_split
-            loss_sum = torch.zeros((), device=device)
-            for j in range(cfg.batch_split):
-                sl = slice(j * chunk, (j + 1) * chunk)
-                feats = None if batch.features is None else [type(f)(*(t[sl] for t in f)) for f in batch.features]
-                sync = j == cfg.batch_split - 1 or world.world_size == 1
-                ctx = contextlib.nullcontext() if sync else ddp.no_sync()  # all-reduce once per step
-                with ctx, amp():
-                    logits = ddp(None if batch.clips is None else batch.clips[sl], features=feats)
-                    loss = F.cross_entropy(logits.float(), batch.labels[sl]) / cfg.batch_split
-                scaler.scale(loss).backward()
-                loss_sum += loss.detach()
+            loss_sum = train_step(ddp, batch, optimizer, scaler, scheduler, amp, cfg.batch_split,
+                                  ddp.no_sync if world.world_size > 1 else contextlib.nullcontext)
             bad_step = torch.where((bad_step >= 0) | torch.isfinite(loss_sum), bad_step, step)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            n = batch.labels.shape[0]
             clips_since += n * world.world_size
             done = step + 1
             stopping = agreement.should_stop(stop.signal is not None)
@@ -510,7 +441,6 @@ def _run(cfg: TrainConfig, world: World, run: ckpt_io.RunDirectory | None) -> di
     if progress is not None:
         progress.close()
     barrier()
-    cleanup()
     result = {"step": step + 1 if start < cfg.num_steps else start, **last}
     if best.get("step") is not None:
         result.update(best_top1=best["top1"], best_step=best["step"])

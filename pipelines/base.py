@@ -31,6 +31,12 @@ class Batch(NamedTuple):
     view: torch.Tensor  # [B] int64 view number (0 in training)
     features: Sequence[Any] | None = None  # cached backbone features (pipelines.cache)
 
+    def rows(self, sl: slice) -> "Batch":
+        """Rows ``sl`` of the batch (each field of the cached features sliced alike)."""
+        features = None if self.features is None else [type(f)(*(t[sl] for t in f)) for f in self.features]
+        return Batch(None if self.clips is None else self.clips[sl], self.labels[sl], self.index[sl], self.view[sl],
+                     features)
+
 
 @dataclass
 class PipelineConfig:
