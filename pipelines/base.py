@@ -106,6 +106,15 @@ def summarise_bad_videos(epoch: int, bad: Sequence[tuple[str, str]], replaced: b
                      ", ".join(sorted({p for p, _ in bad})))
 
 
+def row_ids_to_device(labels, index, view, device: torch.device | str) -> tuple[torch.Tensor, ...]:
+    """A batch's labels, indices and views (int64, one per row) on ``device`` in one copy: from
+    pinned memory and non-blocking to a GPU, so the host runs ahead instead of waiting for it."""
+    rows = torch.stack([torch.as_tensor(x, dtype=torch.long) for x in (labels, index, view)])
+    if torch.device(device).type == "cuda":
+        rows = rows.pin_memory().to(device, non_blocking=True)
+    return tuple(rows.unbind(0))
+
+
 def thwc_uint8_to_bcthw(clips: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """``[B, T, H, W, 3]`` uint8 (as decoders produce) -> ``[B, 3, T, H, W]`` float normalised.
 

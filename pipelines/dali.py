@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import re
 import threading
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -39,13 +40,14 @@ import torch
 
 from .augment import plan_clip
 from .base import (CLIP_MEAN, CLIP_STD, Batch, PipelineConfig, check_bad_videos, report_bad_videos,
-                   summarise_bad_videos)
+                   row_ids_to_device, summarise_bad_videos)
 from .dali_augment import augment_columns, augment_graph, column_types
 from .dataset import clip_specs, load_dataset, make_sampler
 from .epoch import EpochKeys, batches_per_epoch, replacements, training_epoch
 from .index import VideoReadError, frame_index, requested_positions
 
-__all__ = ["CPU_CODECS", "GPU_CODECS", "DALIPipeline", "UnsupportedCodecError", "read_frames", "to_torch"]
+__all__ = ["CPU_CODECS", "GPU_CODECS", "DALIPipeline", "UnsupportedCodecError", "nvdec_problem", "read_frames",
+           "to_torch"]
 
 log = logging.getLogger(__name__)
 
@@ -60,18 +62,68 @@ class UnsupportedCodecError(ValueError):
     """Videos that DALI cannot decode on the requested device."""
 
 
-def _check_codecs(items: Sequence[tuple[str, str]], gpu: bool) -> None:
-    """Raises for (path, codec) pairs DALI cannot decode on this device, naming the files."""
-    supported = GPU_CODECS if gpu else CPU_CODECS
-    bad = [(p, c) for p, c in items if _CODEC_ALIASES.get(c, c) not in supported]
+# NVDEC's smallest frames (NVDEC application note, Video Codec SDK 13: the decoder capability
+# table; DALI asks cuvidGetDecoderCaps and fails a file below them when it opens it).
+NVDEC_MIN_SIZE = {"h264": (48, 16), "hevc": (144, 144), "vp8": (48, 16), "vp9": (128, 128), "av1": (128, 128),
+                  "mpeg4": (48, 16)}
+
+
+def pixel_layout(pix_fmt: str | None) -> tuple[str | None, int | None]:
+    """(chroma subsampling "420" / "422" / "444" / "400", bits per sample) of an FFmpeg pixel
+    format name, (None, None) when unknown: ``yuv420p10le`` -> ("420", 10), ``nv12`` -> ("420", 8)."""
+    if not pix_fmt:
+        return None, None
+    m = re.match(r"yuvj?(4[0-4][0-4])p(\d+)?", pix_fmt)
+    if m:
+        return m.group(1), int(m.group(2) or 8)
+    semi = {"nv12": ("420", 8), "nv21": ("420", 8), "p010le": ("420", 10), "p016le": ("420", 16),
+            "gray": ("400", 8), "gray10le": ("400", 10)}
+    return semi.get(pix_fmt, (None, None))
+
+
+def nvdec_problem(video, capability: tuple[int, int] | None = None) -> str | None:
+    """Why DALI's GPU decoder would fail on ``video`` (a probe's VideoInfo or a FrameIndex), or None.
+
+    What NVDEC decodes depends on the GPU generation (``capability``, CUDA's compute capability):
+    no AV1 before Ampere nor on Hopper (H100/H200); H.264 only as 8-bit 4:2:0 before Blackwell.
+    DALI converts 4:2:0 surfaces only, and its output of more than 8 bits per sample has not
+    been checked on a GPU here (``scripts/gpu_check.sh``), so 4:2:2, 4:4:4, monochrome and
+    10-bit files are refused for now: ``--pipeline pyav`` reads them.
+    """
+    codec = _CODEC_ALIASES.get(video.codec, video.codec)
+    if codec not in GPU_CODECS:
+        return f"{video.codec}: not a codec DALI's GPU decoder reads"
+    chroma, bits = pixel_layout(video.pix_fmt)
+    if chroma not in (None, "420"):
+        return f"{video.pix_fmt}: DALI's GPU decoder converts 4:2:0 video only"
+    if bits not in (None, 8):
+        return f"{video.pix_fmt}: {bits}-bit video is not read by the GPU path yet"
+    if codec == "av1" and capability is not None and (capability < (8, 0) or capability[0] == 9):
+        return f"av1: this GPU's NVDEC (compute capability {capability[0]}.{capability[1]}) has no AV1 decoder"
+    low = NVDEC_MIN_SIZE.get(codec)
+    if low and (video.width < low[0] or video.height < low[1]):
+        return f"{video.width}x{video.height}: smaller than NVDEC's {codec} minimum of {low[0]}x{low[1]}"
+    return None
+
+
+def _check_codecs(items: Sequence[tuple[str, object]], gpu: bool, capability: tuple[int, int] | None = None) -> None:
+    """Raises for the (path, video) pairs DALI cannot decode on this device, naming the files and why."""
+    if gpu:
+        bad = [(p, why) for p, v in items if (why := nvdec_problem(v, capability))]
+    else:
+        bad = [(p, v.codec) for p, v in items if _CODEC_ALIASES.get(v.codec, v.codec) not in CPU_CODECS]
     if not bad:
         return
     where = "on the GPU" if gpu else "without a GPU (CPU decoding reads only VP8, VP9 and MJPEG)"
-    shown = "\n".join(f"  {p}: {c}" for p, c in bad[:5])
+    shown = "\n".join(f"  {p}: {why}" for p, why in bad[:5])
     more = f"\n  ... and {len(bad) - 5} more" if len(bad) > 5 else ""
     raise UnsupportedCodecError(
         f"DALI cannot decode {len(bad)} video(s) {where}:\n{shown}{more}\n"
         f"use --pipeline pyav{'' if gpu else ', or run on a GPU'}")
+
+
+def _capability(device_id: int | None) -> tuple[int, int] | None:
+    return None if device_id is None else tuple(torch.cuda.get_device_capability(device_id))
 
 
 def dali_frame_numbers(index, positions: np.ndarray) -> np.ndarray:
@@ -162,12 +214,13 @@ def read_frames(path: str, frame_indices: Sequence[int], device: str = "cpu") ->
         raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
     index = frame_index(path)
     path = os.path.abspath(os.fspath(path))
-    _check_codecs([(path, index.codec)], gpu=device == "gpu")
+    device_id = None if device == "cpu" else _device_id("cuda")
+    _check_codecs([(path, index)], gpu=device_id is not None, capability=_capability(device_id))
     positions = requested_positions(path, frame_indices, index.num_frames)
     if len(positions) == 0:
         return np.empty((0, index.height, index.width, 3), dtype=np.uint8)
     frames, rows = np.unique(dali_frame_numbers(index, positions), return_inverse=True)
-    decoded = _decode(path, frames, None if device == "cpu" else _device_id("cuda"))
+    decoded = _decode(path, frames, device_id)
     if len(decoded) != len(frames):
         raise VideoReadError(path, f"DALI returned {len(decoded)} of {len(frames)} frames")
     return decoded[rows.reshape(-1)]
@@ -249,7 +302,8 @@ class DALIPipeline:
         self.device = torch.device(cfg.device)
         self.device_id = _device_id(self.device)
         records, infos = load_dataset(cfg)
-        _check_codecs([(r.path, i.codec) for r, i in zip(records, infos)], gpu=self.device_id is not None)
+        _check_codecs([(r.path, i) for r, i in zip(records, infos)], gpu=self.device_id is not None,
+                      capability=_capability(self.device_id))
         self.records, self.infos = records, infos
         self.num_samples = len(records)
         self.sampler = make_sampler(cfg)
@@ -381,7 +435,7 @@ class DALIPipeline:
         index = torch.tensor(fed.index, dtype=torch.long).repeat_interleave(v)
         # A training row's view is its clip's epoch, as in the PyAV pipeline.
         view = torch.tensor(fed.epoch) if self.cfg.train else torch.arange(v, dtype=torch.long).repeat(len(fed.index))
-        return Batch(clips, labels.to(self.device), index.to(self.device), view.to(self.device))
+        return Batch(clips, *row_ids_to_device(labels, index, view, self.device))
 
     def __iter__(self) -> Iterator[Batch]:
         self._failures, self.bad = {}, []

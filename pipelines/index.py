@@ -62,6 +62,8 @@ class FrameIndex:
     # The demuxer that read the file ("mov", "matroska", ...): later opens name it instead of
     # letting FFmpeg probe every format (a quarter to a half of opening a small clip).
     container_format: str | None = None
+    pix_fmt: str | None = None  # FFmpeg's name: chroma subsampling and bit depth ("yuv420p10le")
+    profile: str | None = None  # the codec's profile ("High", "High 10", "Main 10", "Profile 2")
 
     @property
     def num_frames(self) -> int:
@@ -188,7 +190,7 @@ def _build_index(path: str) -> FrameIndex:
             pts=pts_arr, dts=dts_arr, decode_pos=decode_pos, keyframe=key_arr,
             time_base=time_base, fps=fps, width=ctx.width, height=ctx.height,
             codec=ctx.name, stream_index=stream.index, has_pts=has_pts,
-            container_format=container.format.name.split(",")[0])
+            container_format=container.format.name.split(",")[0], pix_fmt=ctx.pix_fmt, profile=ctx.profile)
 
 
 # -- frame indexes shared through the probe cache -------------------------------------------
@@ -209,7 +211,8 @@ def index_meta(index: FrameIndex) -> dict:
     """The rest of a frame index, JSON-serialisable."""
     return {"time_base": [index.time_base.numerator, index.time_base.denominator], "fps": index.fps,
             "width": index.width, "height": index.height, "codec": index.codec,
-            "stream_index": index.stream_index, "has_pts": index.has_pts, "format": index.container_format}
+            "stream_index": index.stream_index, "has_pts": index.has_pts, "format": index.container_format,
+            "pix_fmt": index.pix_fmt, "profile": index.profile}
 
 
 # abspath -> (size, mtime_ns, frames file, first row, rows, meta): registered by the probe in
@@ -244,7 +247,8 @@ def _shared_index(path: str, size: int, mtime_ns: int) -> FrameIndex | None:
     return FrameIndex(pts=pts, dts=dts, decode_pos=decode_pos, keyframe=keyframe,
                       time_base=Fraction(*meta["time_base"]), fps=meta["fps"], width=meta["width"],
                       height=meta["height"], codec=meta["codec"], stream_index=meta["stream_index"],
-                      has_pts=meta["has_pts"], container_format=meta.get("format"))
+                      has_pts=meta["has_pts"], container_format=meta.get("format"), pix_fmt=meta.get("pix_fmt"),
+                      profile=meta.get("profile"))
 
 
 @functools.lru_cache(maxsize=INDEX_CACHE_SIZE)

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .base import Batch, PipelineConfig, check_bad_videos, report_bad_videos, summarise_bad_videos, thwc_uint8_to_bcthw
+from .base import (Batch, PipelineConfig, check_bad_videos, report_bad_videos, row_ids_to_device,
+                   summarise_bad_videos, thwc_uint8_to_bcthw)
 from .dataset import clip_specs, load_dataset, make_sampler
 from .epoch import EpochKeys, batches_per_epoch, replacements, training_epoch
 from .lists import VideoRecord
@@ -197,6 +198,6 @@ class DecodingPipeline:
             if "clips" not in out:
                 continue
             device = self.cfg.device
-            labels, index, view = (torch.from_numpy(out[k]).to(device) for k in ("labels", "index", "view"))
+            labels, index, view = row_ids_to_device(out["labels"], out["index"], out["view"], device)
             yield Batch(thwc_uint8_to_bcthw(out["clips"], device), labels, index, view)
         summarise_bad_videos(self.keys.epoch, self.bad, training_epoch(self.cfg))

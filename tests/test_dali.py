@@ -164,6 +164,56 @@ def test_h264_without_gpu_is_refused_with_a_hint(tmp_path):
     assert "clip.mp4" in str(info.value) and "h264" in str(info.value)
 
 
+def encode(path: str, codec: str, pix_fmt: str, width: int, height: int, frames: int = 4) -> str:
+    with av.open(path, "w") as container:
+        stream = container.add_stream(codec, rate=25)
+        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+        for t, array in enumerate(natural_frames(7, frames, height, width)):
+            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+            frame.pts, frame.time_base = t, Fraction(1, 25)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return path
+
+
+def test_what_nvdec_cannot_decode_is_refused_before_the_first_batch(tmp_path):
+    """The probe records the pixel format and profile; the GPU path refuses up front, naming the
+    file and the reason, what NVDEC (or DALI's conversion) cannot decode, instead of failing it
+    mid-epoch. Checked without a GPU: the decision needs only the probe and the GPU generation."""
+    from pipelines.probe import probe_videos
+
+    hopper, ampere = (9, 0), (8, 0)
+    cases = {  # name: (codec, pix_fmt, width, height, on Hopper, on Ampere) -- the expected reason
+        "h264.mp4": ("libx264", "yuv420p", 64, 48, None, None),
+        "h264_422.mp4": ("libx264", "yuv422p", 64, 48, "4:2:0 video only", "4:2:0 video only"),
+        "h264_10bit.mp4": ("libx264", "yuv420p10le", 64, 48, "10-bit", "10-bit"),
+        "hevc_10bit.mkv": ("libx265", "yuv420p10le", 160, 160, "10-bit", "10-bit"),
+        "vp9_small.webm": ("libvpx-vp9", "yuv420p", 96, 64, "minimum of 128x128", "minimum of 128x128"),
+        "vp9.webm": ("libvpx-vp9", "yuv420p", 160, 128, None, None),
+        "av1.mkv": ("libsvtav1", "yuv420p", 128, 128, "no AV1 decoder", None),
+    }
+    paths = []
+    for name, (codec, pix_fmt, w, h, *_) in cases.items():
+        try:
+            paths.append(encode(str(tmp_path / name), codec, pix_fmt, w, h))
+        except (av.error.FFmpegError, ValueError) as e:  # an encoder this PyAV build lacks
+            pytest.skip(f"cannot encode {name}: {e}")
+    infos, failures = probe_videos(paths, str(tmp_path / "probe.json"))
+    assert not failures
+    assert infos[1].pix_fmt == "yuv422p" and infos[1].profile == "High 4:2:2"
+    assert infos[2].pix_fmt == "yuv420p10le" and infos[2].profile == "High 10"
+    assert probe_videos(paths, str(tmp_path / "probe.json"))[0] == infos  # read back from the cache
+    for (name, (*_, on_hopper, on_ampere)), info in zip(cases.items(), infos):
+        for capability, want in ((hopper, on_hopper), (ampere, on_ampere)):
+            got = D.nvdec_problem(info, capability)
+            assert (got is None) if want is None else (want in (got or "")), (name, capability, got)
+    with pytest.raises(D.UnsupportedCodecError) as e:
+        D._check_codecs(list(zip(paths, infos)), gpu=True, capability=hopper)
+    message = str(e.value)
+    assert "5 video(s) on the GPU" in message and "h264_10bit.mp4: yuv420p10le" in message
+    assert "--pipeline pyav" in message
+
+
 # -- the pipeline against the PyAV pipeline --------------------------------------------------
 
 
@@ -400,11 +450,13 @@ def test_import_fails_cleanly_without_dali():
 @pytest.mark.parametrize("codec", ["h264", "vp9"])
 def test_gpu_read_frames_matches_pyav(tmp_path, codec):
     ext = _CODECS[codec][1]
-    path = write_video(str(tmp_path / f"nat{ext}"), natural_frames(0, 24, 96, 128), codec=codec)
+    # 160x144: above every codec's NVDEC minimum (HEVC's 144x144 is the largest); the refusal
+    # of smaller files is test_what_nvdec_cannot_decode_is_refused_before_the_first_batch.
+    path = write_video(str(tmp_path / f"nat{ext}"), natural_frames(0, 24, 144, 160), codec=codec)
     indices = [3, 0, 23, 7, 7, 15, 22, 8, 16]
     got = D.read_frames(path, indices, device="gpu")
     everything = P.read_frames(path, range(24))
-    assert got.shape == (len(indices), 96, 128, 3) and got.dtype == np.uint8
+    assert got.shape == (len(indices), 144, 160, 3) and got.dtype == np.uint8
     assert_aligned(got, everything, indices)
     diff = np.abs(got.astype(int) - everything[indices])
     value = psnr(got, everything[indices])
