@@ -1,0 +1,449 @@
+"""The one GPU check of the DALI path: what NVDEC decodes, whether frames are numbered right, what
+decoders cost, training throughput, evaluation memory, colour, the `gpu` tests and the benchmarks.
+
+    python scripts/gpu_check.py              # on a GPU machine: about 5 minutes on one H100/H200
+    python scripts/gpu_check.py --dry-run    # every part a CPU can run (VP9 through DALI's CPU
+                                             # decoder, small sizes): tests/test_gpu_check.py
+
+On the lent GPU machine (``../shared/device/README.md``), pack the wheels it needs beyond the
+listed ones with ``bash ../shared/device/pack-gpu-deps.sh opencv-python-headless tqdm pytest
+iniconfig pluggy``, install them, then run ``PYTHONPATH=/tmp/site python scripts/gpu_check.py``.
+``--only SECTION,...`` reruns sections.
+
+It writes its own test videos and its results to ``$OUT`` (else ``runs/gpu_check``):
+``results.json``, one entry per section, rewritten after each section so a run cut short keeps
+what it measured, and the sections' logs. A section that fails is recorded with its error and
+the others still run; the exit status is 1 when any failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes.util
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from fractions import Fraction
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # the project, and the tests' numbered-frame videos
+
+import av  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+SECTIONS = ("environment", "capabilities", "frame_numbering", "decoder_reuse", "colour", "training_throughput",
+            "eval_memory", "gpu_tests", "benchmarks")
+
+
+class Check:
+    def __init__(self, dry_run: bool, out: str):
+        self.dry_run, self.out = dry_run, out
+        self.gpu = not dry_run
+        self.device = "cuda:0" if self.gpu else "cpu"
+        self.device_id = 0 if self.gpu else None
+        self.data = os.path.join(out, "videos")
+        os.makedirs(self.data, exist_ok=True)
+        self.capability = tuple(torch.cuda.get_device_capability(0)) if self.gpu else None
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.data, name)
+
+
+# -- videos --------------------------------------------------------------------------------------
+
+
+def natural(num_frames: int, height: int, width: int, seed: int = 0, saturation: float = 35.0) -> np.ndarray:
+    """Smooth colour fields under a grey texture, panning: [T, H, W, 3] uint8."""
+    rng = np.random.default_rng(seed)
+    pan = 2 * num_frames
+    size = (height + pan, width + pan)
+    colour = torch.nn.functional.interpolate(torch.tensor(rng.normal(0, saturation, (1, 3, 5, 6)), dtype=torch.float32),
+                                             size=size, mode="bicubic", align_corners=False)[0]
+    grey = torch.nn.functional.interpolate(torch.tensor(rng.normal(0, 25, (1, 1, 8, 8)), dtype=torch.float32),
+                                           size=size, mode="bilinear", align_corners=False)[0]
+    field = (128 + colour + grey).permute(1, 2, 0).numpy()
+    return np.clip(np.rint([field[2 * t:2 * t + height, t:t + width] for t in range(num_frames)]), 0, 255).astype(np.uint8)
+
+
+def encode(path: str, encoder: str, pix_fmt: str, frames: np.ndarray, options: dict | None = None) -> str:
+    with av.open(path, "w") as container:
+        stream = container.add_stream(encoder, rate=25, options=options or {})
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
+        for t, array in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+            frame.pts, frame.time_base = t, Fraction(1, 25)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return path
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+
+
+def compare(check: Check, path: str, indices: list[int]) -> dict:
+    """DALI's frames of ``path`` (no up-front refusal: what the decoder itself does) against PyAV's."""
+    from pipelines import dali as D
+    from pipelines.index import frame_index
+    from pipelines.probe import probe_video
+    from pipelines.pyav import read_frames
+
+    info = probe_video(path)
+    row = {"size": f"{info.width}x{info.height}", "codec": info.codec, "pix_fmt": info.pix_fmt,
+           "profile": info.profile,
+           "refused_up_front": D.nvdec_problem(info, check.capability) if check.gpu else None}
+    everything = read_frames(path, range(info.num_frames))
+    positions = np.asarray(indices)
+    wanted, rows = np.unique(D.dali_frame_numbers(frame_index(path), positions), return_inverse=True)
+    try:
+        got = D._decode(path, wanted, check.device_id)[rows]
+    except Exception as e:  # noqa: BLE001 -- the answer sought: what DALI says
+        return {**row, "ok": False, "error": str(e).splitlines()[0][:300]}
+    nearest = [int(np.argmin([np.abs(g.astype(int) - f).mean() for f in everything])) for g in got]
+    return {**row, "ok": True, "aligned": nearest == list(indices), "psnr": round(psnr(got, everything[positions]), 2)}
+
+
+# -- sections ------------------------------------------------------------------------------------
+
+
+def environment(check: Check) -> dict:
+    import nvidia.dali
+
+    out = {"torch": torch.__version__, "dali": nvidia.dali.__version__, "av": av.__version__,
+           "cuda": torch.cuda.is_available(), "libnvcuvid": ctypes.util.find_library("nvcuvid")}
+    if check.gpu:
+        out.update(device=torch.cuda.get_device_name(0), capability=list(check.capability))
+        try:
+            ctypes.CDLL("libnvcuvid.so.1")
+            out["libnvcuvid_loads"] = True
+        except OSError as e:
+            out["libnvcuvid_loads"] = str(e)
+        if shutil.which("nvidia-smi"):
+            out["nvidia_smi"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                                                "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+    return out
+
+
+def capabilities(check: Check) -> dict:
+    """Codec x pixel format x size through DALI's decoder against PyAV: OK or the error,
+    alignment, PSNR; and whether nvdec_problem predicted the outcome."""
+    cases = [("vp9_64x48", "libvpx-vp9", "yuv420p", 48, 64, ".webm"),
+             ("vp9_odd_98x66", "libvpx-vp9", "yuv420p", 66, 98, ".webm")]
+    if check.gpu:
+        cases = [
+            ("h264_64x48", "libx264", "yuv420p", 48, 64, ".mp4"),
+            ("h264_odd_182x102", "libx264", "yuv420p", 102, 182, ".mp4"),
+            ("h264_high10", "libx264", "yuv420p10le", 144, 160, ".mp4"),
+            ("h264_422", "libx264", "yuv422p", 144, 160, ".mp4"),
+            ("h264_444", "libx264", "yuv444p", 144, 160, ".mp4"),
+            ("hevc_160x144", "libx265", "yuv420p", 144, 160, ".mp4"),
+            ("hevc_below_min_128x128", "libx265", "yuv420p", 128, 128, ".mp4"),
+            ("hevc_main10", "libx265", "yuv420p10le", 144, 160, ".mp4"),
+            ("hevc_444", "libx265", "yuv444p", 144, 160, ".mp4"),
+            ("vp9_128x128", "libvpx-vp9", "yuv420p", 128, 128, ".webm"),
+            ("vp9_below_min_128x96", "libvpx-vp9", "yuv420p", 96, 128, ".webm"),
+            ("vp9_profile2_10bit", "libvpx-vp9", "yuv420p10le", 144, 160, ".webm"),
+            ("av1_160x144", "libsvtav1", "yuv420p", 144, 160, ".mkv"),
+            ("mpeg4_160x144", "mpeg4", "yuv420p", 144, 160, ".mp4"),
+        ]
+    results = {}
+    for name, encoder, pix_fmt, h, w, ext in cases:
+        try:
+            path = encode(check.path(name + ext), encoder, pix_fmt, natural(12, h, w, seed=len(results)))
+        except Exception as e:  # noqa: BLE001 -- an encoder this build lacks: said, not fatal
+            results[name] = {"ok": False, "error": f"could not encode: {e}"}
+            continue
+        row = compare(check, path, [3, 0, 11, 7, 7])
+        row["prediction_right"] = (row["refused_up_front"] is None) == row["ok"] if check.gpu else None
+        results[name] = row
+    return results
+
+
+def frame_numbering(check: Check) -> dict:
+    """Frames read by number from files whose layout makes numbering hard, checked by the number
+    each frame carries (tests/videos.py)."""
+    from videos import frame_number, remux_with_pts, write_video
+
+    from pipelines.dali import read_frames
+
+    size = (160, 144) if check.gpu else (96, 64)
+    vp9 = dict(codec="libvpx-vp9", size=size)
+    files = {
+        "vp9_long_gop.webm": dict(num_frames=120, gop=120, **vp9),
+        "vp9_short_gop.mkv": dict(num_frames=40, gop=1, **vp9),
+    }
+    if check.gpu:
+        files.update({
+            "h264_open_gop_bpyramid.mp4": dict(num_frames=60, gop=12, bframes=3, open_gop=True,
+                                               options={"x264-params": "keyint=12:min-keyint=12:scenecut=0:bframes=3:"
+                                                        "b-pyramid=normal:open-gop=1"}, size=size),
+            "h264.mkv": dict(num_frames=40, gop=8, bframes=2, size=size),
+            "h264_long_gop.mp4": dict(num_frames=300, gop=250, bframes=2, size=size),
+            "h264_negative_start.mp4": dict(num_frames=40, gop=8, bframes=2, start_pts=-2, size=size),
+        })
+    results = {}
+    for name, kw in files.items():
+        n = kw.pop("num_frames")
+        path = write_video(check.path(name), n, **kw)
+        results[name] = _read_numbers(path, read_frames, frame_number, check)
+    dup = remux_with_pts(write_video(check.path("dup_src.webm"), 30, gop=10, **vp9), check.path("duplicate_pts.webm"),
+                         {5: 4 * 40, 6: 4 * 40})  # two frames given the pts of frame 4 (40 ms ticks at 25 fps)
+    results["duplicate_pts.webm"] = _read_numbers(dup, read_frames, frame_number, check)
+    return results
+
+
+def _read_numbers(path, read_frames, frame_number, check: Check) -> dict:
+    from pipelines.probe import probe_video
+    from pipelines.pyav import read_frames as pyav_read
+
+    n = probe_video(path).num_frames
+    wanted = sorted({0, 1, n // 3, n // 2, n - 2, n - 1, min(n - 1, 13)})
+    try:
+        frames = read_frames(path, wanted, device="gpu" if check.gpu else "cpu")
+    except Exception as e:  # noqa: BLE001
+        return {"ok": False, "error": str(e).splitlines()[0][:300]}
+    got = [frame_number(f) for f in frames]
+    pyav = [frame_number(f) for f in pyav_read(path, wanted)]
+    return {"ok": got == pyav, "wanted": wanted, "dali": got, "pyav": pyav}
+
+
+def decoder_reuse(check: Check) -> dict:
+    """What opening a file costs DALI: one frame of each of several files of one size (its
+    decoder cache can reuse a decoder), then of a file of a new size (a new decoder)."""
+    from pipelines import dali as D
+
+    encoder, ext, (h, w) = ("libx264", ".mp4", (320, 424)) if check.gpu else ("libvpx-vp9", ".webm", (64, 96))
+    paths = [encode(check.path(f"reuse{i}{ext}"), encoder, "yuv420p", natural(16, h, w, seed=i)) for i in range(8)]
+    other = encode(check.path(f"reuse_other{ext}"), encoder, "yuv420p", natural(16, h + 32, w + 32, seed=9))
+    times = []
+    for path in paths + [other]:
+        t = time.perf_counter()
+        D._decode(path, np.array([8]), check.device_id)
+        times.append((time.perf_counter() - t) * 1000)
+    return {"first_ms": round(times[0], 2), "same_size_median_ms": round(statistics.median(times[1:-1]), 2),
+            "new_size_ms": round(times[-1], 2), "note": "first includes building DALI's one-sample pipeline"}
+
+
+def colour(check: Check) -> dict:
+    """Which colours each decoder gives on content converted to YUV with BT.601 and with BT.709
+    (and tagged so): PSNR of DALI's and PyAV's RGB against the source frames, and DALI's mean
+    signed difference from PyAV per channel (what a model trained on one path sees differently
+    when predicting through the other)."""
+    from pipelines import dali as D
+    from pipelines.pyav import read_frames
+
+    encoder, ext, opts = (("libx264", ".mp4", {"crf": "8"}) if check.gpu
+                          else ("libvpx-vp9", ".webm", {"crf": "8", "b": "0", "deadline": "realtime", "cpu-used": "8"}))
+    source = natural(8, 144 if check.gpu else 64, 160 if check.gpu else 96, seed=3, saturation=70)
+    results = {}
+    for name, matrix, tag in (("bt601", "ITU601", "smpte170m"), ("bt709", "ITU709", "bt709")):
+        path = check.path(f"colour_{name}{ext}")
+        tags = ({"x264-params": f"colorprim={tag}:transfer={tag}:colormatrix={tag}"} if encoder == "libx264"
+                else {"colorspace": tag})
+        with av.open(path, "w") as container:
+            stream = container.add_stream(encoder, rate=25, options={**opts, **tags})
+            stream.width, stream.height, stream.pix_fmt = source.shape[2], source.shape[1], "yuv420p"
+            for t, array in enumerate(source):
+                frame = av.VideoFrame.from_ndarray(array, format="rgb24").reformat(format="yuv420p",
+                                                                                   dst_colorspace=matrix)
+                frame.pts, frame.time_base = t, Fraction(1, 25)
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode(None))
+        ours = D.read_frames(path, range(8), device="gpu" if check.gpu else "cpu")
+        pyav = read_frames(path, range(8))
+        results[name] = {"dali_vs_source_psnr": round(psnr(ours, source), 2),
+                         "pyav_vs_source_psnr": round(psnr(pyav, source), 2),
+                         "dali_minus_pyav_mean_rgb": [round(float(x), 2) for x in
+                                                      (ours.astype(float) - pyav).mean(axis=(0, 1, 2))],
+                         "dali_vs_pyav_psnr": round(psnr(ours, pyav), 2)}
+    return results
+
+
+class _Utilisation:
+    """nvidia-smi's decoder and SM utilisation, sampled every 0.2 s while the block runs."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and shutil.which("nvidia-smi") is not None
+        self.samples: list[tuple[float, float]] = []
+
+    def __enter__(self):
+        if self.enabled:
+            self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.decoder,utilization.gpu",
+                                          "--format=csv,noheader,nounits", "-lms", "200", "-i", "0"],
+                                         stdout=subprocess.PIPE, text=True)
+            self.thread = threading.Thread(target=self._read, daemon=True)
+            self.thread.start()
+        return self
+
+    def _read(self):
+        for line in self.proc.stdout:
+            try:
+                dec, sm = (float(x) for x in line.split(","))
+                self.samples.append((dec, sm))
+            except ValueError:
+                pass
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.proc.terminate()
+            self.proc.wait()
+
+    def summary(self) -> dict:
+        if not self.samples:
+            return {}
+        return {"nvdec_util_mean": round(statistics.mean(s[0] for s in self.samples), 1),
+                "sm_util_mean": round(statistics.mean(s[1] for s in self.samples), 1)}
+
+
+def training_throughput(check: Check) -> dict:
+    """Training batches (8 frames x stride 16, the recipe's augmentation) from short-GOP videos:
+    first and steady batch times, clips/s, GPU memory, utilisation, and for DALI the share of the
+    time the training thread spends feeding it."""
+    from evl.demo import write_demo_dataset
+    from pipelines import PipelineConfig, build_pipeline
+
+    codec, size, clips, batch, frames, stride = (("h264", 320, 256, 32, 8, 16) if check.gpu
+                                                 else ("vp9", 64, 16, 4, 8, 2))
+    ds = write_demo_dataset(check.path("train_" + codec), codec=codec, num_train=clips, num_val=4, size=size,
+                            num_frames=frames * stride + 8, workers=min(16, os.cpu_count() or 1))
+    results = {}
+    for name in ("pyav", "dali"):
+        cfg = PipelineConfig(list_path=ds.train_list, data_root=ds.root, num_classes=4, num_frames=frames,
+                             sampling_rate=stride, input_size=min(224, size), batch_size=batch, train=True,
+                             num_workers=min(16, os.cpu_count() or 1), device=check.device,
+                             auto_augment="rand-m7-n4-mstd0.5-inc1")
+        pipe = build_pipeline(name, cfg)
+        feeding = [0.0]
+        if name == "dali":
+            build = pipe._build_batch
+
+            def timed(*a, **k):
+                t = time.perf_counter()
+                try:
+                    return build(*a, **k)
+                finally:
+                    feeding[0] += time.perf_counter() - t
+            pipe._build_batch = timed
+        if check.gpu:
+            torch.cuda.reset_peak_memory_stats()
+        pipe.set_epoch(0)
+        with _Utilisation(check.gpu) as util:
+            t0 = time.perf_counter()
+            times, n = [], 0
+            for b in pipe:
+                if check.gpu:
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter())
+                n += len(b.index)
+        total = times[-1] - t0
+        steady = (n - batch) / (times[-1] - times[0]) if len(times) > 1 else None
+        results[name] = {"first_batch_s": round(times[0] - t0, 3), "steady_clips_per_s": steady and round(steady, 1),
+                         "clips": n, "feeding_share": round(feeding[0] / total, 3) if name == "dali" else None,
+                         "max_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if check.gpu else None,
+                         **util.summary()}
+    return {"setting": f"{codec} {size}p, batch {batch}, {frames}x{stride} frames, RandAugment", **results}
+
+
+def eval_memory(check: Check) -> dict:
+    """Evaluation batches of 3 views (the 8-frame recipe's 1x3) of 720p videos: peak GPU memory."""
+    from evl.demo import write_demo_dataset
+    from pipelines import PipelineConfig, build_pipeline
+
+    codec, size, videos, frames, stride = ("h264", 720, 16, 140, 16) if check.gpu else ("vp9", 64, 4, 24, 2)
+    ds = write_demo_dataset(check.path("eval_" + codec), codec=codec, num_train=4, num_val=videos, size=size,
+                            num_frames=frames, workers=min(16, os.cpu_count() or 1))
+    cfg = PipelineConfig(list_path=ds.val_list, data_root=ds.root, num_classes=4, num_frames=8, sampling_rate=stride,
+                         input_size=224 if check.gpu else 64, batch_size=8 if check.gpu else 2, train=False,
+                         num_workers=4, device=check.device, num_spatial_views=1, num_temporal_views=3)
+    if check.gpu:
+        torch.cuda.reset_peak_memory_stats()
+    rows = sum(len(b.index) for b in build_pipeline("dali", cfg))
+    return {"setting": f"{codec} {size}p, {cfg.batch_size} videos x 3 views a batch", "rows": rows,
+            "max_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if check.gpu else None}
+
+
+def gpu_tests(check: Check) -> dict:
+    log = os.path.join(check.out, "pytest.txt")
+    argv = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_dali.py"]
+    proc = subprocess.run(argv + ([] if check.gpu else ["--co"]), cwd=ROOT, capture_output=True, text=True)
+    with open(log, "w") as f:
+        f.write(proc.stdout + proc.stderr)
+    return {"returncode": proc.returncode, "summary": (proc.stdout.strip().splitlines() or [""])[-1], "log": log}
+
+
+def benchmarks(check: Check) -> dict:
+    """benchmarks/throughput.py: our graph against DALI's readers, and RandAugment's cost in the
+    graph; benchmarks/augment_agreement.py: the graph's RandAugment against the CPU execution."""
+    small = [] if check.gpu else ["--batch_size", "4", "--num_frames", "4", "--sampling_rate", "2", "--iters", "1",
+                                  "--repeats", "1", "--warmup", "1", "--min_seconds", "0", "--num_workers", "2"]
+    frames = "300" if check.gpu else "24"
+    runs = {
+        "operators": ["--stages", "data", "--pipelines", "dali,dali_reader,dali_legacy_reader"],
+        "augment": ["--stages", "data", "--pipelines", "dali", "--compare_augment", "--auto_augment",
+                    "rand-m7-n4-mstd0.5-inc1"],
+    }
+    out = {}
+    for name, argv in runs.items():
+        path = os.path.join(check.out, f"bench_{name}.json")
+        cmd = [sys.executable, "benchmarks/throughput.py", *argv, "--video_frames", frames, "--device", check.device,
+               "--work_dir", check.path("bench"), "--json", path,
+               *(["--iters", "5", "--repeats", "2", "--num_workers", str(os.cpu_count())] if check.gpu else small)]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        with open(os.path.join(check.out, f"bench_{name}.txt"), "w") as f:
+            f.write(proc.stdout + proc.stderr)
+        out[name] = {"returncode": proc.returncode, "json": path if os.path.exists(path) else None}
+        if proc.returncode:
+            raise RuntimeError(f"benchmarks/throughput.py ({name}) failed: {proc.stderr.strip().splitlines()[-1:]}")
+    # RandAugment in the graph (on the GPU: the mixed variant) against the CPU execution.
+    cmd = [sys.executable, "benchmarks/augment_agreement.py", "--clips", "64" if check.gpu else "4",
+           *(["--dali_device_id", "0"] if check.gpu else [])]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    with open(os.path.join(check.out, "augment_agreement.txt"), "w") as f:
+        f.write(proc.stdout + proc.stderr)
+    out["augment_agreement"] = {"returncode": proc.returncode, "summary": proc.stdout.strip().splitlines()[-3:]}
+    if proc.returncode:
+        raise RuntimeError(f"benchmarks/augment_agreement.py failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dry-run", action="store_true", help="the parts a CPU can run, at small sizes")
+    p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "runs", "gpu_check"))
+    p.add_argument("--only", help="comma-separated sections, of: " + ", ".join(SECTIONS))
+    args = p.parse_args(argv)
+    if not args.dry_run and not torch.cuda.is_available():
+        p.error("no CUDA device here: run with --dry-run, or on a GPU machine")
+    os.makedirs(args.out, exist_ok=True)
+    check = Check(args.dry_run, args.out)
+    chosen = args.only.split(",") if args.only else SECTIONS
+    unknown = set(chosen) - set(SECTIONS)
+    if unknown:
+        p.error(f"unknown section(s) {', '.join(sorted(unknown))}")
+    results, status = {"dry_run": args.dry_run}, 0
+    for name in chosen:
+        t = time.perf_counter()
+        print(f"== {name}", flush=True)
+        try:
+            results[name] = globals()[name](check)
+        except Exception as e:  # noqa: BLE001 -- recorded; the other sections still run
+            results[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
+            status = 1
+        results[name]["seconds"] = round(time.perf_counter() - t, 1)
+        print(json.dumps(results[name], default=str)[:2000], flush=True)
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(results, f, indent=1, default=str)
+    print(f"== done (status {status}); results in {os.path.join(args.out, 'results.json')}", flush=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""scripts/gpu_check.py, the one check a lent GPU runs, is known to work before it gets one: its
+dry run (every section at CPU sizes, VP9 through DALI's CPU decoder) runs here."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("nvidia.dali")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.py")
+
+
+@pytest.mark.slow
+def test_dry_run_runs_every_section(tmp_path):
+    proc = subprocess.run([sys.executable, SCRIPT, "--dry-run", "--out", str(tmp_path)], capture_output=True,
+                          text=True, timeout=600)
+    results = json.loads((tmp_path / "results.json").read_text())
+    failed = {k: v.get("error") for k, v in results.items() if isinstance(v, dict) and "error" in v}
+    assert proc.returncode == 0 and not failed, (failed, proc.stdout[-3000:], proc.stderr[-3000:])
+    sections = {"environment", "capabilities", "frame_numbering", "decoder_reuse", "colour", "training_throughput",
+                "eval_memory", "gpu_tests", "benchmarks"}
+    assert sections <= results.keys() and results["dry_run"] is True
+    assert all(row["ok"] and row["aligned"] for row in results["capabilities"].values() if isinstance(row, dict))
+    assert all(row["ok"] for name, row in results["frame_numbering"].items() if name != "seconds")
+    assert results["training_throughput"]["dali"]["clips"] == results["training_throughput"]["pyav"]["clips"] == 16
+    assert results["eval_memory"]["rows"] == 12  # 4 videos x 3 views
+    assert results["gpu_tests"]["returncode"] == 0 and "collected" in results["gpu_tests"]["summary"]
+    for name in ("operators", "augment"):
+        assert json.loads(open(results["benchmarks"][name]["json"]).read())
+    assert results["benchmarks"]["augment_agreement"]["returncode"] == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_without_a_gpu_it_says_to_dry_run(tmp_path):
+    proc = subprocess.run([sys.executable, SCRIPT, "--out", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--dry-run" in proc.stderr
