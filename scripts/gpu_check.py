@@ -73,15 +73,9 @@ def natural(num_frames: int, height: int, width: int, seed: int = 0, saturation:
 
 
 def encode(path: str, encoder: str, pix_fmt: str, frames: np.ndarray, options: dict | None = None) -> str:
-    with av.open(path, "w") as container:
-        stream = container.add_stream(encoder, rate=25, options=options or {})
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
-        for t, array in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
-            frame.pts, frame.time_base = t, Fraction(1, 25)
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
-    return path
+    from videos import encode_frames
+
+    return encode_frames(path, frames, encoder, pix_fmt=pix_fmt, options=options)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -13,7 +13,6 @@ import os
 import random
 import subprocess
 import sys
-from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -27,6 +26,7 @@ from pipelines import build_pipeline  # noqa: E402
 from pipelines.base import CLIP_STD, PipelineConfig, TooManyBadVideos  # noqa: E402
 from pipelines.lists import VideoRecord, write_list  # noqa: E402
 from pipelines import dali as D, pyav as P  # noqa: E402
+from videos import encode_frames  # noqa: E402
 
 MIN_PSNR = 40.0
 _CODECS = {"vp9": ("libvpx-vp9", ".webm", {"crf": "20", "b": "0", "deadline": "realtime", "cpu-used": "8"}),
@@ -50,17 +50,7 @@ def natural_frames(seed: int, num_frames: int, height: int = 72, width: int = 96
 
 def write_video(path: str, frames: np.ndarray, codec: str = "vp9", gop: int = 8) -> str:
     name, _, options = _CODECS[codec]
-    with av.open(path, "w") as container:
-        stream = container.add_stream(name, rate=25, options=dict(options))
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        stream.codec_context.gop_size = gop
-        for t, array in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
-            frame.pts, frame.time_base = t, Fraction(1, 25)
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
-    return path
+    return encode_frames(path, frames, name, options=options, gop=gop)
 
 
 def psnr(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
@@ -164,18 +154,6 @@ def test_h264_without_gpu_is_refused_with_a_hint(tmp_path):
     assert "clip.mp4" in str(info.value) and "h264" in str(info.value)
 
 
-def encode(path: str, codec: str, pix_fmt: str, width: int, height: int, frames: int = 4) -> str:
-    with av.open(path, "w") as container:
-        stream = container.add_stream(codec, rate=25)
-        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
-        for t, array in enumerate(natural_frames(7, frames, height, width)):
-            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
-            frame.pts, frame.time_base = t, Fraction(1, 25)
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
-    return path
-
-
 def test_what_nvdec_cannot_decode_is_refused_before_the_first_batch(tmp_path):
     """The probe records the pixel format and profile; the GPU path refuses up front, naming the
     file and the reason, what NVDEC (or DALI's conversion) cannot decode, instead of failing it
@@ -195,7 +173,7 @@ def test_what_nvdec_cannot_decode_is_refused_before_the_first_batch(tmp_path):
     paths = []
     for name, (codec, pix_fmt, w, h, *_) in cases.items():
         try:
-            paths.append(encode(str(tmp_path / name), codec, pix_fmt, w, h))
+            paths.append(encode_frames(str(tmp_path / name), natural_frames(7, 4, h, w), codec, pix_fmt=pix_fmt))
         except (av.error.FFmpegError, ValueError) as e:  # an encoder this PyAV build lacks
             pytest.skip(f"cannot encode {name}: {e}")
     infos, failures = probe_videos(paths, str(tmp_path / "probe.json"))

@@ -108,6 +108,22 @@ def write_video(
     return path
 
 
+def encode_frames(path: str, frames: np.ndarray, encoder: str = "libvpx-vp9", *, pix_fmt: str = "yuv420p",
+                  options: dict[str, str] | None = None, gop: int | None = None) -> str:
+    """Encodes RGB ``frames`` ``[T, H, W, 3]`` uint8 at 25 fps, converted to ``pix_fmt``."""
+    with av.open(path, "w") as container:
+        stream = container.add_stream(encoder, rate=25, options=dict(options or {}))
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
+        if gop is not None:
+            stream.codec_context.gop_size = gop
+        for t, array in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+            frame.pts, frame.time_base = t, Fraction(1, 25)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return path
+
+
 def decode_all(path: str) -> tuple[np.ndarray, np.ndarray]:
     """Decodes every frame from the start: ``(pts sorted, frames [N, H, W, 3])``."""
     with av.open(path) as container:
