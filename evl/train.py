@@ -390,8 +390,13 @@ def _run(cfg: TrainConfig, world: World, run: ckpt_io.RunDirectory | None) -> di
 
     agreement = StopAgreement()  # every rank, at the same point: it makes a process group
     stopped_by = None
+    batches = batches_forever(train_pipe, start) if start < cfg.num_steps else iter(())
     with StopRequest() as stop:
-        for step, batch in batches_forever(train_pipe, start) if start < cfg.num_steps else ():
+        while True:
+            try:
+                step, batch = next(batches)  # not a for loop: an evaluation replaces the iterator
+            except StopIteration:
+                break
             loss_sum = train_step(ddp, batch, optimizer, scaler, scheduler, amp, cfg.batch_split,
                                   ddp.no_sync if world.world_size > 1 else contextlib.nullcontext)
             bad_step = torch.where((bad_step >= 0) | torch.isfinite(loss_sum), bad_step, step)
@@ -422,7 +427,12 @@ def _run(cfg: TrainConfig, world: World, run: ckpt_io.RunDirectory | None) -> di
             if saving:  # before the evaluation: an evaluation that fails cannot cost these steps
                 path = save(done)
             if evaluating:
+                # The training pipeline is let go meanwhile (a DALI graph holds decoded batches
+                # on the device) and picks up at the next step after: it starts mid-epoch without
+                # decoding the batches before it.
+                batches.close()
                 r = run_eval(done)
+                batches = batches_forever(train_pipe, done)
                 if r and r["top1"] > best["top1"]:
                     best = {"top1": r["top1"], "top5": r["top5"], "step": done}
                     if run and world.is_primary:

@@ -25,6 +25,7 @@ are checked one by one and the pipeline is rebuilt from that batch.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import os
 import re
@@ -238,8 +239,13 @@ def _view_types(num_slots: int) -> list:
 
 
 @dali.pipeline_def(exec_dynamic=True)
-def _clip_graph(feed, num_views: int, size: int, decoder_device: str, num_slots: int = 0):
-    """Encoded videos -> ``num_views`` outputs of ``[C, T, size, size]`` float clips."""
+def _clip_graph(feed, num_views: int, size: int, decoder_device: str, num_slots: int = 0, crop_first: bool = False):
+    """Encoded videos -> ``num_views`` outputs of ``[C, T, size, size]`` float clips.
+
+    ``crop_first``: views that share the decoded frames (spatial views, a training clip) crop and
+    resize them before putting them in the view's order, so no view copies full-size frames;
+    views with frames of their own (temporal views) take them first.
+    """
     view_types = _view_types(num_slots)
     n = len(view_types)
     encoded, frames, *per_view = fn.external_source(source=feed, num_outputs=2 + n * num_views, batch=True,
@@ -250,15 +256,18 @@ def _clip_graph(feed, num_views: int, size: int, decoder_device: str, num_slots:
     outputs = []
     for v in range(num_views):
         order, mirror, *rest = per_view[n * v:n * (v + 1)]
-        clip = fn.sequence_rearrange(video, new_order=order)
         if num_slots:
-            clip = augment_graph(clip, rest, size, num_slots, gpu=decoder_device == "mixed")
+            clip = augment_graph(fn.sequence_rearrange(video, new_order=order), rest, size, num_slots,
+                                 gpu=decoder_device == "mixed")
         else:
             anchor, shape = rest
             # Integer anchor/shape are pixels (floats would be relative); crop then resize, as
             # the CPU transform does: a resize ROI instead would blend in pixels from outside.
+            clip = video if crop_first else fn.sequence_rearrange(video, new_order=order)
             clip = fn.slice(clip, anchor, shape, axis_names="HW")
             clip = fn.resize(clip, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
+            if crop_first:
+                clip = fn.sequence_rearrange(clip, new_order=order)
         outputs.append(fn.crop_mirror_normalize(
             clip, dtype=types.FLOAT, output_layout="CFHW", mirror=mirror,
             mean=[255 * m for m in CLIP_MEAN], std=[255 * s for s in CLIP_STD]))
@@ -287,6 +296,8 @@ class _Feeder:
     def __call__(self):
         while self.cursor < len(self.batches):
             number, self.cursor = self.cursor, self.cursor + 1
+            if self.cursor < len(self.batches):  # the next batch's files load while this one is built
+                self.owner._read_ahead(self.batches[self.cursor])
             fed = self.owner._build_batch(number, self.batches[number])
             if fed is not None:
                 self.pending.append(fed[0])
@@ -314,6 +325,8 @@ class DALIPipeline:
         self.num_slots = self.sampler.augment.num_layers if self.sampler.augment else 0
         self.known_bad: dict[str, str] = {}  # path -> reason, across epochs
         self._failures: dict[tuple[int, int], list[tuple[str, str]]] = {}  # (batch, slot) -> failures
+        self._reader: concurrent.futures.ThreadPoolExecutor | None = None  # read-ahead of the next batch's files
+        self._ahead: dict[int, concurrent.futures.Future] = {}
         self.bad: list[tuple[str, str]] = []  # this epoch's, as DecodingPipeline.bad
 
     def __len__(self) -> int:
@@ -332,11 +345,22 @@ class DALIPipeline:
             batches.pop()  # as the PyAV pipeline's drop_last
         return batches
 
+    def _read_ahead(self, keys: list[tuple[int, int]]) -> None:
+        """Start reading the files of ``keys`` in the read-ahead threads: the feeding callback runs
+        on the training thread, inside ``pipe.run()``, which must not wait for the disk."""
+        if self._reader is None:
+            self._reader = concurrent.futures.ThreadPoolExecutor(max(1, min(8, self.cfg.num_workers)),
+                                                                 thread_name_prefix="dali-read-ahead")
+        for _, index in keys:
+            if index not in self._ahead and self.records[index].path not in self.known_bad:
+                self._ahead[index] = self._reader.submit(np.fromfile, self.records[index].path, dtype=np.uint8)
+
     def _read(self, index: int) -> np.ndarray:
         path = self.records[index].path
         if path in self.known_bad:
             raise VideoReadError(path, self.known_bad[path])
-        return np.fromfile(path, dtype=np.uint8)
+        ahead = self._ahead.pop(index, None)
+        return ahead.result() if ahead is not None else np.fromfile(path, dtype=np.uint8)
 
     def _build_batch(self, number: int, keys: list[tuple[int, int]]):
         """(pending record, external_source outputs) of one batch, or None when every video is bad."""
@@ -401,6 +425,7 @@ class DALIPipeline:
     def _build(self, feeder: _Feeder) -> dali.Pipeline:
         pipe = _clip_graph(feeder, self.num_views, self.sampler.size,
                            "cpu" if self.device_id is None else "mixed", self.num_slots,
+                           crop_first=self.cfg.train or self.sampler.num_temporal_views == 1,
                            batch_size=self.cfg.batch_size, num_threads=max(1, self.cfg.num_workers),
                            device_id=self.device_id, prefetch_queue_depth=2,
                            enable_conditionals=self.num_slots > 0)
@@ -461,5 +486,6 @@ class DALIPipeline:
                     yield self._batch(outputs, fed)
             finally:
                 del pipe
+                self._ahead.clear()  # reads for batches that will not be fed (an epoch left early)
         self._check_limit()
         summarise_bad_videos(self.keys.epoch, self.bad, training_epoch(self.cfg))

@@ -218,13 +218,34 @@ def test_training_batches_match_pyav(dataset):
     assert len(resumed) == 1 and torch.equal(resumed[0].index, collect(pyav_pipe, epoch=3)[1].index)
 
 
-def test_evaluation_views_match_pyav(dataset):
-    cfg = make_cfg(dataset, train=False)
+@pytest.mark.parametrize("temporal", [2, 1], ids=["views-take-their-frames", "views-crop-shared-frames"])
+def test_evaluation_views_match_pyav(dataset, temporal):
+    cfg = make_cfg(dataset, train=False, num_temporal_views=temporal)
     dali_batches = collect(build_pipeline("dali", cfg))
     pyav_batches = collect(build_pipeline("pyav", cfg))
-    assert [len(b.index) for b in dali_batches] == [24, 24, 6]  # 6 views each; the last batch is partial
-    assert dali_batches[0].view[:6].tolist() == list(range(6))
+    views = 3 * temporal
+    assert [len(b.index) for b in dali_batches] == [4 * views, 4 * views, views]  # the last batch is partial
+    assert dali_batches[0].view[:views].tolist() == list(range(views))
     assert_same_batches(dali_batches, pyav_batches)
+
+
+def test_files_are_read_ahead_off_the_training_thread(dataset, monkeypatch):
+    """The feeding callback runs on the training thread inside pipe.run(): every batch but the
+    first has its files read ahead by other threads, so a slow disk does not stall training."""
+    import threading
+
+    readers = []
+    fromfile = np.fromfile
+
+    def recording(path, *args, **kwargs):
+        readers.append(threading.current_thread() is threading.main_thread())
+        return fromfile(path, *args, **kwargs)
+
+    monkeypatch.setattr(D.np, "fromfile", recording)
+    cfg = make_cfg(dataset, train=False, num_spatial_views=1, num_temporal_views=1, batch_size=2)
+    batches = collect(build_pipeline("dali", cfg))
+    assert sorted(i for b in batches for i in b.index.tolist()) == list(range(9))
+    assert len(readers) == 9 and sum(readers) == 2  # the first batch's two files only
 
 
 def test_evaluation_shards_cover_every_video_once(dataset):

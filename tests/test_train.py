@@ -195,6 +195,17 @@ def test_accumulation_equals_full_batch(tiny_vit, demo_data, tmp_path):
     assert_same_run(tmp_path / "a", tmp_path / "b")
 
 
+def test_evaluations_do_not_change_the_training_batches(tiny_vit, demo_data, tmp_path):
+    """The training pipeline is let go for each evaluation and restarts mid-epoch after it: the
+    run sees the batches, and takes the steps, that it would without the evaluations."""
+    argv = ("--num_steps", "6", "--save_freq", "6", "--print_freq", "1")
+    train_mod.main(train_argv(tiny_vit, demo_data, tmp_path / "evals", *argv, "--eval_freq", "2"))
+    train_mod.main(train_argv(tiny_vit, demo_data, tmp_path / "none", *argv, "--eval_freq", "6"))
+    losses = [[e["loss"] for e in events(tmp_path / run) if "loss" in e] for run in ("evals", "none")]
+    assert len(losses[0]) == 6 and losses[0] == losses[1]
+    assert len([e for e in events(tmp_path / "evals") if "top1" in e]) == 3
+
+
 def test_eval_only_writes_each_video_once(tiny_vit, demo_data, tmp_path):
     out = tmp_path / "run"
     train_mod.main(train_argv(tiny_vit, demo_data, out, "--num_steps", "2", "--save_freq", "2"))
