@@ -17,7 +17,7 @@ from pipelines.files import atomic_write
 
 from .weights import WeightsError, safe_load, strip_prefix
 
-__all__ = ["load_checkpoint", "read_model_state", "describe_state"]
+__all__ = ["load_checkpoint", "load_pretrained", "read_model_state", "describe_state", "global_batch"]
 
 
 def read_model_state(ckpt: Any, path: str) -> dict[str, torch.Tensor]:
@@ -72,9 +72,42 @@ def load_checkpoint(model: nn.Module, path: str) -> dict:
     return ckpt if isinstance(ckpt, dict) and "model" in ckpt else {"model": sd}
 
 
+def load_pretrained(model: nn.Module, path: str) -> list[str]:
+    """``--pretrain``: start from ``path``'s decoder and head weights (this project's checkpoint or
+    the reference's), e.g. a Kinetics model fine-tuned on another dataset. Unlike a resume it is
+    not strict, as in the reference: keys the model lacks, or holds with another shape (a head
+    for another class count), are left out. Returns a line per kind of key left out."""
+    ckpt = safe_load(path)
+    sd = read_model_state(ckpt, path)
+    own = model.state_dict()
+    if any(k.startswith(("backbone.", "visual.")) for k in sd):
+        raise WeightsError(f"{path}: holds backbone weights: --pretrain takes an EVL checkpoint (decoder and head)")
+    shapes = sorted(k for k in own.keys() & sd.keys() if own[k].shape != sd[k].shape)
+    usable = {k: v for k, v in sd.items() if k in own and k not in shapes}
+    if not usable:
+        raise WeightsError(f"{path}: no weight of this model in it (it has {describe_state(sd)}; the model has "
+                           f"{describe_state(own)})")
+    model.load_state_dict(usable, strict=False)
+    return [f"{label}: {', '.join(keys[:5])}" + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+            for label, keys in (("kept as initialised (not in the checkpoint)", sorted(own.keys() - sd.keys())),
+                                ("not in this model", sorted(sd.keys() - own.keys())),
+                                ("other shape, kept as initialised", shapes)) if keys]
+
+
 # -- saving and resuming (this project's format) ---------------------------------------------
 
-FORMAT = "evl-checkpoint/1"
+# 2: the config's batch_size is the global batch (1: the batch of each process).
+FORMAT = "evl-checkpoint/2"
+
+
+def global_batch(ckpt: dict) -> int | None:
+    """The global batch a training checkpoint was written with, from either format."""
+    config = ckpt.get("config") or {}
+    if "batch_size" not in config:
+        return None
+    if ckpt.get("format") == "evl-checkpoint/1":
+        return config["batch_size"] * len(ckpt.get("rng_per_rank") or [None])
+    return config["batch_size"]
 
 
 def save_atomic(obj: dict, path: str) -> None:

@@ -2,16 +2,18 @@
 (:class:`DataConfig`) and a training run (:class:`TrainConfig`, both and the run's own settings),
 with the flags that make them.
 
-Flag names follow the reference implementation (``--num_frames``, ``--sampling_rate``,
-``--backbone_path``, ``--train_list_path``, ``--batch_split``, ``--no_temporal_conv``, ...) so its
-users' scripts carry over. The resolved configuration is printed once, written to the run
-directory and stored in every checkpoint.
+Every flag of the reference implementation's ``main.py`` is accepted here with its meaning, so
+that its scripts run with ``-m evl.train`` in place of ``main.py``: ``--batch_size`` is the global
+batch, ``--backbone "ViT-B/16-lnpre"`` names open_clip's ``ViT-B-16``, ``--mean``/``--std`` must be
+CLIP's (the frozen backbone's), and so on (:func:`reference_flags`). The resolved configuration
+is printed once, written to the run directory and stored in every checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -72,11 +74,15 @@ class DataConfig:
         group.add_argument("--sampling_rate", type=int, default=d.sampling_rate)
         group.add_argument("--sampling", default=d.sampling, choices=["dense", "segment"],
                            help="segment = TSN sampling, one frame per segment (Something-Something)")
+        group.add_argument("--tsn_sampling", dest="sampling", action="store_const", const="segment",
+                           help="the reference's name of --sampling segment")
         group.add_argument("--num_spatial_views", type=int, default=d.num_spatial_views, choices=[1, 3])
         group.add_argument("--num_temporal_views", type=int, default=d.num_temporal_views)
         group.add_argument("--auto_augment", type=auto_augment_arg, default=d.auto_augment,
                            help="timm RandAugment policy, the same ops for every frame of a clip; 'none' to disable")
         group.add_argument("--mirror", action="store_true", help="random horizontal flip (off in the reference recipe)")
+        group.add_argument("--no_mirror", dest="mirror", action="store_false",
+                           help="no flip (the default; the reference's flag, whose flip its loader never applies)")
         group.add_argument("--crop_scale", type=float, nargs=2, default=d.crop_scale, metavar=("MIN", "MAX"))
         group.add_argument("--num_workers", type=int, default=d.num_workers)
         group.add_argument("--max_bad_fraction", type=float, default=d.max_bad_fraction)
@@ -110,10 +116,14 @@ class TrainConfig(DataConfig, EVLConfig):
 
     train_list_path: str | None = None
     val_list_path: str | None = None
+    train_data_root: str | None = None  # override --data_root for one split, as in the reference
+    val_data_root: str | None = None
+    spatial_size: int | None = None  # the reference's flag; must be the backbone's input size
+    pretrain: str | None = None  # initial weights (not a resume): the reference's --pretrain
     feature_cache: str | None = None
     cache_in_memory: bool = False
     # optimisation (evl-spec §3)
-    batch_size: int = 32
+    batch_size: int = 32  # global, over all processes (the reference's meaning)
     batch_split: int = 1
     lr: float = 4e-4
     weight_decay: float = 0.05
@@ -140,8 +150,28 @@ class TrainConfig(DataConfig, EVLConfig):
         """The model these flags describe."""
         return EVLConfig.from_dict(self.to_dict())
 
-    def data_config(self) -> DataConfig:
-        return DataConfig.from_args(self)
+    def data_config(self, train: bool | None = None) -> DataConfig:
+        """The data settings; for one split (``train``), with that split's data root."""
+        data = DataConfig.from_args(self)
+        root = None if train is None else (self.train_data_root if train else self.val_data_root)
+        return dataclasses.replace(data, data_root=root) if root else data
+
+    def batch_per_process(self, world_size: int) -> int:
+        """This process's share of the global ``batch_size``; raises ``ValueError`` when it does
+        not divide evenly, or not into ``batch_split`` chunks."""
+        if self.batch_size % world_size:
+            raise ValueError(f"--batch_size {self.batch_size} (the global batch) does not divide among "
+                             f"{world_size} processes")
+        share = self.batch_size // world_size
+        if share % self.batch_split:
+            raise ValueError(f"--batch_size {self.batch_size} over {world_size} process(es) is {share} per process, "
+                             f"which --batch_split {self.batch_split} does not divide")
+        return share
+
+    def eval_batch_per_process(self, world_size: int) -> int:
+        """Videos per evaluation batch in each process: a training chunk's size (``batch_size /
+        world_size / batch_split``), which is what fits in memory, and at least one."""
+        return max(1, self.batch_size // world_size // self.batch_split)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -160,11 +190,27 @@ def auto_augment_arg(text: str) -> str | None:
     return text
 
 
+# The reference's ViT presets (``vit_presets``: ln_pre, as in CLIP) and OpenAI CLIP's model names,
+# in open_clip's names: ViT-B/16-lnpre, ViT-B/16 -> ViT-B-16; ViT-L/14@336px -> ViT-L-14-336.
+_REFERENCE_BACKBONE = re.compile(r"^(ViT-[A-Za-z]+)/(\d+)(@(\d+)px)?(-lnpre)?$")
+
+
+def backbone_arg(text: str) -> str:
+    """``--backbone``: an open_clip name or config path as it is; a reference or OpenAI name in
+    open_clip's spelling."""
+    m = _REFERENCE_BACKBONE.match(text)
+    if not m:
+        return text
+    return f"{m.group(1)}-{m.group(2)}" + (f"-{m.group(4)}" if m.group(4) else "")
+
+
 def add_model_arguments(group, names: Sequence[str] | None = None) -> None:
     """The model's flags (reference names), all of them or ``names``, with :class:`EVLConfig`'s defaults."""
     d = EVLConfig()
     flags = {
-        "backbone": (("--backbone",), dict(default=d.backbone, help="open_clip model name or model-config JSON path")),
+        "backbone": (("--backbone",), dict(default=d.backbone, type=backbone_arg,
+                                           help="open_clip model name (ViT-B-16; the reference's and OpenAI's "
+                                                "ViT-B/16-lnpre, ViT-L/14@336px too) or model-config JSON path")),
         "backbone_path": (("--backbone_path",), dict(help="local CLIP weights (OpenAI .pt archive or state dict)")),
         "num_classes": (("--num_classes",), dict(type=int, default=d.num_classes)),
         "num_frames": (("--num_frames",), dict(type=int, default=d.num_frames)),
@@ -223,13 +269,46 @@ def build_parser(prog: str = "python -m evl.train") -> argparse.ArgumentParser:
     r.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
     r.add_argument("--debug", action="store_true", help="show the traceback of errors in the input too "
                    "(or set EVL_DEBUG=1)")
+    reference_flags(p)
     return p
 
 
+def reference_flags(p: argparse.ArgumentParser) -> None:
+    """The reference's flags that have no setting of their own here: accepted with their meaning
+    where it is ours, refused with a message where it is not (:func:`parse_config`)."""
+    g = p.add_argument_group("the reference implementation's flags")
+    g.add_argument("--train_data_root", help="--data_root for the training list only")
+    g.add_argument("--val_data_root", help="--data_root for the validation list only")
+    g.add_argument("--pretrain", metavar="CKPT", help="initial decoder and head weights (this project's or the "
+                   "reference's checkpoint; keys of other shapes are left as initialised); a resume overrides it")
+    g.add_argument("--spatial_size", type=int, help="frame size; must be the backbone's input size")
+    g.add_argument("--backbone_type", default="clip", choices=["clip"], help="how --backbone_path is stored: "
+                   "CLIP's (the only kind the reference ships)")
+    g.add_argument("--mean", type=float, nargs="+", help="must be CLIP's (the default): the backbone is frozen")
+    g.add_argument("--std", type=float, nargs="+", help="must be CLIP's (the default): the backbone is frozen")
+    g.add_argument("--interpolation", default="bicubic", choices=["bicubic"],
+                   help="RandAugment's resampling: bicubic, the reference's (see docs/augmentation.md)")
+    g.add_argument("--disable_fp16", dest="mixed_precision", action="store_const", const="fp32",
+                   help="--mixed_precision fp32")
+    g.add_argument("--finetune_backbone", action="store_true", help=argparse.SUPPRESS)
+
+
 def parse_config(argv: list[str] | None, prog: str = "python -m evl.train") -> TrainConfig:
-    ns = build_parser(prog).parse_args(argv)
+    p = build_parser(prog)
+    ns = p.parse_args(argv)
     if ns.dummy_dataset:
         ns.pipeline = "dummy"
-    del ns.dummy_dataset
+    if ns.finetune_backbone:
+        p.error("--finetune_backbone: EVL trains with the backbone frozen, which is all this project does")
+    from pipelines.base import CLIP_MEAN, CLIP_STD
+
+    for flag, clip in (("mean", CLIP_MEAN), ("std", CLIP_STD)):
+        given = getattr(ns, flag)
+        if given is not None and (len(given) not in (1, 3) or any(
+                abs(a - b) > 1e-6 for a, b in zip(given * 3 if len(given) == 1 else given, clip))):
+            p.error(f"--{flag} {' '.join(map(str, given))}: the frozen CLIP backbone takes CLIP's --{flag} "
+                    f"{' '.join(map(str, clip))}, which is what every pipeline applies; other values are not supported")
+    for name in ("dummy_dataset", "finetune_backbone", "backbone_type", "mean", "std", "interpolation"):
+        delattr(ns, name)
     ns.crop_scale = tuple(ns.crop_scale)
     return TrainConfig(**vars(ns))

@@ -17,7 +17,7 @@ from .config import TrainConfig
 from .distributed import World
 from .model import EVLModel, build_model
 
-__all__ = ["check_inputs", "setting_up", "build_run_model", "load_run_checkpoint", "has_val_data",
+__all__ = ["check_inputs", "check_world", "setting_up", "build_run_model", "load_run_checkpoint", "has_val_data",
            "pipeline_config", "make_pipeline"]
 
 
@@ -28,7 +28,7 @@ def check_inputs(cfg: TrainConfig) -> None:
         problems.append("--train_list_path is required for training")
     if cfg.eval_only and not (cfg.val_list_path or cfg.pipeline in ("dummy", "cache")):
         problems.append("--eval_only needs --val_list_path")
-    for flag in ("train_list_path", "val_list_path", "backbone_path", "resume_path"):
+    for flag in ("train_list_path", "val_list_path", "backbone_path", "resume_path", "pretrain"):
         path = getattr(cfg, flag)
         if path and not os.path.isfile(path):
             problems.append(f"--{flag} {path}: file not found")
@@ -69,12 +69,22 @@ def setting_up():
         raise SetupError(str(e)) from e
 
 
+def check_world(cfg: TrainConfig, world: World) -> None:
+    """What the flags ask of this process count: the global batch must divide among the processes
+    (training; an evaluation takes any count)."""
+    if not cfg.eval_only:
+        cfg.batch_per_process(world.world_size)
+
+
 def build_run_model(cfg: TrainConfig, world: World) -> EVLModel:
     """The run's model, the same on every rank (a random backbone included: it is the seed's);
     the global RNG is left seeded per rank, so ranks draw different dropout masks."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model_config())
     torch.manual_seed(cfg.seed + world.rank)
+    size = model.spec.image_size[0]
+    if cfg.spatial_size is not None and cfg.spatial_size != size:
+        raise ValueError(f"--spatial_size {cfg.spatial_size}: backbone {cfg.backbone} takes {size}x{size} frames")
     return model
 
 
@@ -92,10 +102,12 @@ def has_val_data(cfg: TrainConfig) -> bool:
 
 
 def pipeline_config(cfg: TrainConfig, world: World, train: bool, input_size: int, model_config: dict | None = None):
-    """The pipelines' view of the run configuration, for one split."""
-    return cfg.data_config().pipeline_config(
+    """The pipelines' view of the run configuration, for one split: this process's share of the
+    global batch (training), or a training chunk's worth of videos (evaluation)."""
+    batch = cfg.batch_per_process(world.world_size) if train else cfg.eval_batch_per_process(world.world_size)
+    return cfg.data_config(train).pipeline_config(
         list_path=cfg.train_list_path if train else cfg.val_list_path, train=train, num_frames=cfg.num_frames,
-        num_classes=cfg.num_classes, input_size=input_size, batch_size=cfg.batch_size, seed=cfg.seed,
+        num_classes=cfg.num_classes, input_size=input_size, batch_size=batch, seed=cfg.seed,
         device=str(world.device), rank=world.rank, world_size=world.world_size,
         extra={"feature_cache": cfg.feature_cache, "cache_in_memory": cfg.cache_in_memory,
                "model_config": model_config, **cfg.extra})

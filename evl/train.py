@@ -31,7 +31,8 @@ from .config import EVLConfig, TrainConfig, parse_config
 from .distributed import (StopAgreement, World, all_gather_object, all_reduce_max, all_reduce_sum, barrier,
                           print0, process_group, threads_beside_decoders)
 from .eval import evaluate, evaluate_run
-from .jobs import build_run_model, check_inputs, has_val_data, load_run_checkpoint, make_pipeline, setting_up
+from .jobs import (build_run_model, check_inputs, check_world, has_val_data, load_run_checkpoint, make_pipeline,
+                   setting_up)
 from .precision import autocast, grad_scaler, resolve_precision
 
 log = logging.getLogger("evl.train")
@@ -180,13 +181,14 @@ RESUME_FIXED = tuple(f.name for f in dataclasses.fields(EVLConfig) if f.name != 
     "weight_decay", "warmup_steps")
 # How a run continues, not which run it is: not compared.
 RESUME_IGNORED = ("output_dir", "auto_resume", "resume_path", "overwrite_output_dir", "eval_only", "debug",
-                  "predictions_path", "extra", "batch_size")
+                  "predictions_path", "extra", "batch_size", "pretrain")
 
 
-def check_resume_flags(saved: dict, saved_world_size: int, cfg: TrainConfig, world: World, path: str) -> list[str]:
-    """Compares this run's flags with the checkpoint's. Raises for a change that would make the
-    resumed run another run (:data:`RESUME_FIXED`, and the global batch); returns a line per
-    change that takes effect from here on."""
+def check_resume_flags(state: dict, cfg: TrainConfig, path: str) -> list[str]:
+    """Compares this run's flags with the checkpoint's (``state``). Raises for a change that would
+    make the resumed run another run (:data:`RESUME_FIXED`, and the global batch); returns a line
+    per change that takes effect from here on. A new process count is no change."""
+    saved = state["config"]
     now = cfg.to_dict()
     fmt = lambda v: " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)  # noqa: E731
     refused, changed = [], []
@@ -199,13 +201,9 @@ def check_resume_flags(saved: dict, saved_world_size: int, cfg: TrainConfig, wor
             continue
         line = f"--{key} {fmt(old)} -> {fmt(value)}"
         (refused if key in RESUME_FIXED else changed).append(line)
-    old_batch, new_batch = saved.get("batch_size", cfg.batch_size) * saved_world_size, cfg.batch_size * world.world_size
-    if old_batch != new_batch:
-        refused.append(f"global batch {saved.get('batch_size')} x {saved_world_size} process(es) = {old_batch} -> "
-                       f"{cfg.batch_size} x {world.world_size} = {new_batch}")
-    elif saved.get("batch_size") != cfg.batch_size:
-        changed.append(f"--batch_size {saved.get('batch_size')} x {saved_world_size} process(es) -> "
-                       f"{cfg.batch_size} x {world.world_size} (the same global batch)")
+    old_batch = ckpt_io.global_batch(state)
+    if old_batch is not None and old_batch != cfg.batch_size:
+        refused.append(f"global batch (--batch_size) {old_batch} -> {cfg.batch_size}")
     if refused:
         raise SetupError(f"{path} was trained with other flags: {'; '.join(refused)}. Resuming would continue "
                          "another run than the checkpoint's: pass the checkpoint's values (its config.json), or "
@@ -304,16 +302,19 @@ def _run(cfg: TrainConfig, world: World, run: ckpt_io.RunDirectory | None) -> di
     device = world.device
     print0(world, "config: " + json.dumps(cfg.to_dict()))
     with setting_up():
+        check_world(cfg, world)
         precision = resolve_precision(cfg.mixed_precision, device)
         model = build_run_model(cfg, world)
         input_size = model.spec.image_size[0]
         resume = cfg.resume_path or (run.latest() if run is not None and cfg.auto_resume else None)
         state = None
+        if cfg.pretrain and not resume:
+            left_out = ckpt_io.load_pretrained(model, cfg.pretrain)
+            print0(world, f"initialised from {cfg.pretrain}" + "".join(f"; {line}" for line in left_out))
         if resume:
             state = load_run_checkpoint(model, resume)
             if "config" in state and "optimizer" in state:
-                changed = check_resume_flags(state["config"], len(state.get("rng_per_rank") or [None]), cfg, world,
-                                             resume)
+                changed = check_resume_flags(state, cfg, resume)
                 if changed:
                     print0(world, "resuming with changed flags, in effect from here on: " + "; ".join(changed))
             print0(world, f"loaded {resume}")

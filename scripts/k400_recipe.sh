@@ -23,10 +23,11 @@ k400() {
     return
   fi
   local run_dir="${RUN_DIR:-runs/k400_$NAME}" launch
+  # --batch_size is the global batch (the reference's meaning), shared among the processes.
   if [ "$mode" = train8 ]; then   # 8 processes x 32 clips
-    launch=(python -m torch.distributed.run --nproc_per_node "${NPROC:-8}" -m evl.train --batch_size 32
+    launch=(python -m torch.distributed.run --nproc_per_node "${NPROC:-8}" -m evl.train --batch_size 256
             --batch_split "$SPLIT8")
-  else                            # one process x 256 clips: the same global batch, accumulated
+  else                            # one process x 256 clips, in chunks of 32 or fewer as on 8 GPUs
     launch=(python -m evl.train --batch_size 256 --batch_split $((8 * SPLIT8)))
   fi
   mkdir -p "$run_dir"

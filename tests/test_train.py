@@ -141,8 +141,7 @@ def test_resume_continues_exactly(tiny_vit, demo_data, tmp_path):
 def test_resume_under_ddp_continues_every_ranks_dropout(tiny_vit, demo_data, tmp_path):
     """Each rank draws its own dropout masks; a resumed 2-process run continues both ranks'
     streams (checkpoints hold every rank's) and ends with the uninterrupted run's weights."""
-    flags = ("--num_steps", "6", "--save_freq", "3", "--keep_last", "3", "--cls_dropout", "0.5",
-             "--batch_size", "4")
+    flags = ("--num_steps", "6", "--save_freq", "3", "--keep_last", "3", "--cls_dropout", "0.5")
 
     def ddp(out, *extra):
         proc = run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "evl.train",
@@ -327,10 +326,11 @@ def test_sigterm_to_the_process_group_saves_with_decoding_workers(tiny_vit, demo
 
 @pytest.mark.slow
 def test_two_gloo_processes_match_one(tiny_vit, demo_data, tmp_path):
-    # Same global batches (8 = 1 x 8 = 2 x 4), no dropout: the same steps and the same metrics.
+    # The same --batch_size is the same global batches (8 = 1 x 8 = 2 x 4), no dropout: the same
+    # steps and the same metrics.
     train_mod.main(train_argv(tiny_vit, demo_data, tmp_path / "one", *NO_DROPOUT))
     proc = run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-                    "evl.train", *train_argv(tiny_vit, demo_data, tmp_path / "two", *NO_DROPOUT, "--batch_size", "4")])
+                    "evl.train", *train_argv(tiny_vit, demo_data, tmp_path / "two", *NO_DROPOUT)])
     log, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, log
     assert_same_run(tmp_path / "one", tmp_path / "two")
@@ -355,8 +355,8 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tiny_vit, demo_da
     for rank in range(2):
         env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
                    LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
-        ranks.append(run_cli(["-m", "evl.train", *train_argv(tiny_vit, demo_data, out, "--num_steps", "100000",
-                                                            "--batch_size", "4")], env=env))
+        ranks.append(run_cli(["-m", "evl.train", *train_argv(tiny_vit, demo_data, out, "--num_steps", "100000")],
+                             env=env))
     wait_for_training(out)
     ranks[1].send_signal(signal.SIGTERM)
     try:
@@ -535,7 +535,7 @@ def test_resuming_with_other_flags_is_refused_or_said(tiny_vit, demo_data, tmp_p
     run(train_argv(tiny_vit, demo_data, out, "--num_steps", "2", "--save_freq", "2"))
     with pytest.raises(SetupError, match=r"--lr 0\.001 -> 0\.002.*--seed 0 -> 1.*start a new run"):
         run(train_argv(tiny_vit, demo_data, out, "--num_steps", "4", "--auto_resume", "--lr", "2e-3", "--seed", "1"))
-    with pytest.raises(SetupError, match=r"global batch 8 x 1 process\(es\) = 8 -> 4 x 1 = 4"):
+    with pytest.raises(SetupError, match=r"global batch \(--batch_size\) 8 -> 4"):
         run(train_argv(tiny_vit, demo_data, out, "--num_steps", "4", "--auto_resume", "--batch_size", "4"))
     capsys.readouterr()
     result = run(train_argv(tiny_vit, demo_data, out, "--num_steps", "4", "--auto_resume", "--eval_freq", "2"))
