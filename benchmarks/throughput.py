@@ -202,21 +202,17 @@ class ReferenceLoader:
             yield Batch(clips, labels, labels, labels)
 
 
-class DALIReaderPipeline:
-    """DALI's file readers instead of our ``fn.decoders.video`` graph, to choose between them.
-
-    The benchmark issue asks for the DALI operator to be chosen by measurement. This feeds
-    ``fn.experimental.readers.video`` (``dali_reader``; CPU and GPU) or ``fn.readers.video``
-    (``dali_legacy_reader``; GPU only) a per-epoch file list of frame ranges, one per video, in
-    the shared sampler's epoch order with its start frames: the same clips as ``--pipeline
-    dali`` for dense sampling of videos long enough to hold a clip (no repeated last frame, no
-    segment sampling: what the readers cannot express; and a start within ``stride`` frames of
-    the end moves back, as the readers want ``T * stride`` frames of room). Whole frames resized
-    to the input size, flip and crop left out: a throughput harness for the decoding operator,
-    not a pipeline.
+class LegacyReaderPipeline:
+    """``dali_legacy_reader``: DALI's older ``fn.readers.video`` (GPU only) fed a per-epoch file
+    list of frame ranges, one per video, in the shared sampler's epoch order with its start
+    frames: the same clips as ``--pipeline dali`` for dense sampling of videos long enough to
+    hold a clip (a start within ``stride`` frames of the end moves back, as this reader wants
+    ``T * stride`` frames of room). Whole frames resized to the input size, flip and crop left
+    out: a throughput harness for the decoding operator, not a pipeline. (``dali_reader`` is
+    the DALI pipeline itself with ``fn.experimental.readers.video``: ``dali_decoder="reader"``.)
     """
 
-    def __init__(self, cfg, device, legacy: bool, work_dir: str):
+    def __init__(self, cfg, device, work_dir: str):
         import nvidia.dali as dali
         import nvidia.dali.fn as fn
         import nvidia.dali.types as types
@@ -227,12 +223,13 @@ class DALIReaderPipeline:
         from pipelines.dataset import clip_specs, load_dataset, make_sampler
         from pipelines.sampling import epoch_permutation
 
+        self.device_id = _device_id(device)
+        if self.device_id is None:
+            raise ValueError("fn.readers.video decodes on the GPU only")
         pcfg = make_pipeline_config(cfg, device, True, resolve_backbone(cfg.backbone).image_size[0])
         records, infos = load_dataset(pcfg)
         sampler = make_sampler(pcfg)
         order = epoch_permutation(len(records), pcfg.seed, 0)
-        # The readers want room for sequence_length * stride frames in a range (not the clip's
-        # (T - 1) * stride + 1): a start the sampler put closer to the end moves back by < stride.
         span = cfg.num_frames * cfg.sampling_rate
         lines = []
         for i in order.tolist():
@@ -242,22 +239,17 @@ class DALIReaderPipeline:
             start = min(start, infos[i].num_frames - span)
             lines.append(f"{records[i].path} {records[i].label} {start} {start + span}")
         os.makedirs(work_dir, exist_ok=True)
-        self.list_path = os.path.join(work_dir, "dali_reader_list.txt")
+        self.list_path = os.path.join(work_dir, "dali_legacy_reader_list.txt")
         with open(self.list_path, "w", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
-        self.device_id = _device_id(device)
-        if legacy and self.device_id is None:
-            raise ValueError("fn.readers.video decodes on the GPU only")
-        reader = fn.readers.video if legacy else fn.experimental.readers.video
         size, list_path = pcfg.input_size, self.list_path
-        fmt = {"file_list_frame_num": True} if legacy else {"file_list_format": "frames"}
-        gpu = self.device_id is not None
 
         @dali.pipeline_def(batch_size=pcfg.batch_size, num_threads=max(1, pcfg.num_workers), device_id=self.device_id,
                            prefetch_queue_depth=2)
         def graph():
-            video, label = reader(device="gpu" if gpu else "cpu", file_list=list_path, sequence_length=cfg.num_frames,
-                                  stride=cfg.sampling_rate, step=span, random_shuffle=False, name="reader", **fmt)
+            video, label = fn.readers.video(device="gpu", file_list=list_path, sequence_length=cfg.num_frames,
+                                            stride=cfg.sampling_rate, step=span, random_shuffle=False, name="reader",
+                                            file_list_frame_num=True)
             video = fn.resize(video, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
             video = fn.crop_mirror_normalize(video, dtype=types.FLOAT, output_layout="CFHW",
                                              mean=[255 * m for m in CLIP_MEAN], std=[255 * s for s in CLIP_STD])
@@ -291,14 +283,15 @@ def pipeline(cfg, name, device, args=None, train=True):
             raise ValueError("the reference pipeline needs --reference_repo PATH (a checkout of the reference)")
         batches = args.warmup + args.iters * args.repeats + 1
         return ReferenceLoader(args.reference_repo, cfg, args.batch_size, args.num_workers, size, batches)
-    if name in ("dali_reader", "dali_legacy_reader"):
-        return DALIReaderPipeline(cfg, device, name == "dali_legacy_reader",
-                                  args.work_dir if args else tempfile.gettempdir())
+    if name == "dali_legacy_reader":
+        return LegacyReaderPipeline(cfg, device, args.work_dir if args else tempfile.gettempdir())
     if name == "fulldecode":
         from pipelines.workers import DecodingPipeline
 
         return DecodingPipeline(make_pipeline_config(cfg, device, train, size), full_decode_read)
     extra = {}
+    if name == "dali_reader":  # the DALI pipeline, training clips read by fn.experimental.readers.video
+        name, extra["extra"] = "dali", {**cfg.extra, "dali_decoder": "reader"}
     if name == "cache":
         work_dir = args.work_dir if args else tempfile.gettempdir()
         extra["feature_cache"] = ensure_cache(cfg, work_dir, args.cache_views if args else 4)
@@ -440,8 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipelines", default="pyav,dali,cache",
                    help="comma-separated: dummy, pyav, dali, cache, fulldecode (the reference loader's strategy: "
                         "decode whole files, in our workers), reference (the reference's own loader, data stage; "
-                        "needs --reference_repo), dali_reader / dali_legacy_reader (fn.experimental.readers.video / "
-                        "fn.readers.video (GPU) on the sampler's frame ranges, data stage: the operator comparison)")
+                        "needs --reference_repo), dali_reader (the dali pipeline with its training "
+                        "clips read by fn.experimental.readers.video), dali_legacy_reader (fn.readers.video on the "
+                        "sampler's frame ranges, GPU only, data stage): the operator comparison)")
     p.add_argument("--reference_repo", help="a checkout of github.com/OpenGVLab/efficient-video-recognition")
     p.add_argument("--video_frames", type=int, default=8,
                    help="frames per demo video; e.g. 300 for Kinetics-like 10 s clips (sparse 8x16 sampling)")
@@ -498,7 +492,7 @@ def main(argv=None) -> dict:
     if "model" in stages:
         jobs.append(("model", "synthetic", None))
     if "train" in stages:
-        data_only = ("cache", "reference", "dali_reader", "dali_legacy_reader")
+        data_only = ("cache", "reference", "dali_legacy_reader")
         jobs += [("train", name, policy) for name in args.pipelines if name not in data_only]
     if "cache" in stages and "cache" in args.pipelines:
         jobs.append(("cache", "cache", policy))
@@ -517,7 +511,13 @@ def main(argv=None) -> dict:
                 if stage == "data":
                     pipe = pipeline(cfg, name, device, args)
                     it = cycle(pipe)
-                    for _ in range(args.warmup):
+                    # The first batch pays the start-up (DALI: building the graph; PyAV: the
+                    # workers' start), once per run: reported apart from the steady rate.
+                    t0 = time.perf_counter()
+                    next(it)
+                    sync()
+                    rec["first_batch_s"] = time.perf_counter() - t0
+                    for _ in range(args.warmup - 1):
                         next(it)
                     # Where the CPU goes: this process (the hand-over, DALI's threads) and its
                     # worker processes (decoding), per clip, over the timed batches.
@@ -534,6 +534,8 @@ def main(argv=None) -> dict:
                         rec["workers_cpu_ms_per_clip"] = 1e3 * (kids1 - kids0) / clips
                     rec["clips_per_s"] = args.batch_size / statistics.median(per)
                     rec["frames_per_s"] = rec["clips_per_s"] * cfg.num_frames
+                    if hasattr(pipe, "graphs_built"):  # rebuilds within the timed batches would bias the rate
+                        rec["graphs_built"] = pipe.graphs_built
                     if name == "pyav":  # the same files and clips with and without RandAugment: once
                         ceiling = ceiling or decode_ceiling(cfg, pipe, 256, os.cpu_count() or 1)
                         rec.update(ceiling)
@@ -615,6 +617,10 @@ def main(argv=None) -> dict:
                          f"{100 * r['ceiling_fraction']:.0f}%")
         elif r["stage"] == "model":
             notes.append(f"backbone {r['backbone_gmacs_per_clip']:.2f} GMACs/clip")
+        if "first_batch_s" in r:
+            notes.append(f"first batch {r['first_batch_s']:.2f} s" + (
+                f" ({r['graphs_built']} graph build{'s' if r['graphs_built'] > 1 else ''})" if "graphs_built" in r
+                else ""))
         if r["stage"] == "data" and same:
             without = rate("data", r["pipeline"], None)
             if without:

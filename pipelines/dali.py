@@ -10,9 +10,15 @@ video's repeated last frame, uneven TSN spacing, views sharing frames are decode
 ``fn.slice`` + ``fn.resize`` (linear, antialiased: what ``transforms.crop_resize`` does) execute
 the crop box, and ``fn.crop_mirror_normalize`` flips, normalises with CLIP's mean and std and
 turns ``FHWC`` into ``CFHW``. With RandAugment, each clip's ops (the sampler's decisions, the
-PyAV pipeline's) run inside the graph with the crop and resize (:mod:`pipelines.dali_augment`). ``fn.readers.video`` is not used: it reads contiguous strided
-ranges (every possible sequence by default), so it cannot express the repeated last frame of a
-short video or segment sampling, and it shuffles and shards by its own rules.
+PyAV pipeline's) run inside the graph with the crop and resize (:mod:`pipelines.dali_augment`).
+A training pipeline builds its graph once and reuses it from epoch to epoch.
+
+``dali_decoder="reader"`` (``cfg.extra``) reads training clips with
+``fn.experimental.readers.video`` instead, which keeps its decoders and file indexes from one
+clip to the next: a per-epoch file list holds each clip's frame range (with ``pad_mode="edge"``
+the reader repeats a short video's last frame as the sampler does), and the clips are the
+graph's, bit for bit on the CPU. Segment sampling and evaluation views, which a range cannot
+express, stay with the graph.
 
 With ``cfg.device`` on CUDA the decoder is the "mixed" one (NVDEC) and batches come out on that
 GPU; on the CPU (``device_id=None``) DALI decodes VP8, VP9 and MJPEG only, so anything else is
@@ -238,6 +244,26 @@ def _view_types(num_slots: int) -> list:
     return [types.INT32, types.INT32, *column_types(num_slots)]
 
 
+def _view_graph(video, order, mirror, rest, size: int, num_slots: int, gpu: bool, crop_first: bool):
+    """One view of decoded frames ``video`` (FHWC uint8): its frames in ``order`` (None: already
+    in clip order), cropped, resized (and RandAugmented), flipped and normalised: CFHW float."""
+    if num_slots:
+        clip = augment_graph(video if order is None else fn.sequence_rearrange(video, new_order=order), rest,
+                             size, num_slots, gpu=gpu)
+    else:
+        anchor, shape = rest
+        # Integer anchor/shape are pixels (floats would be relative); crop then resize, as
+        # the CPU transform does: a resize ROI instead would blend in pixels from outside.
+        first = order is not None and not crop_first
+        clip = fn.sequence_rearrange(video, new_order=order) if first else video
+        clip = fn.slice(clip, anchor, shape, axis_names="HW")
+        clip = fn.resize(clip, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
+        if order is not None and crop_first:
+            clip = fn.sequence_rearrange(clip, new_order=order)
+    return fn.crop_mirror_normalize(clip, dtype=types.FLOAT, output_layout="CFHW", mirror=mirror,
+                                    mean=[255 * m for m in CLIP_MEAN], std=[255 * s for s in CLIP_STD])
+
+
 @dali.pipeline_def(exec_dynamic=True)
 def _clip_graph(feed, num_views: int, size: int, decoder_device: str, num_slots: int = 0, crop_first: bool = False):
     """Encoded videos -> ``num_views`` outputs of ``[C, T, size, size]`` float clips.
@@ -256,22 +282,28 @@ def _clip_graph(feed, num_views: int, size: int, decoder_device: str, num_slots:
     outputs = []
     for v in range(num_views):
         order, mirror, *rest = per_view[n * v:n * (v + 1)]
-        if num_slots:
-            clip = augment_graph(fn.sequence_rearrange(video, new_order=order), rest, size, num_slots,
-                                 gpu=decoder_device == "mixed")
-        else:
-            anchor, shape = rest
-            # Integer anchor/shape are pixels (floats would be relative); crop then resize, as
-            # the CPU transform does: a resize ROI instead would blend in pixels from outside.
-            clip = video if crop_first else fn.sequence_rearrange(video, new_order=order)
-            clip = fn.slice(clip, anchor, shape, axis_names="HW")
-            clip = fn.resize(clip, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
-            if crop_first:
-                clip = fn.sequence_rearrange(clip, new_order=order)
-        outputs.append(fn.crop_mirror_normalize(
-            clip, dtype=types.FLOAT, output_layout="CFHW", mirror=mirror,
-            mean=[255 * m for m in CLIP_MEAN], std=[255 * s for s in CLIP_STD]))
+        outputs.append(_view_graph(video, order, mirror, rest, size, num_slots, decoder_device == "mixed",
+                                   crop_first))
     return tuple(outputs)
+
+
+@dali.pipeline_def(exec_dynamic=True)
+def _reader_graph_of_clips(feed, file_list: str, num_frames: int, stride: int, size: int, gpu: bool,
+                           num_slots: int = 0):
+    """``fn.experimental.readers.video`` over ``file_list`` (one ``path label first end`` line per
+    training clip, in batch order) -> ``[C, T, size, size]`` float clips. The reader keeps its
+    decoders and file indexes from one clip to the next. A range ``[first, first + (T - 1) *
+    stride + 1)`` cut at the video's end, with ``pad_mode="edge"``, gives exactly the sampler's
+    frames, a short video's repeated last frame included. ``feed`` gives each clip's flip and
+    crop (or RandAugment) columns in the same order. The lines' labels are their numbers in the
+    list, returned with the clips: a reader that leaves out a file it cannot open shifts them."""
+    view_types = _view_types(num_slots)[1:]  # no frame order: the reader's frames are the clip's
+    mirror, *rest = fn.external_source(source=feed, num_outputs=len(view_types), batch=True, dtype=view_types)
+    video, line = fn.experimental.readers.video(
+        device="gpu" if gpu else "cpu", file_list=file_list, file_list_format="frames",
+        file_list_include_end=False, sequence_length=num_frames, stride=stride, step=2**30, pad_mode="edge",
+        random_shuffle=False, name="reader")
+    return _view_graph(video, None, mirror, rest, size, num_slots, gpu, crop_first=True), line
 
 
 @dataclass
@@ -287,11 +319,16 @@ class _Pending:
 
 
 class _Feeder:
-    """The external_source callback: builds batch ``cursor`` of the epoch, skipping bad videos."""
+    """The external_source callback: builds batch ``cursor`` of the epoch, skipping bad videos.
+    One feeder serves its graph for every epoch (:meth:`start`)."""
 
-    def __init__(self, owner: DALIPipeline, batches: list[list[tuple[int, int]]], start: int):
-        self.owner, self.batches, self.cursor = owner, batches, start
+    def __init__(self, owner: DALIPipeline):
+        self.owner, self.batches, self.cursor = owner, [], 0
         self.pending: collections.deque[_Pending] = collections.deque()
+
+    def start(self, batches: list[list[tuple[int, int]]], cursor: int) -> None:
+        self.batches, self.cursor = batches, cursor
+        self.pending.clear()
 
     def __call__(self):
         while self.cursor < len(self.batches):
@@ -305,8 +342,43 @@ class _Feeder:
         raise StopIteration
 
 
+class _ReaderFeed:
+    """The reader graph's external_source callback: batch ``cursor``'s flip and crop (or
+    RandAugment) columns, in the order of the reader's file list."""
+
+    def __init__(self, owner: DALIPipeline, batches: list[list[tuple[int, int]]]):
+        self.owner, self.batches, self.cursor = owner, batches, 0
+        self.pending: collections.deque[_Pending] = collections.deque()
+
+    def __call__(self):
+        if self.cursor >= len(self.batches):
+            raise StopIteration
+        number, self.cursor = self.cursor, self.cursor + 1
+        pending = _Pending(number, [], [], [], [], [])
+        columns: list[list[np.ndarray]] = []
+        for epoch, index in self.batches[number]:
+            wanted, (view,) = self.owner._clip_columns(epoch, index)  # training: one view
+            columns.append(view[1:])  # no frame order: the reader gives the clip's frames in order
+            record = self.owner.records[index]
+            pending.paths.append(record.path)
+            pending.frames.append(wanted)
+            pending.labels.append(record.label)
+            pending.index.append(index)
+            pending.epoch.append(epoch)
+        self.pending.append(pending)
+        return tuple(list(c) for c in zip(*columns))
+
+
 class DALIPipeline:
-    """``--pipeline dali``: the sampler's clips decoded and transformed by DALI (GPU or CPU)."""
+    """``--pipeline dali``: the sampler's clips decoded and transformed by DALI (GPU or CPU).
+
+    ``cfg.extra["dali_decoder"]``: ``"graph"`` (default) decodes each batch's frame lists with
+    ``fn.decoders.video``; ``"reader"`` has training epochs with dense sampling read by
+    ``fn.experimental.readers.video``, which keeps its decoders from clip to clip, the same clips
+    (a per-epoch file list of the sampler's frame ranges), with the graph for the batches the
+    reader cannot give (videos whose timestamps make display order differ from decode order,
+    known bad videos) and for the rest of an epoch in which the reader failed.
+    """
 
     def __init__(self, cfg: PipelineConfig):
         self.cfg = cfg
@@ -328,6 +400,16 @@ class DALIPipeline:
         self._reader: concurrent.futures.ThreadPoolExecutor | None = None  # read-ahead of the next batch's files
         self._ahead: dict[int, concurrent.futures.Future] = {}
         self.bad: list[tuple[str, str]] = []  # this epoch's, as DecodingPipeline.bad
+        # A training pipeline keeps its built graph from one epoch to the next (an epoch that ran
+        # to its end leaves nothing queued in it); an evaluation's lets go of it after each pass,
+        # so that it holds no device memory while training runs.
+        self._graph: tuple[_Feeder, dali.Pipeline] | None = None
+        self.graphs_built = 0
+        decoder = cfg.extra.get("dali_decoder", "graph")
+        if decoder not in ("graph", "reader"):
+            raise ValueError(f"dali_decoder must be 'graph' or 'reader', got {decoder!r}")
+        self.use_reader = decoder == "reader" and training_epoch(cfg) and cfg.sampling == "dense"
+        self.readers_built = 0
 
     def __len__(self) -> int:
         return self.batches_per_epoch  # a full epoch, whatever a resume skips
@@ -382,24 +464,10 @@ class DALIPipeline:
             self._record_failures((number, slot), failures)
             if data is None:
                 continue
-            specs = clip_specs(self.sampler, self.cfg.train, (epoch, index), self.records[index], self.infos[index])
-            positions = np.array([s.frame_indices for s in specs])
-            info = self.infos[index]
-            if info.display_order_differs:  # only a muxer's odd timestamps make this more than the positions
-                positions = dali_frame_numbers(frame_index(self.records[index].path), positions)
-            wanted, rows = np.unique(positions, return_inverse=True)
-            rows = rows.reshape(len(specs), -1)
+            wanted, views = self._clip_columns(epoch, index)
             columns[0].append(data)
             columns[1].append(wanted.astype(np.int32))
-            for v, spec in enumerate(specs):
-                top, left, h, w = spec.crop
-                view = [rows[v].astype(np.int32), np.array(spec.flip, np.int32)]
-                if self.num_slots:
-                    plan = plan_clip(spec.augment, info.height, info.width, spec.crop, self.sampler.size)
-                    view += augment_columns(spec.augment, plan, info.height, info.width, self.sampler.size,
-                                            self.num_slots)
-                else:
-                    view += [np.array([top, left], np.int32), np.array([h, w], np.int32)]
+            for v, view in enumerate(views):
                 for c, value in enumerate(view):
                     columns[2 + per_view * v + c].append(value)
             pending.paths.append(self.records[index].path)
@@ -408,6 +476,29 @@ class DALIPipeline:
             pending.index.append(index)
             pending.epoch.append(epoch)
         return (pending, tuple(columns)) if pending.paths else None
+
+    def _clip_columns(self, epoch: int, index: int) -> tuple[np.ndarray, list[list[np.ndarray]]]:
+        """Video ``index``'s clips of ``epoch``: the sorted unique frames they need, and per view the
+        external_source columns (frame order, flip, then the crop box or RandAugment's columns)."""
+        specs = clip_specs(self.sampler, self.cfg.train, (epoch, index), self.records[index], self.infos[index])
+        positions = np.array([s.frame_indices for s in specs])
+        info = self.infos[index]
+        if info.display_order_differs:  # only a muxer's odd timestamps make this more than the positions
+            positions = dali_frame_numbers(frame_index(self.records[index].path), positions)
+        wanted, rows = np.unique(positions, return_inverse=True)
+        rows = rows.reshape(len(specs), -1)
+        views = []
+        for v, spec in enumerate(specs):
+            top, left, h, w = spec.crop
+            view = [rows[v].astype(np.int32), np.array(spec.flip, np.int32)]
+            if self.num_slots:
+                plan = plan_clip(spec.augment, info.height, info.width, spec.crop, self.sampler.size)
+                view += augment_columns(spec.augment, plan, info.height, info.width, self.sampler.size,
+                                        self.num_slots)
+            else:
+                view += [np.array([top, left], np.int32), np.array([h, w], np.int32)]
+            views.append(view)
+        return wanted, views
 
     def _record_failures(self, slot: tuple[int, int], failures: list[tuple[str, str]]) -> None:
         # A batch is fed again after a rebuild: keyed by slot, its failures are counted once.
@@ -462,20 +553,36 @@ class DALIPipeline:
         view = torch.tensor(fed.epoch) if self.cfg.train else torch.arange(v, dtype=torch.long).repeat(len(fed.index))
         return Batch(clips, *row_ids_to_device(labels, index, view, self.device))
 
+    def close(self) -> None:
+        """Let go of the built graph (it is built again on the next pass)."""
+        self._graph = None
+        self._ahead.clear()
+
     def __iter__(self) -> Iterator[Batch]:
         self._failures, self.bad = {}, []
         batches = self._epoch_batches()
-        start = 0
         stream = torch.cuda.current_stream(self.device_id) if self.device_id is not None else None
+        yield from (self._reader_batches if self.use_reader else self._graph_batches)(batches, stream)
+        self._check_limit()
+        summarise_bad_videos(self.keys.epoch, self.bad, training_epoch(self.cfg))
+
+    def _graph_batches(self, batches: list[list[tuple[int, int]]], stream) -> Iterator[Batch]:
+        start = 0
         while start < len(batches):
-            feeder = _Feeder(self, batches, start)
-            pipe = self._build(feeder)
+            if self._graph is None:
+                feeder = _Feeder(self)
+                self._graph = (feeder, self._build(feeder))
+                self.graphs_built += 1
+            feeder, pipe = self._graph
+            feeder.start(batches, start)
+            ended = False
             try:
                 while True:
                     try:
                         outputs = pipe.run(stream)
                     except StopIteration:
-                        start = len(batches)
+                        pipe.reset()  # ready for the next epoch's first run
+                        start, ended = len(batches), True
                         break
                     except Exception as e:  # noqa: BLE001 -- a DALI error kills the pipeline: find the file
                         self._find_bad(list(feeder.pending), e)
@@ -485,7 +592,79 @@ class DALIPipeline:
                     fed = feeder.pending.popleft()
                     yield self._batch(outputs, fed)
             finally:
-                del pipe
+                if not (ended and self.cfg.train):  # an epoch left early has batches queued in the graph
+                    self.close()
                 self._ahead.clear()  # reads for batches that will not be fed (an epoch left early)
-        self._check_limit()
-        summarise_bad_videos(self.keys.epoch, self.bad, training_epoch(self.cfg))
+
+    # -- the reader (dali_decoder="reader") ------------------------------------------------------
+
+    def _reader_range(self, epoch: int, index: int) -> tuple[int, int] | None:
+        """``[first, end)`` of the reader's file-list line that gives this training clip's frames
+        (``first + i * stride`` while below ``end``, then frame ``end - 1`` repeated), or None when
+        no line does."""
+        record, info = self.records[index], self.infos[index]
+        if info.display_order_differs or record.path in self.known_bad or any(c.isspace() for c in record.path):
+            return None
+        (spec,) = clip_specs(self.sampler, True, (epoch, index), record, info)
+        frames = np.asarray(spec.frame_indices)
+        first, last = int(frames[0]), int(frames[-1])
+        if not np.array_equal(frames, np.minimum(first + self.cfg.sampling_rate * np.arange(len(frames)), last)):
+            return None
+        return first, last + 1
+
+    def _reader_batches(self, batches: list[list[tuple[int, int]]], stream) -> Iterator[Batch]:
+        import tempfile
+
+        ranges = [[self._reader_range(e, i) for e, i in keys] for keys in batches]
+        by_reader = [all(r is not None for r in rs) for rs in ranges]
+        if not any(by_reader):
+            yield from self._graph_batches(batches, stream)
+            return
+        lines = [f"{self.records[i].path} {{}} {r[0]} {r[1]}\n"
+                 for keys, rs, use in zip(batches, ranges, by_reader) if use for (_, i), r in zip(keys, rs)]
+        lines = [line.format(number) for number, line in enumerate(lines)]
+        with tempfile.TemporaryDirectory(prefix="evl-dali-reader-") as tmp:
+            list_path = os.path.join(tmp, "clips.txt")
+            with open(list_path, "w", encoding="utf-8") as f:
+                f.writelines(lines)
+            feed = _ReaderFeed(self, [keys for keys, use in zip(batches, by_reader) if use])
+            try:  # the reader opens every file of its list here
+                pipe = _reader_graph_of_clips(
+                    feed, list_path, self.cfg.num_frames, self.cfg.sampling_rate, self.sampler.size,
+                    self.device_id is not None, self.num_slots, batch_size=self.cfg.batch_size,
+                    num_threads=max(1, self.cfg.num_workers), device_id=self.device_id, prefetch_queue_depth=2,
+                    enable_conditionals=self.num_slots > 0)
+                pipe.build()
+            except Exception as e:  # noqa: BLE001 -- the graph finds and replaces what failed
+                log.warning("DALI's video reader could not start (%s); the graph decodes this epoch", _first_line(e))
+                yield from self._graph_batches(batches, stream)
+                return
+            self.readers_built += 1
+            fallback = [keys for keys, use in zip(batches, by_reader) if not use]
+            graph = self._graph_batches(fallback, stream)
+            try:
+                for k, use in enumerate(by_reader):
+                    if not use:
+                        yield next(graph)
+                        continue
+                    problem = None
+                    try:
+                        clips, line = pipe.run(stream)
+                        got = np.concatenate([np.asarray(t).reshape(-1) for t in
+                                              (line.as_cpu() if hasattr(line, "as_cpu") else line)])
+                        first = feed.pending[0].number * self.cfg.batch_size  # the list line of its first clip
+                        if not np.array_equal(got, np.arange(first, first + len(got))):
+                            problem = "it left out a file it could not open, so its clips no longer follow the list"
+                    except Exception as e:  # noqa: BLE001 -- the graph finds and replaces what failed
+                        problem = _first_line(e)
+                    if problem is not None:
+                        log.warning("DALI's video reader failed at batch %d of the epoch (%s); the graph decodes "
+                                    "the rest of it", k, problem)
+                        graph.close()
+                        del pipe
+                        yield from self._graph_batches(batches[k:], stream)
+                        return
+                    yield self._batch((clips,), feed.pending.popleft())
+                next(graph, None)  # the fallback batches ran out: the graph's epoch ends cleanly
+            finally:
+                graph.close()

@@ -309,23 +309,27 @@ def training_throughput(check: Check) -> dict:
     ds = write_demo_dataset(check.path("train_" + codec), codec=codec, num_train=clips, num_val=4, size=size,
                             num_frames=frames * stride + 8, workers=min(16, os.cpu_count() or 1))
     results = {}
-    for name in ("pyav", "dali"):
+    # dali: fn.decoders.video on each batch's frame lists; dali_reader: the same clips read by
+    # fn.experimental.readers.video, which keeps its decoders from clip to clip.
+    for name in ("pyav", "dali", "dali_reader"):
         cfg = PipelineConfig(list_path=ds.train_list, data_root=ds.root, num_classes=4, num_frames=frames,
                              sampling_rate=stride, input_size=min(224, size), batch_size=batch, train=True,
                              num_workers=min(16, os.cpu_count() or 1), device=check.device,
-                             auto_augment="rand-m7-n4-mstd0.5-inc1")
-        pipe = build_pipeline(name, cfg)
+                             auto_augment="rand-m7-n4-mstd0.5-inc1",
+                             extra={"dali_decoder": "reader"} if name == "dali_reader" else {})
+        pipe = build_pipeline("dali" if name.startswith("dali") else name, cfg)
         feeding = [0.0]
-        if name == "dali":
-            build = pipe._build_batch
+        if name.startswith("dali"):  # what the training thread spends in the external_source callback
+            attr = "_build_batch" if name == "dali" else "_clip_columns"
+            work = getattr(pipe, attr)
 
-            def timed(*a, **k):
+            def timed(*a, _work=work, **k):
                 t = time.perf_counter()
                 try:
-                    return build(*a, **k)
+                    return _work(*a, **k)
                 finally:
                     feeding[0] += time.perf_counter() - t
-            pipe._build_batch = timed
+            setattr(pipe, attr, timed)
         if check.gpu:
             torch.cuda.reset_peak_memory_stats()
         pipe.set_epoch(0)
@@ -340,7 +344,9 @@ def training_throughput(check: Check) -> dict:
         total = times[-1] - t0
         steady = (n - batch) / (times[-1] - times[0]) if len(times) > 1 else None
         results[name] = {"first_batch_s": round(times[0] - t0, 3), "steady_clips_per_s": steady and round(steady, 1),
-                         "clips": n, "feeding_share": round(feeding[0] / total, 3) if name == "dali" else None,
+                         "clips": n, "feeding_share": round(feeding[0] / total, 3) if name != "pyav" else None,
+                         "graphs_built": getattr(pipe, "graphs_built", None),
+                         "readers_built": getattr(pipe, "readers_built", None),
                          "max_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if check.gpu else None,
                          **util.summary()}
     return {"setting": f"{codec} {size}p, batch {batch}, {frames}x{stride} frames, RandAugment", **results}

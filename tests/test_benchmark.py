@@ -127,25 +127,44 @@ def test_reference_loader_adapter(tmp_path, capsys, tiny_vit, demo_data):
     assert "x the reference's own loader" in capsys.readouterr().out
 
 
-def test_dali_reader_pipeline_reads_the_sampler_ranges(tmp_path):
-    """The operator comparison's reader pipeline (CPU, VP9): clips of the run's geometry, in the
-    file list's order, one frame range per video from the shared sampler."""
+def test_operator_comparison_runs_the_pipeline_with_each_decoder(tmp_path, capsys):
+    """``--pipelines dali,dali_reader`` (CPU, VP9): the DALI pipeline with fn.decoders.video and
+    with fn.experimental.readers.video, side by side; the graph is built once, and the first
+    batch, which pays for it, is reported apart."""
     pytest.importorskip("nvidia.dali")
+    from evl.demo import DEMO_BACKBONE, write_demo_dataset
+
+    ds = write_demo_dataset(str(tmp_path / "demo"), codec="vp9", num_train=8, num_val=4, num_frames=8)
+    bb = tmp_path / "tiny-vit.json"
+    bb.write_text(json.dumps(DEMO_BACKBONE))
+    report = load_benchmark().main([
+        "--stages", "data", "--pipelines", "dali,dali_reader", "--backbone", str(bb), "--train_list", ds.train_list,
+        "--data_root", ds.root, "--num_classes", "4", "--num_frames", "4", "--sampling_rate", "2", "--device", "cpu",
+        "--iters", "3", "--repeats", "1", "--warmup", "1", "--min_seconds", "0", "--batch_size", "4",
+        "--num_workers", "1", "--work_dir", str(tmp_path)])
+    rows = {r["pipeline"]: r for r in report["results"]}
+    assert rows["dali"]["clips_per_s"] > 0 and rows["dali_reader"]["clips_per_s"] > 0
+    assert rows["dali"]["graphs_built"] == 1 and rows["dali"]["first_batch_s"] > 0  # 2 batches an epoch, 4 read
+    out = capsys.readouterr().out
+    assert "x our fn.decoders.video graph (dali)" in out and "first batch" in out
+
+
+@pytest.mark.gpu
+def test_legacy_reader_harness_reads_the_sampler_ranges(tmp_path):
     import torch
 
     from evl.config import parse_config
     from evl.demo import DEMO_BACKBONE, demo_argv, write_demo_dataset
 
-    ds = write_demo_dataset(str(tmp_path / "demo"), codec="vp9", num_train=8, num_val=4, num_frames=8)
+    ds = write_demo_dataset(str(tmp_path / "demo"), codec="h264", num_train=8, num_val=4, num_frames=8, size=160)
     bb = tmp_path / "tiny-vit.json"
     bb.write_text(json.dumps(DEMO_BACKBONE))
-    cfg = parse_config(demo_argv(ds, str(bb), str(tmp_path / "run")) + ["--batch_size", "4"])
-    pipe = load_benchmark().DALIReaderPipeline(cfg, torch.device("cpu"), legacy=False, work_dir=str(tmp_path))
+    cfg = parse_config(demo_argv(ds, str(bb), str(tmp_path / "run")) + ["--batch_size", "4", "--sampling_rate", "1"])
+    pipe = load_benchmark().LegacyReaderPipeline(cfg, torch.device("cuda"), work_dir=str(tmp_path))
     lines = open(pipe.list_path).read().split("\n")[:-1]
-    assert len(lines) == 8 and all(line.split()[2:] == ["0", "8"] for line in lines)  # 8-frame clips of 8-frame videos
+    assert len(lines) == 8 and all(line.split()[2:] == ["0", "8"] for line in lines)
     batch = next(iter(pipe))
-    assert batch.clips.shape == (4, 3, 8, 64, 64) and batch.clips.dtype == torch.float32
-    assert batch.labels.tolist() == [int(line.split()[1]) for line in lines[:4]]
+    assert batch.clips.shape == (4, 3, 8, 64, 64) and batch.labels.tolist() == [int(ln.split()[1]) for ln in lines[:4]]
 
 
 def test_compare_augment_measures_each_pipeline_with_and_without_the_policy(tmp_path, tiny_vit, demo_data, capsys):

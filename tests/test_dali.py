@@ -9,6 +9,7 @@ is; not sharp synthetic colour edges. GPU tests (NVDEC, H.264) carry the `gpu` m
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import subprocess
@@ -246,6 +247,78 @@ def test_files_are_read_ahead_off_the_training_thread(dataset, monkeypatch):
     batches = collect(build_pipeline("dali", cfg))
     assert sorted(i for b in batches for i in b.index.tolist()) == list(range(9))
     assert len(readers) == 9 and sum(readers) == 2  # the first batch's two files only
+
+
+def test_a_training_pipeline_builds_its_graph_once(dataset):
+    """An epoch run to its end leaves the training graph ready for the next one; an epoch left
+    early (the loop lets go of it for an evaluation) releases it. The batches are a fresh
+    pipeline's either way. An evaluation pipeline lets go of its graph after every pass."""
+    cfg = make_cfg(dataset, train=True, num_spatial_views=1, num_temporal_views=1)
+    kept = build_pipeline("dali", cfg)
+    epochs = [collect(kept, epoch=e) for e in range(3)]
+    assert kept.graphs_built == 1
+
+    def same(a, b):
+        return len(a) == len(b) and all(torch.equal(x.clips, y.clips) and torch.equal(x.index, y.index)
+                                        for x, y in zip(a, b))
+
+    assert same(epochs[2], collect(build_pipeline("dali", cfg), epoch=2))
+    kept.set_epoch(1)
+    left = iter(kept)
+    next(left)
+    left.close()
+    assert same(collect(kept, epoch=1), epochs[1]) and kept.graphs_built == 2
+    evaluation = build_pipeline("dali", make_cfg(dataset, train=False, num_spatial_views=1, num_temporal_views=1))
+    assert same(collect(evaluation), collect(evaluation)) and evaluation.graphs_built == 2
+
+
+@pytest.mark.parametrize("policy", [None, "rand-m7-n4-mstd0.5-inc1"], ids=["plain", "randaugment"])
+def test_the_reader_gives_the_graphs_clips(dataset, policy):
+    """dali_decoder="reader": fn.experimental.readers.video over a per-epoch list of the
+    sampler's frame ranges gives the graph's training batches exactly, short videos' repeated
+    last frames included (three of the nine videos are shorter than a clip)."""
+    cfg = make_cfg(dataset, train=True, num_spatial_views=1, num_temporal_views=1, auto_augment=policy)
+    graph = build_pipeline("dali", cfg)
+    reader = build_pipeline("dali", dataclasses.replace(cfg, extra={"dali_decoder": "reader"}))
+    for epoch in (0, 1):
+        a, b = collect(graph, epoch=epoch), collect(reader, epoch=epoch)
+        assert len(a) == len(b) == 2
+        for x, y in zip(a, b):
+            assert torch.equal(x.index, y.index) and torch.equal(x.labels, y.labels) and torch.equal(x.view, y.view)
+            assert torch.equal(x.clips, y.clips)
+    assert (reader.readers_built, reader.graphs_built) == (2, 0)  # one reader per epoch, no fallback
+
+
+def test_the_reader_hands_over_to_the_graph(tmp_path, caplog):
+    """A file the reader cannot open: it leaves the file out of its list, which shifts the clips
+    after it (the videos are of one size, so nothing else fails); the line numbers it returns
+    show it, and the graph decodes the rest of the epoch, replacing the video as it would have.
+    Paths the reader's list cannot hold (whitespace) go to the graph."""
+    root = tmp_path / "my videos"
+    root.mkdir()
+    for i in range(8):
+        write_video(str(root / f"v{i}.webm"), natural_frames(i, 20))
+    write_list(str(root / "all.txt"), [VideoRecord(f"v{i}.webm", i % 3) for i in range(8)])
+    cfg = make_cfg(root, train=True, num_spatial_views=1, num_temporal_views=1, batch_size=2, max_bad_fraction=0.5)
+    graph = build_pipeline("dali", cfg)
+    spaced = build_pipeline("dali", dataclasses.replace(cfg, extra={"dali_decoder": "reader"}))
+    expected = collect(graph, epoch=2)
+    assert all(torch.equal(x.clips, y.clips) for x, y in zip(collect(spaced, epoch=2), expected))
+    assert (spaced.readers_built, spaced.graphs_built) == (0, 1)
+
+    plain = tmp_path / "videos"
+    root.rename(plain)
+    cfg = dataclasses.replace(cfg, list_path=str(plain / "all.txt"), data_root=str(plain))
+    graph, reader = build_pipeline("dali", cfg), build_pipeline("dali", dataclasses.replace(
+        cfg, extra={"dali_decoder": "reader"}))
+    bad = plain / f"v{expected[2].index[0].item()}.webm"  # the first clip of the epoch's third batch
+    bad.write_bytes(b"\x1a\x45\xdf\xa3" + bytes(range(256)) * 8)
+    expected, got = collect(graph, epoch=2), collect(reader, epoch=2)
+    assert [b.index.tolist() for b in got] == [b.index.tolist() for b in expected]
+    assert all(torch.equal(x.clips, y.clips) for x, y in zip(got, expected))
+    assert "DALI's video reader failed at batch 2 of the epoch" in caplog.text
+    # The graph takes over, finds the file and starts again from that batch: two builds.
+    assert [p for p, _ in reader.bad] == [str(bad)] and (reader.readers_built, reader.graphs_built) == (1, 2)
 
 
 def test_evaluation_shards_cover_every_video_once(dataset):

@@ -27,7 +27,9 @@ def test_dry_run_runs_every_section(tmp_path):
     assert sections <= results.keys() and results["dry_run"] is True
     assert all(row["ok"] and row["aligned"] for row in results["capabilities"].values() if isinstance(row, dict))
     assert all(row["ok"] for name, row in results["frame_numbering"].items() if name != "seconds")
-    assert results["training_throughput"]["dali"]["clips"] == results["training_throughput"]["pyav"]["clips"] == 16
+    throughput = results["training_throughput"]
+    assert throughput["dali"]["clips"] == throughput["dali_reader"]["clips"] == throughput["pyav"]["clips"] == 16
+    assert throughput["dali_reader"]["readers_built"] == 1 and throughput["dali_reader"]["graphs_built"] == 0
     assert results["eval_memory"]["rows"] == 12  # 4 videos x 3 views
     assert results["gpu_tests"]["returncode"] == 0 and "collected" in results["gpu_tests"]["summary"]
     for name in ("operators", "augment"):
