@@ -42,7 +42,7 @@ def load_dataset(cfg: PipelineConfig) -> tuple[list[VideoRecord], list[VideoInfo
         infos, failures = probe_videos([r.path for r in records], probe_cache_path(cfg.list_path),
                                        num_workers=min(cfg.num_workers, os.cpu_count() or 1),
                                        progress=cfg.rank == 0 and len(records) > 200)
-    warnings = check_videos(infos, [r.path for r in records])
+    warnings = check_videos(infos, [r.path for r in records], cfg.sampling, cfg.num_frames)
     for i, (record, info) in enumerate(zip(records, infos)):
         if info is None or record.start_sec is None:
             continue

@@ -298,15 +298,19 @@ def _unsaved(cache_path: str, error: OSError) -> None:
                   "probed again next time", stacklevel=3)
 
 
-def check_videos(infos: Sequence[VideoInfo | None], paths: Sequence[str]) -> list[str]:
+def check_videos(infos: Sequence[VideoInfo | None], paths: Sequence[str], sampling: str = "dense",
+                 num_frames: int = 8) -> list[str]:
     """Warnings for files that are slow (long GOP, shared timestamps) or inexact (variable frame
-    rate) to sample."""
+    rate) to sample. Segment sampling takes ``num_frames`` frames spread over the whole video: a
+    video of up to ``num_frames * MAX_KEYFRAME_INTERVAL`` frames (Something-Something's) is then
+    decoded about whole whatever its GOP, so its GOP is no warning."""
     fix = "re-encode the dataset with `python -m evl.prepare`"
     messages = []
     for info, path in zip(infos, paths):
         if info is None:
             continue
-        if info.max_keyframe_interval > MAX_KEYFRAME_INTERVAL:
+        whole = sampling == "segment" and info.num_frames <= num_frames * MAX_KEYFRAME_INTERVAL
+        if info.max_keyframe_interval > MAX_KEYFRAME_INTERVAL and not whole:
             messages.append(
                 f"{path}: keyframes up to {info.max_keyframe_interval} frames apart "
                 f"(> {MAX_KEYFRAME_INTERVAL}), so reading a clip decodes up to that many frames "

@@ -114,6 +114,10 @@ def test_check_videos(dataset):
     assert dataset["long"] in messages[0] and "30 frames" in messages[0]
     assert dataset["vfr"] in messages[1] and "variable frame rate" in messages[1]
     assert all("python -m evl.prepare" in m for m in messages)
+    # Segment sampling spreads 4 frames over the 60-frame video: it is decoded about whole
+    # whatever its GOP, so only the frame-rate warning; 2 frames from it gain from short GOPs.
+    assert check_videos(infos, paths, "segment", num_frames=4) == messages[1:]
+    assert check_videos(infos, paths, "segment", num_frames=2) == messages
 
 
 def _index_fields(index):
