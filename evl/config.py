@@ -142,6 +142,7 @@ class TrainConfig(DataConfig, EVLConfig):
     resume_path: str | None = None
     eval_only: bool = False
     predictions_path: str | None = None
+    report_to: tuple[str, ...] = ()  # "tensorboard", "wandb" (evl.reporting), besides metrics.jsonl
     device: str | None = None
     debug: bool = False
     extra: dict = field(default_factory=dict)
@@ -188,6 +189,16 @@ def auto_augment_arg(text: str) -> str | None:
     except PolicyError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text
+
+
+def report_to_arg(text: str) -> tuple[str, ...]:
+    """``--report_to``: comma-separated reporter names (:mod:`evl.reporting`), checked here."""
+    from .reporting import parse_report_to
+
+    try:
+        return parse_report_to(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 # The reference's ViT presets (``vit_presets``: ln_pre, as in CLIP) and OpenAI CLIP's model names,
@@ -266,6 +277,9 @@ def build_parser(prog: str = "python -m evl.train") -> argparse.ArgumentParser:
     r.add_argument("--resume_path")
     r.add_argument("--eval_only", action="store_true")
     r.add_argument("--predictions_path", help="where --eval_only writes per-video predictions (JSON lines)")
+    r.add_argument("--report_to", type=report_to_arg, default=d.report_to, metavar="NAMES",
+                   help="also log training progress to tensorboard (<output_dir>/tensorboard), wandb (configured "
+                   "by its WANDB_* variables), or both, comma-separated; default none")
     r.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
     r.add_argument("--debug", action="store_true", help="show the traceback of errors in the input too "
                    "(or set EVL_DEBUG=1)")

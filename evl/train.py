@@ -5,8 +5,9 @@ trains a tiny-backbone EVL on the CPU for a few minutes and prints its val top-1
 AdamW on the trainable part only, cosine schedule per step with optional linear warmup,
 gradient accumulation (``--batch_split``), bf16 autocast on GPU (fp16 with a grad scaler on
 request), periodic multi-view evaluation, atomic checkpoints with exact resume, and
-``metrics.jsonl`` plus a curves PNG in ``--output_dir``. ``metrics.jsonl`` keeps every run made
-in the directory; the curves show the current one (see :func:`curves`).
+``metrics.jsonl`` plus a curves PNG in ``--output_dir``, and on request TensorBoard and W&B
+(``--report_to``, :mod:`evl.reporting`). ``metrics.jsonl`` keeps every run made in the directory;
+the curves show the current one (see :func:`curves`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from .eval import evaluate, evaluate_run
 from .jobs import (build_run_model, check_inputs, check_world, has_val_data, load_run_checkpoint, make_pipeline,
                    setting_up)
 from .precision import autocast, grad_scaler, resolve_precision
+from .reporting import Reporting, check_reporting
 
 log = logging.getLogger("evl.train")
 
@@ -181,7 +183,7 @@ RESUME_FIXED = tuple(f.name for f in dataclasses.fields(EVLConfig) if f.name != 
     "weight_decay", "warmup_steps")
 # How a run continues, not which run it is: not compared.
 RESUME_IGNORED = ("output_dir", "auto_resume", "resume_path", "overwrite_output_dir", "eval_only", "debug",
-                  "predictions_path", "extra", "batch_size", "pretrain")
+                  "predictions_path", "extra", "batch_size", "pretrain", "report_to")
 
 
 def check_resume_flags(state: dict, cfg: TrainConfig, path: str) -> list[str]:
@@ -231,6 +233,7 @@ def train(cfg: TrainConfig) -> dict:
     and ``stopped_by`` (the signal's number) when a signal stopped the run."""
     if cfg.eval_only:
         return evaluate_run(cfg)
+    check_reporting(cfg.report_to, cfg.output_dir)  # a missing package is said before anything is built
     check_inputs(cfg)
     from pipelines import cpu_workers
 
@@ -262,6 +265,45 @@ def train_step(model, batch, optimizer, scaler, scheduler, amp, batch_split: int
     scaler.update()
     scheduler.step()
     return loss_sum
+
+
+def data_wait_share(wait_s: float, interval_s: float, world: World) -> float:
+    """The share of an interval's wall time the training loop spent blocked in ``next(batches)``.
+
+    On a GPU the step is asynchronous: the loop can be ahead of the device by the launch queue,
+    so a wait may overlap the device's work on steps already queued. The interval ends at a
+    sync (the non-finite check reads the last step's result), so its wall time covers the
+    device's work too. Near 0: batches
+    are ready when the loop asks (loading keeps up); near 1: the loop waits for data most of the
+    time (loading is the bottleneck). Under DDP the largest share among the ranks: one slow
+    loader holds every rank back at the gradient all-reduce, where no rank counts it as waiting.
+    """
+    share = min(1.0, wait_s / max(interval_s, 1e-9))
+    if world.world_size > 1:
+        share = all_reduce_max(torch.tensor(share, dtype=torch.float32, device=world.device)).item()
+    return share
+
+
+def start_reporting(cfg: TrainConfig, world: World, start: int) -> Reporting:
+    """``--report_to``'s reporters, on rank 0 (an empty :class:`Reporting` elsewhere). One that
+    does not start stops every rank before the first step, with rank 0's reason."""
+    if not cfg.report_to:
+        return Reporting()
+    reporting, failure = Reporting(), None
+    if world.is_primary:
+        try:
+            reporting = Reporting.start(cfg.report_to, output_dir=cfg.output_dir, start_step=start,
+                                        config={**cfg.to_dict(), "world_size": world.world_size})
+            print0(world, "reporting to " + reporting.describe())
+        except SetupError as e:
+            failure = e
+    if world.world_size > 1:  # the other ranks would wait for rank 0 in the first step's all-reduce
+        failed = all_reduce_max(torch.tensor(int(failure is not None), device=world.device)).item()
+        if failed and failure is None:
+            failure = SetupError("--report_to: rank 0's reporters did not start (its error says why)")
+    if failure is not None:
+        raise failure
+    return reporting
 
 
 def open_run_directory(cfg: TrainConfig, world: World) -> ckpt_io.RunDirectory | None:
@@ -322,8 +364,6 @@ def _run(cfg: TrainConfig, world: World, run: ckpt_io.RunDirectory | None) -> di
         val_pipe = make_pipeline(cfg, world, False, input_size, model.config) if has_val_data(cfg) else None
         train_pipe = make_pipeline(cfg, world, True, input_size, model.config)
     out_dir = run.path if run is not None else None
-    if run is not None and world.is_primary:  # once set-up went through: a failed start leaves no run behind
-        run.write_config(cfg.to_dict())
     model.to(device)
     ddp = model
     if world.world_size > 1:
@@ -338,6 +378,7 @@ def _run(cfg: TrainConfig, world: World, run: ckpt_io.RunDirectory | None) -> di
         res = evaluate(ddp, val_pipe, amp, device, cfg.num_classes, progress=world.is_primary)
         print0(world, f"step {step}: val top-1 {res.top1:.2f}%  top-5 {res.top5:.2f}%  ({res.num_videos} videos)")
         metrics.write(step=step, top1=res.top1, top5=res.top5, num_videos=res.num_videos)
+        reporting.log(step, {"top1": res.top1, "top5": res.top5})
         return {"result": res, "top1": res.top1, "top5": res.top5}
 
     # fused: one kernel for all parameters (CPU and GPU); fewer passes over the optimizer state.
@@ -370,10 +411,19 @@ def _run(cfg: TrainConfig, world: World, run: ckpt_io.RunDirectory | None) -> di
 
         progress = tqdm(total=cfg.num_steps, initial=start, desc="train", dynamic_ncols=True,
                         disable=None)  # None: no bar when stderr is not a terminal: log lines instead
+    reporting = start_reporting(cfg, world, start)
+    if run is not None and world.is_primary:  # once set-up went through: a failed start leaves no run behind
+        try:
+            run.write_config(cfg.to_dict())
+        except BaseException:
+            reporting.close(failed=True)
+            raise
     last = {}
     metrics.write(event="start", step=start)  # what the curves of earlier runs this run supersedes
     model.train()
-    t_log, clips_since = time.perf_counter(), 0
+    # Each logged interval: its wall time from the last log point (evaluations and saves left
+    # out), the clips trained in it, and the wall time the loop spent blocked in next(batches).
+    t_log, clips_since, wait_since = time.perf_counter(), 0, 0.0
     step = start
     # The first step (0-based) whose loss was not finite, kept on the device: testing the loss on
     # the host every step would wait for the GPU each step and stall the launch queue. It is
@@ -392,12 +442,14 @@ def _run(cfg: TrainConfig, world: World, run: ckpt_io.RunDirectory | None) -> di
     agreement = StopAgreement()  # every rank, at the same point: it makes a process group
     stopped_by = None
     batches = batches_forever(train_pipe, start) if start < cfg.num_steps else iter(())
-    with StopRequest() as stop:
+    with reporting, StopRequest() as stop:
         while True:
+            t_wait = time.perf_counter()
             try:
                 step, batch = next(batches)  # not a for loop: an evaluation replaces the iterator
             except StopIteration:
                 break
+            wait_since += time.perf_counter() - t_wait
             loss_sum = train_step(ddp, batch, optimizer, scaler, scheduler, amp, cfg.batch_split,
                                   ddp.no_sync if world.world_size > 1 else contextlib.nullcontext)
             bad_step = torch.where((bad_step >= 0) | torch.isfinite(loss_sum), bad_step, step)
@@ -410,21 +462,24 @@ def _run(cfg: TrainConfig, world: World, run: ckpt_io.RunDirectory | None) -> di
                 now = time.perf_counter()
                 loss_all = all_reduce_sum(loss_sum.clone()) / world.world_size  # the global batch's loss
                 last = {"step": done, "loss": loss_all.item(), "lr": optimizer.param_groups[0]["lr"],
-                        "clips_per_s": clips_since / max(now - t_log, 1e-9)}
-                t_log, clips_since = now, 0
+                        "clips_per_s": clips_since / max(now - t_log, 1e-9),
+                        "data_wait": data_wait_share(wait_since, now - t_log, world)}
+                t_log, clips_since, wait_since = now, 0, 0.0
                 metrics.write(**last)
+                reporting.log(done, last)
                 if progress is not None and not progress.disable:
                     progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}",
-                                         clips_s=f"{last['clips_per_s']:.1f}")
+                                         clips_s=f"{last['clips_per_s']:.1f}", data_wait=f"{last['data_wait']:.0%}")
                 elif world.is_primary:
                     print(f"step {done}/{cfg.num_steps} loss {last['loss']:.4f} lr {last['lr']:.2e} "
-                          f"clips/s {last['clips_per_s']:.1f}", flush=True)
+                          f"clips/s {last['clips_per_s']:.1f} data wait {last['data_wait']:.0%}", flush=True)
             if progress is not None:
                 progress.update(1)
             saving = done % cfg.save_freq == 0 or done == cfg.num_steps or stopping
             evaluating = (done % cfg.eval_freq == 0 or done == cfg.num_steps) and not stopping
             if saving or evaluating:
                 check_finite(done)
+                t_pause = time.perf_counter()  # after that sync: the steps' device time stays in the interval
             if saving:  # before the evaluation: an evaluation that fails cannot cost these steps
                 path = save(done)
             if evaluating:
@@ -441,6 +496,8 @@ def _run(cfg: TrainConfig, world: World, run: ckpt_io.RunDirectory | None) -> di
                                                              {"best": best}), best)
                 if world.is_primary:
                     metrics.plot()
+            if saving or evaluating:  # left out of the logged interval: it measures training steps
+                t_log += time.perf_counter() - t_pause
             if stopping:
                 stopped_by = stop.signal if stop.signal is not None else signal.SIGTERM
                 why = f"signal {stop.signal}" if stop.signal is not None else "a signal to another rank"

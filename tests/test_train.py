@@ -38,7 +38,7 @@ def test_training_writes_run_directory(tiny_vit, demo_data, tmp_path):
     assert result["step"] == 6
     ev = events(out)
     assert [e["step"] for e in ev if "loss" in e] == [1, 2, 3, 4, 5, 6]
-    assert all(set(e) == {"step", "loss", "lr", "clips_per_s"} for e in ev if "loss" in e)
+    assert all(set(e) == {"step", "loss", "lr", "clips_per_s", "data_wait"} for e in ev if "loss" in e)
     evals = [e for e in ev if "top1" in e]
     assert [e["step"] for e in evals] == [3, 6] and all(e["num_videos"] == 12 for e in evals)
     assert ev[-2]["lr"] == 0.0  # cosine to zero at num_steps
