@@ -4,6 +4,7 @@ Each video is read like an evaluation video (spec §2): every spatial x temporal
 checkpoint's evaluation setting, the softmax averaged over views. Long, untrimmed videos can be
 cut into sliding windows (``--window_sec``, ``--stride_sec``): each window is predicted the same
 way and printed as a timeline, and the whole video's prediction is the mean of its windows'.
+``--plot FILE.png`` draws that timeline: the probability of the video's top classes over time.
 A video that cannot be read is reported and skipped; the exit status is then 1.
 """
 
@@ -12,10 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 
 import torch
 
+from pipelines.files import atomic_write
 from pipelines.lists import VideoRecord
 from pipelines.dataset import frame_range
 from pipelines.probe import probe_video
@@ -24,7 +27,7 @@ from pipelines.index import VideoReadError
 from .inference import Predictor, add_model_arguments, predictor_from_args, read_class_names
 from .weights import WeightsError
 
-__all__ = ["main", "predict_video", "sliding_windows"]
+__all__ = ["main", "plot_timeline", "predict_video", "sliding_windows"]
 
 
 def sliding_windows(duration: float, window: float, stride: float) -> list[tuple[float, float]]:
@@ -116,6 +119,54 @@ def to_text(rec: dict) -> str:
     return "\n".join(lines)
 
 
+def plot_timeline(result: dict, path: str, names: list[str] | None = None, *, num_classes: int = 5) -> dict:
+    """Draw a windowed prediction (:func:`predict_video` with ``window_sec``) to the PNG ``path``.
+
+    One line for each of ``num_classes`` classes (at most 10, the distinct colours of ``tab10``):
+    first the classes that are the top class of some window, so that one that fills only a stretch
+    of a long video shows, then the others; in each group the most probable over the whole video
+    first. Each point is a window's probability, at the window's middle. The legend, beside the
+    plot, names the classes with their whole-video probability, highest first.
+    Returns what the figure holds, read back from it: ``{'classes': [k], 'lines': [{'label',
+    'times', 'probs'}], 'size': (width, height)}`` (pixels), lines in the legend's order.
+    """
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    windows = result["windows"]
+    probs = torch.stack([w["probs"] for w in windows])  # [windows, classes]
+    overall = result["probs"]
+    leads = set(probs.argmax(1).tolist())
+    ranked = sorted(range(probs.shape[1]), key=lambda k: (k not in leads, -float(overall[k])))
+    classes = sorted(ranked[:max(1, min(num_classes, 10))], key=lambda k: -float(overall[k]))
+    times = [(w["start"] + w["end"]) / 2 for w in windows]
+    colours = matplotlib.colormaps["tab10"].colors
+    fig = Figure(figsize=(11, 4.5), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)  # Agg, without pyplot's global state
+    ax = fig.add_subplot()
+    marker = "o" if len(windows) <= 60 else None  # more markers would blur into a band
+    for colour, k in zip(colours, classes):
+        name = names[k] if names else f"class {k}"
+        ax.plot(times, probs[:, k].tolist(), color=colour, marker=marker, markersize=4, linewidth=1.8,
+                label=f"{name}: {float(overall[k]):.2f}")
+    ax.set_xlim(0, result["duration_sec"])
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("time (s), at the middle of each window")
+    ax.set_ylabel("probability")
+    ax.grid(True, alpha=0.3)
+    start, end = windows[0]["start"], windows[0]["end"]
+    cut = (f"{len(windows)} windows of {end - start:.3g} s every {windows[1]['start'] - start:.3g} s"
+           if len(windows) > 1 else "1 window")
+    ax.set_title(f"{os.path.basename(result['path'])}: {result['duration_sec']:.1f} s, {cut}", loc="left")
+    fig.legend(loc="outside right upper", title="class: whole video")
+    drawn = {"classes": classes, "size": fig.canvas.get_width_height(),
+             "lines": [{"label": line.get_label(), "times": [float(x) for x in line.get_xdata()],
+                        "probs": [float(y) for y in line.get_ydata()]} for line in ax.get_lines()]}
+    atomic_write(path, lambda f: fig.savefig(f, format="png"), what="plot", keeps="the predictions are printed")
+    return drawn
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m evl.predict", description="Top-k classes of videos with a trained EVL checkpoint "
@@ -129,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window_sec", type=float, metavar="SEC",
                    help="predict sliding windows of this many seconds (untrimmed videos)")
     p.add_argument("--stride_sec", type=float, metavar="SEC", help="window stride in seconds (default: --window_sec)")
+    p.add_argument("--plot", metavar="FILE.png", help="with --window_sec and one VIDEO: draw the probability of its "
+                   "--topk classes (the highest in any window; at most 10) over time to this PNG")
     p.add_argument("--batch_size", type=int, default=32, metavar="N", help="views per forward pass")
     return p
 
@@ -142,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("error: --stride_sec needs --window_sec")
     if (ns.window_sec is not None and ns.window_sec <= 0) or (ns.stride_sec is not None and ns.stride_sec <= 0):
         raise SystemExit("error: --window_sec and --stride_sec must be positive")
+    if ns.plot is not None and ns.window_sec is None:
+        raise SystemExit("error: --plot draws a timeline of windows: it needs --window_sec")
+    if ns.plot is not None and len(ns.videos) > 1:
+        raise SystemExit(f"error: --plot draws one video, got {len(ns.videos)}; run once per video")
     try:
         predictor = predictor_from_args(ns)
         names = read_class_names(ns.class_names, predictor.num_classes) if ns.class_names else None
@@ -161,6 +218,12 @@ def main(argv: list[str] | None = None) -> int:
             continue
         rec = to_json(result, names, ns.topk)
         print(json.dumps(rec) if ns.json else to_text(rec), flush=True)
+        if ns.plot is not None:
+            try:
+                plot_timeline(result, ns.plot, names, num_classes=ns.topk)
+            except OSError as e:
+                raise SystemExit(f"error: {e}") from None
+            print(f"timeline of {path} in {ns.plot}", file=sys.stderr if ns.json else sys.stdout, flush=True)
     if failed:
         print(f"{len(failed)} of {len(ns.videos)} videos could not be read: {', '.join(failed)}",
               file=sys.stderr, flush=True)

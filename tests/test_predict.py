@@ -110,6 +110,86 @@ def test_windows_on_a_long_video(trained, tmp_path, capsys):
     assert lines[3] == "  whole video (mean of the windows):" and len(lines) == 4 + 4
 
 
+def test_plot_of_a_long_video(trained, tmp_path, monkeypatch, capsys):
+    import evl.predict as predict
+    from PIL import Image
+
+    long_video = write_video(str(tmp_path / "long.mp4"), 60, size=(96, 64), fps=25)  # 2.4 s
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps(["walking", "running", "jumping", "sitting"]))
+    drawn, results = [], []
+    plot = predict.plot_timeline
+
+    def plot_and_keep(result, *args, **kw):
+        results.append(result)
+        drawn.append(plot(result, *args, **kw))
+        return drawn[-1]
+
+    monkeypatch.setattr(predict, "plot_timeline", plot_and_keep)
+    png = tmp_path / "plots" / "long.png"
+    rc, out, err = run(capsys, long_video, "--checkpoint", trained.ckpt, "--class_names", names, "--window_sec", "0.5",
+                       "--stride_sec", "0.25", "--topk", "4", "--json", "--plot", png)
+    assert rc == 0 and f"timeline of {long_video} in {png}" in err
+    (rec,) = json_lines(out)  # stdout stays JSON
+    assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    with Image.open(png) as image:
+        image.verify()
+    with Image.open(png) as image:
+        assert image.size == drawn[0]["size"] == (1100, 450)
+    # What was drawn is what was printed: every class (4 of 4), one point per window at its middle.
+    (fig,) = drawn
+    windows = rec["windows"]
+    assert len(windows) == 9 and sorted(fig["classes"]) == [0, 1, 2, 3]
+    assert fig["classes"] == [t["class"] for t in rec["topk"]]  # in the order of the whole video's top-k
+    class_names = json.loads(names.read_text())
+    assert [line["label"].split(":")[0] for line in fig["lines"]] == [class_names[k] for k in fig["classes"]]
+    for line in fig["lines"]:
+        assert line["times"] == pytest.approx([(w["start"] + w["end"]) / 2 for w in windows], abs=1e-3)
+    for j, w in enumerate(windows):
+        at_j = {k: line["probs"][j] for k, line in zip(fig["classes"], fig["lines"])}
+        assert at_j[w["class"]] == pytest.approx(w["prob"], abs=1e-6) and max(at_j.values()) == at_j[w["class"]]
+        assert sum(at_j.values()) == pytest.approx(1, abs=1e-5)
+    overall = {t["class"]: t["prob"] for t in rec["topk"]}
+    assert [float(line["label"].rsplit(": ", 1)[1]) for line in fig["lines"]] == \
+        pytest.approx([overall[k] for k in fig["classes"]], abs=0.005)
+
+    # Fewer lines: the classes on top of some window first, then the most probable over the video.
+    (res,) = results
+    two = plot(res, str(tmp_path / "two.png"), None, num_classes=2)
+    leads = {int(w["probs"].argmax()) for w in res["windows"]}
+    others = sorted(set(range(4)) - leads, key=lambda k: -float(res["probs"][k]))
+    assert len(leads) < 2 and set(two["classes"]) == leads | {others[0]}
+    assert two["classes"] == sorted(two["classes"], key=lambda k: -float(res["probs"][k]))  # legend order
+    assert [line["label"].split(":")[0] for line in two["lines"]] == [f"class {k}" for k in two["classes"]]
+    assert [line["probs"] for line in two["lines"]] == \
+        [pytest.approx([float(w["probs"][k]) for w in res["windows"]]) for k in two["classes"]]
+
+    with pytest.raises(SystemExit, match="^error: --plot draws a timeline of windows: it needs --window_sec$"):
+        predict_main([long_video, "--checkpoint", trained.ckpt, "--plot", str(png)])
+    with pytest.raises(SystemExit, match="^error: --plot draws one video, got 2"):
+        predict_main([long_video, long_video, "--checkpoint", trained.ckpt, "--window_sec", "1", "--plot", str(png)])
+
+
+def test_plot_shows_the_classes_on_top_of_some_window(tmp_path):
+    """A long video, mostly class 0, with short stretches of 1 and 2 and a class 3 that is never on
+    top but more probable overall than 1 or 2: all peaks near 1, so only who leads where tells."""
+    from evl.predict import plot_timeline
+
+    probs = torch.full((80, 4), 0.02)
+    probs[:, 0], probs[:, 3] = 0.68, 0.28
+    probs[10:12], probs[50:51] = torch.tensor([0.005, 0.99, 0.0, 0.005]), torch.tensor([0.005, 0.0, 0.99, 0.005])
+    windows = [{"start": j * 0.5, "end": j * 0.5 + 1.0, "probs": p} for j, p in enumerate(probs)]
+    result = {"path": "/videos/long.mp4", "probs": probs.mean(0), "duration_sec": 40.5, "windows": windows}
+    png = tmp_path / "t.png"
+    assert plot_timeline(result, str(png), ["a", "b", "c", "d"], num_classes=3)["classes"] == [0, 1, 2]
+    drawn = plot_timeline(result, str(png), ["a", "b", "c", "d"], num_classes=5)
+    assert drawn["classes"] == [0, 3, 1, 2]  # whole-video probability, highest first
+    assert [line["label"] for line in drawn["lines"]] == ["a: 0.65", "d: 0.27", "b: 0.04", "c: 0.03"]
+    assert [line["probs"] for line in drawn["lines"]] == [pytest.approx(probs[:, k].tolist()) for k in (0, 3, 1, 2)]
+    assert drawn["lines"][0]["times"] == pytest.approx([j * 0.5 + 0.5 for j in range(80)])
+    assert png.read_bytes().startswith(b"\x89PNG") and drawn["size"] == (1100, 450)
+
+
 def test_reference_checkpoint_with_explicit_flags(trained, tiny_vit, demo_data, tmp_path, capsys):
     model = build_tiny(tiny_vit, num_classes=4, num_frames=4, backbone_path=trained.weights)
     load_checkpoint(model, trained.ckpt)
