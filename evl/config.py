@@ -65,6 +65,7 @@ class DataConfig:
     crop_scale: tuple[float, float] = (0.08, 1.0)
     num_workers: int = 4
     max_bad_fraction: float = 0.01
+    dali_decoder: str = "graph"
 
     @classmethod
     def add_arguments(cls, group, pipelines: Sequence[str] = ("pyav", "dali", "dummy", "cache")) -> None:
@@ -86,6 +87,10 @@ class DataConfig:
         group.add_argument("--crop_scale", type=float, nargs=2, default=d.crop_scale, metavar=("MIN", "MAX"))
         group.add_argument("--num_workers", type=int, default=d.num_workers)
         group.add_argument("--max_bad_fraction", type=float, default=d.max_bad_fraction)
+        group.add_argument("--dali_decoder", default=d.dali_decoder, choices=["graph", "reader"],
+                           help="--pipeline dali: decode each batch's frame lists with fn.decoders.video (graph), "
+                           "or read training clips with fn.experimental.readers.video, which keeps its decoders "
+                           "(reader; the same clips)")
 
     @staticmethod
     def from_args(ns) -> "DataConfig":
@@ -107,7 +112,7 @@ class DataConfig:
             num_temporal_views=self.num_temporal_views, auto_augment=self.auto_augment if train else None,
             hflip=0.5 if self.mirror and train else 0.0, crop_scale=tuple(self.crop_scale), seed=seed,
             device=device, rank=rank, world_size=world_size, max_bad_fraction=self.max_bad_fraction, keys=keys,
-            extra=dict(extra or {}))
+            extra={"dali_decoder": self.dali_decoder, **(extra or {})})
 
 
 @dataclass(frozen=True)
@@ -256,7 +261,8 @@ def build_parser(prog: str = "python -m evl.train") -> argparse.ArgumentParser:
     g.add_argument("--cache_in_memory", action="store_true",
                    help="load the feature cache into RAM instead of reading it through the page cache")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--batch_size", type=int, default=d.batch_size, help="per process")
+    o.add_argument("--batch_size", type=int, default=d.batch_size,
+                   help="the global batch, over all processes (each takes batch_size / processes)")
     o.add_argument("--batch_split", type=int, default=d.batch_split, help="gradient accumulation steps per batch")
     o.add_argument("--lr", type=float, default=d.lr)
     o.add_argument("--weight_decay", type=float, default=d.weight_decay)

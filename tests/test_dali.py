@@ -10,6 +10,7 @@ is; not sharp synthetic colour edges. GPU tests (NVDEC, H.264) carry the `gpu` m
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import random
 import subprocess
@@ -319,6 +320,24 @@ def test_the_reader_hands_over_to_the_graph(tmp_path, caplog):
     assert "DALI's video reader failed at batch 2 of the epoch" in caplog.text
     # The graph takes over, finds the file and starts again from that batch: two builds.
     assert [p for p, _ in reader.bad] == [str(bad)] and (reader.readers_built, reader.graphs_built) == (1, 2)
+
+
+def test_training_with_the_reader_from_the_command_line(dataset, tmp_path, tiny_vit):
+    """``evl.train --pipeline dali --dali_decoder reader``: the same steps as with the graph."""
+    from evl import train as train_mod
+    from evl.config import parse_config
+
+    def run(out, *extra):
+        argv = ["--backbone", tiny_vit, "--num_classes", "3", "--num_frames", "8", "--sampling_rate", "2",
+                "--train_list_path", str(dataset / "all.txt"), "--data_root", str(dataset), "--pipeline", "dali",
+                "--batch_size", "4", "--num_workers", "1", "--auto_augment", "none", "--cls_dropout", "0",
+                "--decoder_mlp_dropout", "0", "--num_steps", "3", "--device", "cpu", "--output_dir", str(out),
+                *extra]
+        train_mod.train(parse_config(argv))
+        with open(out / "metrics.jsonl") as f:
+            return [e["loss"] for e in map(json.loads, f) if "loss" in e]
+
+    assert run(tmp_path / "reader", "--dali_decoder", "reader") == run(tmp_path / "graph")
 
 
 def test_evaluation_shards_cover_every_video_once(dataset):
