@@ -1,13 +1,18 @@
 """Loading EVL checkpoints: this project's and the reference implementation's released ones.
 
 Both hold the decoder and head only (``decoder.*``, ``proj.*``), the reference's with DDP's
-``module.`` prefix and usually wrapped as ``{'model': ...}`` (spec §3). Every load goes through
-``torch.load(weights_only=True)``. A checkpoint of another model (frame count, width, depth,
-patch grid, class count) is refused with a message saying what differs, never loaded partially.
+``module.`` prefix and usually wrapped as ``{'model': ...}`` (spec §3). Every file load goes
+through ``torch.load(weights_only=True)``. A folder written by ``evl.export`` (``config.json`` +
+``model.safetensors``, optionally with the backbone's weights under ``backbone.*``) is read
+without unpickling anything and loads wherever a checkpoint file does. A checkpoint of another
+model (frame count, width, depth, patch grid, class count) is refused with a message saying what
+differs, never loaded partially.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any, Mapping
 
 import torch
@@ -15,9 +20,10 @@ from torch import nn
 
 from pipelines.files import atomic_write
 
-from .weights import WeightsError, safe_load, strip_prefix
+from .weights import WeightsError, is_safetensors, load_visual_state, read_safetensors, safe_load, strip_prefix
 
-__all__ = ["load_checkpoint", "load_pretrained", "read_model_state", "describe_state", "global_batch"]
+__all__ = ["load_checkpoint", "load_state", "read_checkpoint", "read_exported", "load_pretrained", "read_model_state",
+           "describe_state", "global_batch", "EXPORT_FORMAT", "EXPORT_CONFIG", "EXPORT_WEIGHTS"]
 
 
 def read_model_state(ckpt: Any, path: str) -> dict[str, torch.Tensor]:
@@ -49,11 +55,16 @@ def describe_state(sd: Mapping[str, torch.Tensor]) -> str:
 def load_checkpoint(model: nn.Module, path: str) -> dict:
     """Load decoder and head weights into ``model``; returns the whole checkpoint dict.
 
-    Accepts this project's checkpoints and the reference implementation's (``module.`` keys,
-    with or without the ``{'model': ...}`` wrapper). Strict: any missing, unexpected or
+    Accepts this project's checkpoints, the reference implementation's (``module.`` keys, with
+    or without the ``{'model': ...}`` wrapper) and folders written by ``evl.export`` (whose
+    backbone weights, when it includes them, are loaded too). Strict: any missing, unexpected or
     differently shaped key is an error that compares the two architectures.
     """
-    ckpt = safe_load(path)
+    return load_state(model, read_checkpoint(path), path)
+
+
+def load_state(model: nn.Module, ckpt: Any, path: str) -> dict:
+    """:func:`load_checkpoint` of a checkpoint already read (:func:`read_checkpoint`) from ``path``."""
     sd = read_model_state(ckpt, path)
     own = model.state_dict()
     backbone_keys = sorted(k for k in sd if k.startswith(("backbone.", "visual.")))
@@ -68,16 +79,109 @@ def load_checkpoint(model: nn.Module, path: str) -> dict:
                   for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)) if keys]
         raise WeightsError(f"{path} is a checkpoint of another model: checkpoint has {describe_state(sd)}; "
                            f"model has {describe_state(own)}. " + "; ".join(detail))
+    backbone = ckpt.get("backbone_weights") if isinstance(ckpt, Mapping) else None
+    if backbone is not None:  # an exported folder with its backbone: the model becomes the exported one
+        source = path if os.path.isfile(path) else os.path.join(path, EXPORT_WEIGHTS)
+        load_visual_state(model.backbone.visual, backbone, source, model.spec)
+        if isinstance(getattr(model, "config", None), dict):
+            model.config.update(backbone_path=None, backbone_sha256=ckpt["model_config"].get("backbone_sha256"))
     model.load_state_dict(sd, strict=True)
-    return ckpt if isinstance(ckpt, dict) and "model" in ckpt else {"model": sd}
+    if isinstance(ckpt, dict) and "model" in ckpt:
+        return {k: v for k, v in ckpt.items() if k != "backbone_weights"}
+    return {"model": sd}
+
+
+# -- exported models (``evl.export``) ------------------------------------------------------------
+
+EXPORT_FORMAT = "evl-export/1"
+EXPORT_CONFIG = "config.json"  # written last: a folder without it is an unfinished export
+EXPORT_WEIGHTS = "model.safetensors"
+BACKBONE_PREFIX = "backbone."  # the CLIP visual tower's keys, when the export includes it
+
+
+def read_checkpoint(path: str) -> Any:
+    """What a checkpoint holds, from a ``.pth`` file (``torch.load(weights_only=True)``), a
+    safetensors file of decoder weights, or a folder written by ``evl.export`` (as a checkpoint
+    dict: :func:`read_exported`). Nothing is unpickled beyond tensors, dicts, lists and numbers."""
+    if os.path.isdir(path):
+        return read_exported(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.basename(path) == EXPORT_WEIGHTS and os.path.isfile(os.path.join(folder, EXPORT_CONFIG)):
+        return read_exported(folder)
+    if path.endswith(".safetensors") or is_safetensors(path):
+        return read_safetensors(path)
+    return safe_load(path)
+
+
+def _check_fields(record: Any, fields: Mapping[str, type], where: str) -> dict:
+    if not isinstance(record, dict):
+        raise WeightsError(f"{where}: expected an object, found {type(record).__name__}")
+    absent = [f for f in fields if f not in record]
+    if absent:
+        raise WeightsError(f"{where}: missing {', '.join(absent)}")
+    wrong = [f"{f} ({type(record[f]).__name__}, not {t.__name__})" for f, t in fields.items()
+             if not isinstance(record[f], t) or isinstance(record[f], bool)]
+    if wrong:
+        raise WeightsError(f"{where}: {', '.join(wrong)}")
+    return record
+
+
+def read_exported(path: str) -> dict:
+    """The checkpoint dict of a folder ``evl.export`` wrote: ``model`` (decoder and head),
+    ``model_config``, ``config`` (its sampling, views and seed), ``evaluation``, ``class_names``,
+    ``backbone_weights`` (the visual tower's state dict, or None) and ``format``.
+
+    Reads JSON and safetensors only. A folder that lacks a file, or whose files disagree, is a
+    ``WeightsError`` naming the file.
+    """
+    config_path, weights_path = os.path.join(path, EXPORT_CONFIG), os.path.join(path, EXPORT_WEIGHTS)
+    for name in (EXPORT_CONFIG, EXPORT_WEIGHTS):
+        if not os.path.isfile(os.path.join(path, name)):
+            raise WeightsError(f"{path}: not an exported EVL model: {name} is missing (python -m evl.export writes "
+                               f"{EXPORT_CONFIG} and {EXPORT_WEIGHTS})")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{config_path}: not valid JSON: {e}") from None
+    if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT:
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise WeightsError(f"{config_path}: not an exported EVL model's configuration (format {found!r}; this "
+                           f"version reads {EXPORT_FORMAT!r})")
+    model_config = dict(_check_fields(config.get("model_config"), {"backbone": str, "num_classes": int,
+                                                                   "num_frames": int}, f"{config_path}: model_config"))
+    data = _check_fields(config.get("data"), {"sampling_rate": int, "sampling": str, "num_spatial_views": int,
+                                              "num_temporal_views": int}, f"{config_path}: data")
+    seed = _check_fields({"seed": config.get("seed", 0)}, {"seed": int}, config_path)["seed"]
+    backbone_record = config.get("backbone") or {}
+    names = config.get("class_names")
+    if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)
+                              or len(names) != model_config["num_classes"]):
+        raise WeightsError(f"{config_path}: class_names must be a list of {model_config['num_classes']} names")
+    # An open_clip model-config JSON the export copied into the folder is named relative to it.
+    backbone = model_config["backbone"]
+    if backbone.endswith(".json") and not os.path.isabs(backbone) and os.path.isfile(os.path.join(path, backbone)):
+        model_config["backbone"] = os.path.join(path, backbone)
+
+    tensors = read_safetensors(weights_path)
+    visual = {k[len(BACKBONE_PREFIX):]: v for k, v in tensors.items() if k.startswith(BACKBONE_PREFIX)}
+    included = bool(backbone_record.get("included"))
+    if included != bool(visual):
+        raise WeightsError(f"{weights_path}: " + (
+            f"{EXPORT_CONFIG} says the backbone's weights are included, but there are no backbone.* tensors"
+            if included else f"holds backbone.* tensors that {EXPORT_CONFIG} does not declare"))
+    return {"format": EXPORT_FORMAT, "model": {k: v for k, v in tensors.items() if not k.startswith(BACKBONE_PREFIX)},
+            "model_config": model_config, "config": {**data, "seed": seed},
+            "evaluation": config.get("evaluation"), "class_names": names, "source": config.get("source"),
+            "backbone_weights": visual or None}
 
 
 def load_pretrained(model: nn.Module, path: str) -> list[str]:
-    """``--pretrain``: start from ``path``'s decoder and head weights (this project's checkpoint or
-    the reference's), e.g. a Kinetics model fine-tuned on another dataset. Unlike a resume it is
+    """``--pretrain``: start from ``path``'s decoder and head weights (this project's checkpoint, an
+    ``evl.export`` folder or the reference's), e.g. a Kinetics model fine-tuned on another dataset. Unlike a resume it is
     not strict, as in the reference: keys the model lacks, or holds with another shape (a head
     for another class count), are left out. Returns a line per kind of key left out."""
-    ckpt = safe_load(path)
+    ckpt = read_checkpoint(path)
     sd = read_model_state(ckpt, path)
     own = model.state_dict()
     if any(k.startswith(("backbone.", "visual.")) for k in sd):
@@ -171,7 +275,9 @@ class RunDirectory:
     ends, however it ends, so a killed run never blocks its own resume.
     """
 
-    RUN_FILES = ("config.json", "metrics.jsonl", "best.pth", "best.json")
+    # ``tensorboard``, ``wandb_run_id``: --report_to's (W&B's own offline files, which may not be
+    # uploaded yet, are never deleted).
+    RUN_FILES = ("config.json", "metrics.jsonl", "best.pth", "best.json", "tensorboard", "wandb_run_id")
 
     def __init__(self, path: str, keep_last: int = 2):
         self.path, self.keep_last = path, keep_last
@@ -247,10 +353,15 @@ class RunDirectory:
         """Deletes an earlier run's files (``--overwrite_output_dir``); returns their names."""
         import os
 
+        import shutil
+
         names = self.run_files()
         for name in names + ["curves.png"]:
-            if os.path.exists(os.path.join(self.path, name)):
-                os.remove(os.path.join(self.path, name))
+            path = os.path.join(self.path, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
         return names
 
     def write_config(self, config: dict) -> None:

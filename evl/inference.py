@@ -4,7 +4,9 @@
 project's checkpoints record everything (``model_config``: architecture and backbone identity;
 ``config``: frames, stride, views, seed); the reference implementation's released ones hold
 only decoder weights, so the backbone, its weights and the stride are given by the caller and
-the decoder's size is read from the weights' shapes (spec §3). Videos are then read exactly as
+the decoder's size is read from the weights' shapes (spec §3). A folder written by ``evl.export``
+records what this project's checkpoints do, and may hold the backbone's weights too; it loads
+wherever a checkpoint file does. Videos are then read exactly as
 evaluation reads them (spec §2): :class:`ViewReader` turns a video, or a time window of one,
 into its evaluation views with the shared ``ClipSampler``, ``read_frames`` and ``decode_clips``,
 and :meth:`Predictor.run` averages nothing: it returns per-view softmax, query embedding and
@@ -27,13 +29,13 @@ from pipelines.pyav import read_frames
 from pipelines.sampling import ClipSampler
 from pipelines.transforms import decode_clips
 
-from .checkpoint import check_backbone_identity, describe_state, load_checkpoint, read_model_state
+from .checkpoint import check_backbone_identity, describe_state, load_state, read_checkpoint, read_model_state
 from .distributed import resolve_device
 from .model import EVLConfig, EVLModel, build_model
 from .precision import autocast, resolve_precision
-from .weights import WeightsError, safe_load
+from .weights import WeightsError, file_sha256
 
-__all__ = ["Predictor", "ViewReader", "load_predictor", "infer_decoder_config", "add_model_arguments",
+__all__ = ["Predictor", "ViewReader", "load_model", "load_predictor", "infer_decoder_config", "add_model_arguments",
            "predictor_from_args", "read_class_names"]
 
 
@@ -140,7 +142,7 @@ def _weights_hint(recorded_path: str | None, sha: str | None) -> str:
             "pass --backbone_path to where that file is")
 
 
-def load_predictor(
+def load_model(
     checkpoint: str,
     *,
     backbone: str | None = None,
@@ -149,22 +151,31 @@ def load_predictor(
     sampling_rate: int | None = None,
     num_spatial_views: int | None = None,
     num_temporal_views: int | None = None,
-    device: str | None = None,
-) -> Predictor:
-    """Rebuild and load the model of ``checkpoint``; the arguments override what it records.
+    load_backbone: bool = True,
+) -> tuple[EVLModel, dict, Any]:
+    """Rebuild the model of ``checkpoint`` (a file, or a folder ``evl.export`` wrote) on the CPU in
+    eval mode; the arguments override what it records. Returns the model, what was resolved (the
+    :attr:`Predictor.settings`) and the checkpoint as read.
+
+    The backbone's weights: those a folder includes; else the CLIP weights file (``backbone_path``,
+    by default the one the checkpoint records), whose sha256 must be the recorded one. With
+    ``load_backbone=False`` no weights file is read (the tower keeps the seed's random weights):
+    what ``evl.export`` needs to write a folder that refers to the weights by their sha256, which
+    ``settings['backbone_sha256']`` then holds.
 
     Raises ``WeightsError`` (wrong or unusable checkpoint, backbone weights that differ from the
     ones it was trained with), ``FileNotFoundError`` (checkpoint, backbone config or weights
     missing) or ``ValueError`` (inconsistent arguments), each with a message naming the file.
     """
-    if not os.path.isfile(checkpoint):
+    if not os.path.exists(checkpoint):
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-    ckpt = safe_load(checkpoint)
+    ckpt = read_checkpoint(checkpoint)
     sd = read_model_state(ckpt, checkpoint)
     model_config = ckpt.get("model_config") if isinstance(ckpt, Mapping) else None
     train_config: dict[str, Any] = (ckpt.get("config") or {}) if isinstance(ckpt, Mapping) else {}
+    included = isinstance(ckpt, Mapping) and ckpt.get("backbone_weights") is not None
 
-    if model_config:  # this project's checkpoint: it says what it is
+    if model_config:  # this project's checkpoint, or an exported folder: it says what it is
         # What the checkpoint says the model is, but for what the arguments decide below.
         kwargs = {k: v for k, v in asdict(EVLConfig.from_dict(model_config)).items()
                   if k not in ("backbone", "backbone_path", "num_classes", "num_frames")}
@@ -176,10 +187,15 @@ def load_predictor(
                 raise FileNotFoundError(f"backbone config {backbone} recorded in {checkpoint} not found (paths are "
                                         "relative to where training ran); pass --backbone")
         recorded_path, sha = model_config.get("backbone_path"), model_config.get("backbone_sha256")
-        if backbone_path is None and sha is not None:
-            if not recorded_path:
+        if included:
+            if backbone_path is not None:
+                warnings.warn(f"{checkpoint} includes its backbone's weights: --backbone_path {backbone_path} "
+                              "is not used", stacklevel=2)
+            backbone_path = None
+        elif backbone_path is None and sha is not None:
+            if load_backbone and not recorded_path:
                 raise WeightsError(f"{checkpoint}: {_weights_hint(recorded_path, sha)}")
-            if not os.path.isfile(recorded_path):
+            if load_backbone and not os.path.isfile(recorded_path):
                 raise FileNotFoundError(f"CLIP weights file not found: {recorded_path} ("
                                         f"{_weights_hint(recorded_path, sha)})")
             backbone_path = recorded_path
@@ -206,42 +222,76 @@ def load_predictor(
     if num_frames is not None and num_frames != saved_frames:
         raise ValueError(f"--num_frames {num_frames} does not fit {checkpoint}: it was trained on {saved_frames} "
                          "frames (its temporal position embedding is tied to that count)")
-    if backbone_path is not None and not os.path.isfile(backbone_path):
+    # The weights file is read when loading; a reference checkpoint's is hashed in any case: its
+    # sha256 is all that identifies the backbone it was trained on.
+    if backbone_path is not None and (load_backbone or not model_config) and not os.path.isfile(backbone_path):
         raise FileNotFoundError(f"CLIP weights file not found: {backbone_path}")
+    weights = backbone_path if load_backbone else None
 
     # A checkpoint trained on a random backbone (tests, the demo) is only meaningful with that same
     # backbone: training seeded torch with its seed right before build_model, so do the same
     # (on a forked RNG: loading a model should not reseed the caller's).
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         torch.default_generator.manual_seed(seed)  # the model is built on the CPU
-        if model_config and sha is None:
+        if weights is None:  # trained on a random tower, or its weights come from the folder, or are not wanted
             warnings.filterwarnings("ignore", message="no backbone_path given")
-        model = build_model(backbone, num_classes, saved_frames, backbone_path=backbone_path, **kwargs)
+        model = build_model(backbone, num_classes, saved_frames, backbone_path=weights, **kwargs)
     if not model_config and model.spec.width != inferred["width"]:
         raise WeightsError(f"{checkpoint} is a checkpoint of another model: its decoder has width "
                            f"{inferred['width']} but backbone {model.spec.describe()} has width {model.spec.width}")
-    load_checkpoint(model, checkpoint)
-    if model_config:
+    load_state(model, ckpt, checkpoint)
+    if model_config and (load_backbone or included):
         check_backbone_identity(ckpt, model, checkpoint)
-    dev = resolve_device(device)
-    model.eval().to(dev)
-    sampler = ClipSampler(num_frames=saved_frames, sampling_rate=rate, size=model.spec.image_size[0], mode=sampling,
-                          num_spatial_views=spatial, num_temporal_views=temporal)
+    elif model_config and model_config.get("backbone_id") not in (None, model.config["backbone_id"]):
+        raise WeightsError(f"{checkpoint} was trained with backbone {model_config['backbone_id']}, but backbone "
+                           f"{backbone} is {model.config['backbone_id']}")
+    if not model_config:
+        sha = model.config["backbone_sha256"] if weights else file_sha256(backbone_path)
+    model.eval()
     settings = {"checkpoint": checkpoint, "backbone": backbone, "backbone_id": model.config["backbone_id"],
-                "backbone_path": backbone_path, "num_classes": num_classes, "num_frames": saved_frames,
-                "sampling_rate": rate, "sampling": sampling, "num_spatial_views": spatial,
-                "num_temporal_views": temporal, "input_size": sampler.size}
+                "backbone_path": backbone_path, "backbone_sha256": sha, "backbone_included": included,
+                "num_classes": num_classes, "num_frames": saved_frames, "sampling_rate": rate, "sampling": sampling,
+                "num_spatial_views": spatial, "num_temporal_views": temporal, "input_size": model.spec.image_size[0],
+                "seed": seed, "class_names": ckpt.get("class_names") if isinstance(ckpt, Mapping) else None}
+    return model, settings, ckpt
+
+
+def load_predictor(
+    checkpoint: str,
+    *,
+    backbone: str | None = None,
+    backbone_path: str | None = None,
+    num_frames: int | None = None,
+    sampling_rate: int | None = None,
+    num_spatial_views: int | None = None,
+    num_temporal_views: int | None = None,
+    device: str | None = None,
+) -> Predictor:
+    """Rebuild and load the model of ``checkpoint`` (:func:`load_model`) and read videos as it
+    was evaluated; the arguments override what it records. Raises as :func:`load_model` does."""
+    model, settings, _ = load_model(checkpoint, backbone=backbone, backbone_path=backbone_path, num_frames=num_frames,
+                                    sampling_rate=sampling_rate, num_spatial_views=num_spatial_views,
+                                    num_temporal_views=num_temporal_views)
+    dev = resolve_device(device)
+    model.to(dev)
+    sampler = ClipSampler(num_frames=settings["num_frames"], sampling_rate=settings["sampling_rate"],
+                          size=settings["input_size"], mode=settings["sampling"],
+                          num_spatial_views=settings["num_spatial_views"],
+                          num_temporal_views=settings["num_temporal_views"])
     return Predictor(model, ViewReader(sampler), dev, resolve_precision(None, dev), settings)
 
 
 # -- the command-line flags predict and extract share -------------------------------------------
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """The checkpoint and its overrides (reference flag names), for ``evl.predict`` / ``evl.extract``."""
+def add_model_arguments(p: argparse.ArgumentParser, checkpoint_flag: bool = True, device: bool = True) -> None:
+    """The checkpoint and its overrides (reference flag names), for ``evl.predict`` / ``evl.extract``
+    (and, without ``--checkpoint`` and ``--device``, ``evl.export``)."""
     g = p.add_argument_group("model", "this project's checkpoints record all of these; the reference's released "
                                       "checkpoints need --backbone, --backbone_path and --sampling_rate")
-    g.add_argument("--checkpoint", required=True, metavar="CKPT",
-                   help="an EVL checkpoint (.pth): this project's or the reference's")
+    if checkpoint_flag:
+        g.add_argument("--checkpoint", required=True, metavar="CKPT",
+                       help="an EVL checkpoint (.pth: this project's or the reference's) or a folder written by "
+                            "python -m evl.export")
     g.add_argument("--backbone", metavar="NAME_OR_JSON",
                    help="open_clip model name or model-config JSON (default: the checkpoint's)")
     g.add_argument("--backbone_path", metavar="FILE", help="CLIP weights file (default: the one the checkpoint "
@@ -250,7 +300,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sampling_rate", type=int, metavar="S", help="frame stride (default: the checkpoint's)")
     g.add_argument("--num_spatial_views", type=int, choices=[1, 3], help="default: the checkpoint's evaluation views")
     g.add_argument("--num_temporal_views", type=int, metavar="N")
-    g.add_argument("--device", metavar="DEV", help="cuda, cuda:N or cpu (default: cuda when available)")
+    if device:
+        g.add_argument("--device", metavar="DEV", help="cuda, cuda:N or cpu (default: cuda when available)")
 
 
 def predictor_from_args(ns: argparse.Namespace) -> Predictor:

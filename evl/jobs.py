@@ -28,9 +28,11 @@ def check_inputs(cfg: TrainConfig) -> None:
         problems.append("--train_list_path is required for training")
     if cfg.eval_only and not (cfg.val_list_path or cfg.pipeline in ("dummy", "cache")):
         problems.append("--eval_only needs --val_list_path")
+    # An evl.export folder holds a model to evaluate or start from, not a run to resume.
+    folder_ok = {"pretrain"} | ({"resume_path"} if cfg.eval_only else set())
     for flag in ("train_list_path", "val_list_path", "backbone_path", "resume_path", "pretrain"):
         path = getattr(cfg, flag)
-        if path and not os.path.isfile(path):
+        if path and not os.path.isfile(path) and not (flag in folder_ok and os.path.isdir(path)):
             problems.append(f"--{flag} {path}: file not found")
     at_least = {"batch_size": 1, "batch_split": 1, "num_steps": 1, "save_freq": 1, "eval_freq": 1, "print_freq": 1,
                 "keep_last": 1, "warmup_steps": 0, "num_workers": 0, "num_frames": 1, "num_classes": 1,

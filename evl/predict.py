@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: --plot draws one video, got {len(ns.videos)}; run once per video")
     try:
         predictor = predictor_from_args(ns)
-        names = read_class_names(ns.class_names, predictor.num_classes) if ns.class_names else None
+        names = (read_class_names(ns.class_names, predictor.num_classes) if ns.class_names
+                 else predictor.settings.get("class_names"))  # an exported folder's
     except (WeightsError, OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     failed = []

@@ -2,28 +2,31 @@
 
 CLIP weights come from OpenAI's TorchScript archives (``ViT-B-16.pt``), full CLIP state dicts
 in OpenAI/open_clip naming (possibly wrapped in ``{'state_dict': ...}`` with DDP prefixes), or
-visual-only state dicts; ``.safetensors`` files too. Nothing here unpickles arbitrary objects:
-plain files go through ``torch.load(weights_only=True)`` and TorchScript archives through
-``torch.jit.load``, whose constants are tensors and whose code only runs if the module is called
-(we only read its state dict).
+visual-only state dicts, as PyTorch files or as safetensors files (the same key conventions).
+Nothing here unpickles arbitrary objects: safetensors files are read by ``safetensors`` (a JSON
+header and raw tensor bytes), plain files go through ``torch.load(weights_only=True)`` and
+TorchScript archives through ``torch.jit.load``, whose constants are tensors and whose code only
+runs if the module is called (we only read its state dict).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
+import struct
 import warnings
 import zipfile
 from typing import Any, Mapping
 
 import torch
 
-from pipelines.files import file_sha256
+from pipelines import files
 from torch import nn
 
 __all__ = [
-    "WeightsError", "safe_load", "file_sha256", "read_clip_state_dict", "load_backbone_weights",
-    "strip_prefix", "to_reference_state_dict",
+    "WeightsError", "safe_load", "file_sha256", "is_safetensors", "read_safetensors", "read_clip_state_dict",
+    "load_backbone_weights", "load_visual_state", "strip_prefix", "to_reference_state_dict",
 ]
 
 # Keys of CLIP's visual tower that EVL never uses; a file may or may not have them.
@@ -32,6 +35,55 @@ UNUSED_VISUAL_KEYS = ("ln_post.weight", "ln_post.bias", "proj")
 
 class WeightsError(ValueError):
     """A weights or checkpoint file that cannot be used, with the file named in the message."""
+
+
+def file_sha256(path: str) -> str:
+    """The sha256 of a file's bytes. Of a folder (a model ``evl.export`` wrote), the sha256 of one
+    ``<relative path> <sha256>`` line per file in it, sorted, leaving out its ``README.md``: the
+    model card may be edited without changing what the folder holds."""
+    if not os.path.isdir(path):
+        return files.file_sha256(path)
+    lines = []
+    for root, dirs, names in os.walk(path):
+        dirs.sort()
+        for name in sorted(names):
+            rel = os.path.relpath(os.path.join(root, name), path)
+            if rel != "README.md" and not name.startswith("."):
+                lines.append(f"{rel} {files.file_sha256(os.path.join(root, name))}\n")
+    return hashlib.sha256("".join(sorted(lines)).encode()).hexdigest()
+
+
+def is_safetensors(path: str) -> bool:
+    """Whether ``path`` starts like a safetensors file: an 8-byte little-endian header length that
+    fits in the file, then the header's JSON object."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    if len(head) < 9:
+        return False
+    (n,) = struct.unpack("<Q", head[:8])
+    return head[8:9] == b"{" and 0 < n <= size - 8
+
+
+def read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, on CPU; a file that is not one is a ``WeightsError``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"file not found: {path}")
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        with open(path, "rb") as f:
+            magic = f.read(2)
+        pytorch = magic == b"PK" or magic[:1] == b"\x80"  # a zip archive, or a pickle
+        hint = " (it is a PyTorch file: give it a .pt name)" if pytorch else " (truncated or corrupt?)"
+        raise WeightsError(f"{path}: not a readable safetensors file{hint}: {first}") from None
 
 
 def _is_torchscript(path: str) -> bool:
@@ -59,10 +111,8 @@ def read_clip_state_dict(path: str) -> dict[str, torch.Tensor]:
     """The raw tensors of a CLIP weights file, as float32, whatever its container."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"CLIP weights file not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        sd: Any = load_file(path, device="cpu")
+    if path.endswith(".safetensors") or is_safetensors(path):
+        sd: Any = read_safetensors(path)
     elif _is_torchscript(path):
         try:
             with warnings.catch_warnings():
@@ -144,7 +194,13 @@ def describe_visual(sd: Mapping[str, torch.Tensor]) -> str:
 
 def load_backbone_weights(visual: nn.Module, path: str, spec=None) -> str:
     """Load CLIP weights into an open_clip visual tower, strictly; returns the file's sha256."""
-    src = _visual_part(read_clip_state_dict(path))
+    load_visual_state(visual, _visual_part(read_clip_state_dict(path)), path, spec)
+    return file_sha256(path)
+
+
+def load_visual_state(visual: nn.Module, src: Mapping[str, torch.Tensor], source: str, spec=None) -> None:
+    """Copy a visual state dict (open_clip names) into ``visual``, strictly: every key EVL uses,
+    no others, the same shapes; otherwise a ``WeightsError`` naming ``source``, with nothing copied."""
     dst = visual.state_dict()
     needed = {k for k in dst if k not in UNUSED_VISUAL_KEYS}
     missing = sorted(needed - src.keys())
@@ -153,7 +209,7 @@ def load_backbone_weights(visual: nn.Module, path: str, spec=None) -> str:
                     for k in needed & src.keys() if src[k].shape != dst[k].shape)
     if missing or unexpected or shapes:
         what = spec.describe() if spec is not None else "the backbone"
-        parts = [f"{path} does not fit {what}; the file holds {describe_visual(src)}."]
+        parts = [f"{source} does not fit {what}; the file holds {describe_visual(src)}."]
         for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
                             ("shape mismatches", shapes)):
             if keys:
@@ -164,7 +220,6 @@ def load_backbone_weights(visual: nn.Module, path: str, spec=None) -> str:
         for k in dst.keys() & src.keys():
             if dst[k].shape == src[k].shape:  # an unused ln_post/proj of another size is skipped
                 dst[k].copy_(src[k])
-    return file_sha256(path)
 
 
 def to_reference_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

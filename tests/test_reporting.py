@@ -224,3 +224,18 @@ def test_a_reporter_that_cannot_start_stops_the_run_before_training(tiny_vit, de
     with pytest.raises(SetupError, match=r"--report_to wandb could not start \(UsageError: api_key"):
         run(train_argv(tiny_vit, demo_data, out, "--num_steps", "2", "--report_to", "tensorboard,wandb"))
     assert not list(out.glob("checkpoint-*.pth")) and not (out / "metrics.jsonl").exists()
+
+
+def test_overwrite_output_dir_deletes_the_earlier_runs_reports(tmp_path):
+    """--overwrite_output_dir starts the curves over: the earlier run's TensorBoard events and
+    W&B run id go with its checkpoints; W&B's own (maybe not uploaded) files stay."""
+    from evl.checkpoint import RunDirectory
+
+    run = RunDirectory(str(tmp_path))
+    (tmp_path / "tensorboard").mkdir()
+    (tmp_path / "tensorboard" / "events.out.tfevents.1").write_bytes(b"x")
+    (tmp_path / "wandb_run_id").write_text("abc123\n")
+    (tmp_path / "wandb").mkdir()
+    assert {"tensorboard", "wandb_run_id"} <= set(run.run_files())
+    run.start_over()
+    assert sorted(os.listdir(tmp_path)) == ["wandb"]

@@ -1,6 +1,7 @@
 """CLIP weight files in, EVL checkpoints in and out (evl-spec.md §3)."""
 
 import json
+import re
 import warnings
 
 import pytest
@@ -202,3 +203,83 @@ def test_backbone_weights_in_the_reference_implementations_vit_naming(tiny_vit, 
     tokens = torch.cat([ref["cls_token"].expand(2, 1, -1), patches @ ref["patch_embed.proj.weight"].T + bias], 1)
     expected = model.backbone.visual.ln_pre(tokens + ref["pos_embed"])
     torch.testing.assert_close(model.backbone._embed(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["visual_only", "full_clip", "ddp_prefix", "fp16", "reference_vit"])
+def test_backbone_weights_from_safetensors(tiny_vit, tmp_path, monkeypatch, layout):
+    from safetensors.torch import save_file
+
+    vis = random_visual_state(tiny_vit, seed=4)
+    if layout == "visual_only":
+        tensors = vis
+    elif layout == "full_clip":
+        tensors = {**{f"visual.{k}": v for k, v in vis.items()}, "token_embedding.weight": torch.zeros(10, 4),
+                   "logit_scale": torch.tensor(4.6)}
+    elif layout == "ddp_prefix":
+        tensors = {f"module.visual.{k}": v for k, v in vis.items()}
+    elif layout == "fp16":
+        tensors = {f"visual.{k}": v.half() for k, v in vis.items()}
+        vis = {k: v.half().float() for k, v in vis.items()}
+    else:  # the reference's ViT naming (no patch bias), as its .pt files are converted
+        tensors = {"cls_token": vis["class_embedding"], "pos_embed": vis["positional_embedding"],
+                   "patch_embed.proj.weight": vis["conv1.weight"].flatten(1), "ln_pre.weight": vis["ln_pre.weight"],
+                   "ln_pre.bias": vis["ln_pre.bias"]}
+        for i in range(4):
+            s, d = f"transformer.resblocks.{i}.", f"blocks.{i}."
+            for j, n in enumerate("qkv"):
+                for kind in ("weight", "bias"):
+                    tensors[f"{d}attn.{n}_proj.{kind}"] = vis[f"{s}attn.in_proj_{kind}"][j * 64:(j + 1) * 64]
+            for ours, theirs in (("attn.out_proj", "attn.out_proj"), ("mlp.fc1", "mlp.c_fc"),
+                                 ("mlp.fc2", "mlp.c_proj"), ("norm1", "ln_1"), ("norm2", "ln_2")):
+                for kind in ("weight", "bias"):
+                    tensors[f"{d}{ours}.{kind}"] = vis[f"{s}{theirs}.{kind}"]
+        vis = {k: v for k, v in vis.items() if not k.startswith(("ln_post", "proj"))}
+    path = tmp_path / "clip.safetensors"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a safetensors file was unpickled")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(torch.jit, "load", refuse)
+    model = evl.build_model(tiny_vit, 5, 4, backbone_path=str(path))
+    assert_backbone_is(model, vis)
+    assert len(model.config["backbone_sha256"]) == 64
+    # The same bytes under another name are recognised by their header, not their extension.
+    renamed = tmp_path / "clip.bin"
+    renamed.write_bytes(path.read_bytes())
+    assert_backbone_is(evl.build_model(tiny_vit, 5, 4, backbone_path=str(renamed)), vis)
+
+
+@pytest.mark.parametrize("content, expect", [
+    (b"\x00garbage" * 10, r"truncated or corrupt\?"),
+    (b"", r"truncated or corrupt\?"),
+    ("pytorch", r"it is a PyTorch file: give it a \.pt name"),
+    ("cut", r"truncated or corrupt\?"),
+])
+def test_unreadable_safetensors_are_one_line_errors(tiny_vit, tmp_path, monkeypatch, capsys, content, expect):
+    from safetensors.torch import save_file
+    from evl.train import main as train_main
+
+    path = tmp_path / "clip.safetensors"
+    if content == "pytorch":
+        torch.save(random_visual_state(tiny_vit), str(path))
+    elif content == "cut":
+        save_file(random_visual_state(tiny_vit), str(path))
+        path.write_bytes(path.read_bytes()[:-64])
+    else:
+        path.write_bytes(content)
+    with monkeypatch.context() as m, pytest.raises(WeightsError) as e:
+        m.setattr(torch, "load", lambda *a, **k: pytest.fail("a .safetensors file went to torch.load"))
+        evl.build_model(tiny_vit, 5, 4, backbone_path=str(path))
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: not a readable safetensors file") and "\n" not in msg
+    assert re.search(expect, msg)
+
+    # From the command line: one error line naming the file, no traceback.
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--backbone", tiny_vit, "--backbone_path", str(path), "--pipeline", "dummy", "--num_classes", "4",
+                    "--num_frames", "4", "--batch_size", "2", "--num_steps", "1", "--device", "cpu"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("python -m evl.train: error: ") and str(path) in err[0]
