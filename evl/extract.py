@@ -9,7 +9,9 @@ where it stopped; ``DIR/extract.json`` records the checkpoint and sampling, and 
 another one is refused rather than mixing features. Unreadable videos are reported at the end
 (the exit status is then 1) and left out of the index. Under ``torchrun`` each process extracts
 every ``world_size``-th remaining video on its own GPU, and rank 0 writes the index and the
-report once all are done.
+report once all are done. Videos are read by the training pipelines' factory
+(``--pipeline pyav``, or ``dali``: NVDEC on a GPU, and the colours a model trained on
+``--pipeline dali`` saw), as evaluation reads them.
 """
 
 from __future__ import annotations
@@ -21,15 +23,14 @@ import re
 import sys
 
 import numpy as np
-import torch
 
-from pipelines.lists import ListFileError, VideoRecord, read_list
-from pipelines.dataset import frame_range
+from pipelines import PipelineConfig, build_pipeline, cpu_workers
+from pipelines.dataset import probe_dataset
 from pipelines.files import atomic_write
-from pipelines.probe import probe_video
+from pipelines.lists import ListFileError, VideoRecord, read_list
 
-from .distributed import PatientGroup, all_gather_object, process_group, resolve_device
-from .inference import ViewReader, add_model_arguments, predictor_from_args
+from .distributed import PatientGroup, all_gather_object, process_group, resolve_device, threads_beside_decoders
+from .inference import Predictor, add_model_arguments, predictor_from_args
 from .weights import WeightsError, file_sha256
 
 __all__ = ["main", "feature_paths"]
@@ -54,26 +55,6 @@ def _save_npy(path: str, array: np.ndarray) -> None:
 
 def _write_text_atomic(path: str, text: str) -> None:
     atomic_write(path, text.encode("utf-8"), keeps=_KEPT)
-
-
-class _Videos(torch.utils.data.Dataset):
-    """Item ``j``: ``(position, views [V, T, S, S, 3] uint8 or None, error or None)``."""
-
-    def __init__(self, reader: ViewReader, items: list[tuple[int, VideoRecord]]):
-        self.reader, self.items = reader, items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, j: int):
-        i, record = self.items[j]
-        try:
-            info = probe_video(record.path)
-            first, last = frame_range(record, info)
-            return i, self.reader(record.path, first, last, info), None
-        except Exception as e:  # noqa: BLE001 -- whatever a decoder raises, the video is unreadable
-            reason = e.reason if hasattr(e, "reason") else f"{type(e).__name__}: {e}"
-            return i, None, reason
 
 
 def _check_manifest(output: str, manifest: dict, write: bool = True) -> None:
@@ -108,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cls", action="store_true", help="also save the per-frame CLS tokens [T, C] of the first view")
     p.add_argument("--batch_size", type=int, default=8, metavar="N", help="videos per forward pass (all their views)")
     p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N",
-                   help="decoding processes (default: %(default)s)")
+                   help="decoding processes, or DALI's threads (default: %(default)s)")
+    p.add_argument("--pipeline", default="pyav", choices=["pyav", "dali"],
+                   help="how videos are decoded, as in training (dali: on the GPU with NVDEC; on the CPU VP8/VP9/MJPEG)")
     add_model_arguments(p)
     return p
 
@@ -122,14 +105,45 @@ def main(argv: list[str] | None = None) -> int:
         resolve_device(ns.device)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    with process_group(ns.device) as world:  # under torchrun: this process's share, on its own GPU
-        if world.world_size > 1:
+    with threads_beside_decoders(cpu_workers(ns.pipeline, ns.num_workers)), process_group(ns.device) as world:
+        if world.world_size > 1:  # under torchrun: this process's share, on its own GPU
             ns.device = str(world.device)
         group = PatientGroup()  # processes finish their shares at different times
         try:
             return _extract(ns, world, group)
         finally:
             group.close()
+
+
+def _read_share(ns: argparse.Namespace, predictor: Predictor, share: list[tuple[int, VideoRecord]], failures: list):
+    """Batches of the readable videos of ``share``, read by ``--pipeline`` as evaluation reads
+    them: ``(clips [N, 3, T, S, S], [(list position, the video's rows, views in order)])``;
+    the unreadable ones are added to ``failures``."""
+    s = predictor.settings
+    cfg = PipelineConfig(
+        list_path=ns.list_path, data_root=ns.data_root, num_classes=None, num_frames=s["num_frames"],
+        sampling_rate=s["sampling_rate"], sampling=s["sampling"], input_size=s["input_size"],
+        batch_size=ns.batch_size, train=False, num_workers=ns.num_workers, num_spatial_views=s["num_spatial_views"],
+        num_temporal_views=s["num_temporal_views"], device=str(predictor.device), max_bad_fraction=1.0,
+        missing_ok=True)
+    records, infos, unreadable, _ = probe_dataset(cfg)  # the probe is cached: the pipeline reads it again
+    reasons = dict(unreadable)
+    readable = [r.source for r, info in zip(records, infos) if info is not None]
+    position = {source: j for j, source in enumerate(readable)}  # the pipeline's index of a record
+    wanted = {}
+    for i, record in share:
+        if record.source in position:
+            wanted[position[record.source]] = i
+        else:
+            failures.append((record.path, reasons.get(record.path, "unreadable")))
+    if not wanted:
+        return
+    cfg.keys = [(0, j) for j in wanted]
+    pipe = build_pipeline(ns.pipeline, cfg)
+    for batch in pipe:
+        index = batch.index.cpu()
+        yield batch.clips, [(wanted[j], index == j) for j in dict.fromkeys(index.tolist())]
+    failures += pipe.bad
 
 
 def _extract(ns: argparse.Namespace, world, group: PatientGroup) -> int:
@@ -163,26 +177,21 @@ def _extract(ns: argparse.Namespace, world, group: PatientGroup) -> int:
     if world.is_primary:
         _check_manifest(output, manifest)
     todo = todo[world.rank::world.world_size]
-    loader = torch.utils.data.DataLoader(_Videos(predictor.reader, todo), batch_size=ns.batch_size,
-                                         num_workers=ns.num_workers, collate_fn=list)
     failures: list[tuple[str, str]] = []
     desc = f"extract (rank 0 of {world.world_size})" if world.world_size > 1 else "extract"
-    with tqdm(total=len(todo), desc=desc, unit="video", dynamic_ncols=True,
-              disable=None if world.is_primary else True) as bar:
-        for batch in loader:
-            good = [(i, clips) for i, clips, _ in batch if clips is not None]
-            failures += [(records[i].path, reason) for i, clips, reason in batch if clips is None]
-            if good:
-                out = predictor.run(torch.cat([c for _, c in good]), want_cls=ns.cls)
-                start = 0
-                for i, clips in good:
-                    views = slice(start, start + len(clips))
-                    start += len(clips)
+    try:
+        with tqdm(total=len(todo), desc=desc, unit="video", dynamic_ncols=True,
+                  disable=None if world.is_primary else True) as bar:
+            for clips, videos in _read_share(ns, predictor, todo, failures):
+                out = predictor.run_normalised(clips, want_cls=ns.cls)
+                for i, rows in videos:
                     emb_path, cls_path = feature_paths(output, i, records[i])
                     if ns.cls:  # written first: the embedding file's existence marks the video done
-                        _save_npy(cls_path, out["cls"][views.start].numpy().astype(np.float32))
-                    _save_npy(emb_path, out["embedding"][views].mean(0).numpy().astype(np.float32))
-            bar.update(len(batch))
+                        _save_npy(cls_path, out["cls"][rows][0].numpy().astype(np.float32))
+                    _save_npy(emb_path, out["embedding"][rows].mean(0).numpy().astype(np.float32))
+                bar.update(len(videos))
+    except ValueError as e:  # the pipeline refuses what it cannot read (a codec DALI cannot decode here)
+        raise SystemExit(f"error: {e}") from None
 
     # Every share done: rank 0 writes the index of all of them and reports everyone's failures.
     group.barrier()

@@ -121,7 +121,12 @@ class Predictor:
     def run(self, clips: torch.Tensor, want_cls: bool = False) -> dict[str, torch.Tensor]:
         """uint8 clips ``[N, T, S, S, 3]`` -> per-clip ``probs [N, K]``, ``embedding [N, C]`` and,
         with ``want_cls``, the last backbone block's CLS token per frame ``cls [N, T, C]``; fp32 on CPU."""
-        x = thwc_uint8_to_bcthw(clips, self.device)
+        return self.run_normalised(thwc_uint8_to_bcthw(clips, self.device), want_cls)
+
+    @torch.no_grad()
+    def run_normalised(self, x: torch.Tensor, want_cls: bool = False) -> dict[str, torch.Tensor]:
+        """:meth:`run` on clips as the pipelines give them: ``[N, 3, T, S, S]`` float, normalised."""
+        x = x.to(self.device)
         with autocast(self.precision, self.device):
             feats = self.model.forward_features(x)
             logits, emb = self.model.forward_head(feats, return_embedding=True)

@@ -65,6 +65,10 @@ class PipelineConfig:
     # batch or replacement of a bad video (it is left out and reported in ``bad``). Batch.view is
     # then the key's epoch for a training key. For jobs that read a list once (the feature cache).
     keys: Sequence[tuple[int, int]] | None = None
+    # A listed file that does not exist is an unreadable video, not an error in the list, and
+    # the videos left out at the probe are not logged: for jobs that report what they could not
+    # read themselves (feature extraction).
+    missing_ok: bool = False
     extra: dict = field(default_factory=dict)  # backend-specific options (e.g. feature_cache dir)
 
 

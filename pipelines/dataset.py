@@ -22,7 +22,7 @@ from .sampling import ClipSampler, ClipSpec
 if TYPE_CHECKING:
     from .probe import VideoInfo
 
-__all__ = ["clip_specs", "frame_range", "load_dataset", "make_sampler", "probe_cache_path"]
+__all__ = ["clip_specs", "frame_range", "load_dataset", "make_sampler", "probe_cache_path", "probe_dataset"]
 
 log = logging.getLogger("pipelines.dataset")
 
@@ -33,11 +33,14 @@ def probe_cache_path(list_path: str) -> str | None:
     return path if os.access(os.path.dirname(os.path.abspath(path)), os.W_OK) else None
 
 
-def load_dataset(cfg: PipelineConfig) -> tuple[list[VideoRecord], list[VideoInfo]]:
-    """Read and validate the list, probe its videos, exclude (and report) unreadable ones."""
+def probe_dataset(cfg: PipelineConfig):
+    """``(records, infos, failures, warnings)`` of the list, nothing logged: every record with its
+    probe (None where unreadable or out of range), the ``(what, reason)`` of each unreadable one,
+    and the warnings about slow or inexact files."""
     from .probe import check_videos, probe_videos
 
-    records = read_list(cfg.list_path, data_root=cfg.data_root, num_classes=cfg.num_classes)
+    records = read_list(cfg.list_path, data_root=cfg.data_root, num_classes=cfg.num_classes,
+                        check_files=not cfg.missing_ok)
     with local_leader_first():
         infos, failures = probe_videos([r.path for r in records], probe_cache_path(cfg.list_path),
                                        num_workers=min(cfg.num_workers, os.cpu_count() or 1),
@@ -53,6 +56,12 @@ def load_dataset(cfg: PipelineConfig) -> tuple[list[VideoRecord], list[VideoInfo
         elif (record.end_sec * info.fps) - info.num_frames > 1:
             warnings.append(f"{segment}: ends after the video's end ({info.duration_sec:.2f} s); its clips use "
                             "the part in the video")
+    return records, infos, failures, warnings
+
+
+def load_dataset(cfg: PipelineConfig) -> tuple[list[VideoRecord], list[VideoInfo]]:
+    """Read and validate the list, probe its videos, exclude (and report) unreadable ones."""
+    records, infos, failures, warnings = probe_dataset(cfg)
     if warnings:  # one summary, not one line per file of a large dataset
         more = f"\n  ... and {len(warnings) - 5} more" if len(warnings) > 5 else ""
         log.warning("%s: %d video warning(s):\n  %s%s", cfg.list_path, len(warnings), "\n  ".join(warnings[:5]), more)
@@ -62,7 +71,8 @@ def load_dataset(cfg: PipelineConfig) -> tuple[list[VideoRecord], list[VideoInfo
         msg = f"{cfg.list_path}: {len(failures)} of {len(records)} videos are unreadable or out of range:\n{shown}{more}"
         if len(failures) > cfg.max_bad_fraction * len(records):
             raise TooManyBadVideos(msg + f"\nthat is more than {cfg.max_bad_fraction:.1%}: fix or remove them")
-        log.warning(msg + "\nthey are excluded")
+        if not cfg.missing_ok:
+            log.warning(msg + "\nthey are excluded")
     keep = [i for i, info in enumerate(infos) if info is not None]
     return [records[i] for i in keep], [infos[i] for i in keep]
 

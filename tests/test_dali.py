@@ -340,6 +340,34 @@ def test_training_with_the_reader_from_the_command_line(dataset, tmp_path, tiny_
     assert run(tmp_path / "reader", "--dali_decoder", "reader") == run(tmp_path / "graph")
 
 
+def test_extract_reads_with_dali(dataset, tmp_path, tiny_vit):
+    """``evl.extract --pipeline dali``: every video's features nearest to its own PyAV-read
+    features (the decoders differ by colour conversion only); a missing file is reported."""
+    from evl import train as train_mod
+    from evl.config import parse_config
+    from evl.extract import main as extract_main
+
+    run = tmp_path / "run"
+    train_mod.train(parse_config([
+        "--backbone", tiny_vit, "--num_classes", "3", "--num_frames", "8", "--sampling_rate", "2",
+        "--train_list_path", str(dataset / "all.txt"), "--data_root", str(dataset), "--batch_size", "4",
+        "--num_workers", "0", "--auto_augment", "none", "--num_steps", "1", "--device", "cpu",
+        "--output_dir", str(run)]))
+    lst = tmp_path / "list.txt"
+    lst.write_text((dataset / "all.txt").read_text() + f"{tmp_path}/missing.webm 0\n")
+    emb = {}
+    for pipeline in ("pyav", "dali"):
+        out = tmp_path / pipeline
+        rc = extract_main(["--list", str(lst), "--data_root", str(dataset), "--checkpoint", str(run / "checkpoint-1.pth"),
+                           "--output", str(out), "--pipeline", pipeline, "--num_workers", "1", "--batch_size", "4"])
+        assert rc == 1  # the missing file
+        index = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+        assert [e["line"] for e in index] == list(range(1, 10))
+        emb[pipeline] = np.stack([np.load(out / e["embedding"]) for e in index])
+    dist = np.linalg.norm(emb["dali"][:, None] - emb["pyav"][None], axis=-1)
+    assert (dist.argmin(1) == np.arange(9)).all(), dist
+
+
 def test_evaluation_shards_cover_every_video_once(dataset):
     seen = []
     for rank in range(2):
