@@ -31,6 +31,8 @@ ssv2_lists() {
   python -m evl.ssv2 --annotations "$SSV2_ANNOTATIONS" --videos "$SSV2_VIDEOS" --output "$SSV2"
 }
 
+source "$(dirname "${BASH_SOURCE[0]}")/recipe_common.sh"
+
 ssv2() {
   local mode=$1; shift
   : "${CLIP_DIR:?set CLIP_DIR to the folder holding $WEIGHTS}"
@@ -40,24 +42,5 @@ ssv2() {
                --val_list_path "$SSV2/val.txt" --data_root "$SSV2"
                --num_spatial_views "$SPATIAL" --num_temporal_views "$TEMPORAL"
                --pipeline "${PIPELINE:-dali}" --num_workers 12)
-  if [ "$mode" = eval ]; then
-    : "${CKPT:?set CKPT to the checkpoint to evaluate}"
-    python -m torch.distributed.run --nproc_per_node "${NPROC:-1}" -m evl.eval "${model[@]}" \
-      --batch_size 8 --checkpoint "$CKPT" --output_dir "${RUN_DIR:-runs/eval_ssv2_$NAME}" "$@"
-    return
-  fi
-  local run_dir="${RUN_DIR:-runs/ssv2_$NAME}" launch
-  # --batch_size is the global batch (the reference's meaning), shared among the processes.
-  if [ "$mode" = train8 ]; then   # 8 processes x 32 clips
-    launch=(python -m torch.distributed.run --nproc_per_node "${NPROC:-8}" -m evl.train --batch_size 256
-            --batch_split "$SPLIT8")
-  else                            # one process x 256 clips, in chunks of 32 or fewer as on 8 GPUs
-    launch=(python -m evl.train --batch_size 256 --batch_split $((8 * SPLIT8)))
-  fi
-  mkdir -p "$run_dir"
-  "${launch[@]}" "${model[@]}" --train_list_path "$SSV2/train.txt" \
-    --lr 4e-4 --weight_decay 0.05 --num_steps 40000 --warmup_steps 0 \
-    --auto_augment rand-m7-n4-mstd0.5-inc1 \
-    --eval_freq 5000 --save_freq 5000 --print_freq 10 \
-    --output_dir "$run_dir" --auto_resume "$@" 2>&1 | tee -a "$run_dir/train.log"
+  recipe_launch "$mode" ssv2 40000 "$SSV2/train.txt" "$@"
 }
