@@ -53,8 +53,8 @@ from .dataset import clip_specs, load_dataset, make_sampler
 from .epoch import EpochKeys, batches_per_epoch, replacements, training_epoch
 from .index import VideoReadError, frame_index, requested_positions
 
-__all__ = ["CPU_CODECS", "GPU_CODECS", "DALIPipeline", "UnsupportedCodecError", "nvdec_problem", "read_frames",
-           "to_torch"]
+__all__ = ["CPU_CODECS", "GPU_CODECS", "DALIPipeline", "UnsupportedCodecError", "colour_correction", "nvdec_problem",
+           "read_frames", "to_torch"]
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +163,40 @@ def to_torch(out, device_id: int | None) -> torch.Tensor:
         return torch.from_dlpack(tensor)
 
 
+# -- colour ------------------------------------------------------------------------------------
+
+# (Kr, Kb) of the YUV -> RGB matrices FFmpeg's swscale applies by a stream's colour-matrix tag
+# (AVColorSpace): what PyAV's conversion, and so the PyAV pipeline, uses. Untagged streams and
+# the other tags get BT.601's, which is also what DALI's decoders apply to every stream.
+_BT601 = (0.299, 0.114)
+_MATRIX_K = {1: (0.2126, 0.0722), 4: (0.30, 0.11), 7: (0.212, 0.087), 9: (0.2627, 0.0593), 10: (0.2627, 0.0593)}
+
+
+def _ycbcr_to_rgb(kr: float, kb: float) -> np.ndarray:
+    kg = 1 - kr - kb
+    return np.array([[1, 0, 2 * (1 - kr)], [1, -2 * (1 - kb) * kb / kg, -2 * (1 - kr) * kr / kg],
+                     [1, 2 * (1 - kb), 0]])
+
+
+def colour_correction(colorspace: int | None) -> np.ndarray | None:
+    """The 3x3 matrix that turns DALI's RGB of a stream tagged ``colorspace`` (converted with
+    BT.601's coefficients, whatever the tag) into the RGB its own matrix gives, as PyAV
+    converts it; None where the two already agree. Both conversions share the scaled Y, Cb and
+    Cr, so the correction is linear in RGB (exact but for DALI's clipping of out-of-gamut
+    colours to 0-255)."""
+    k = _MATRIX_K.get(colorspace)
+    if k is None:
+        return None
+    return (_ycbcr_to_rgb(*k) @ np.linalg.inv(_ycbcr_to_rgb(*_BT601))).astype(np.float32)
+
+
+def _correct_colours(frames: np.ndarray, colorspace: int | None) -> np.ndarray:
+    matrix = colour_correction(colorspace)
+    if matrix is None:
+        return frames
+    return np.clip(np.rint(frames.astype(np.float32) @ matrix.T), 0, 255).astype(np.uint8)
+
+
 # -- read_frames -----------------------------------------------------------------------------
 
 
@@ -214,8 +248,9 @@ def read_frames(path: str, frame_indices: Sequence[int], device: str = "cpu") ->
     The contract of :func:`pipelines.pyav.read_frames`: rows follow ``frame_indices`` (repeated and
     unsorted indices allowed); FileNotFoundError for a missing file, IndexError for an index outside
     the video, VideoReadError when the file cannot be read. Frames are numbered by the same probe
-    index as the PyAV reader; the pixels differ from PyAV's by colour conversion only (see
-    docs/decoding-notes.md). A codec DALI cannot decode on ``device`` raises UnsupportedCodecError.
+    index as the PyAV reader, in the colours of the stream's matrix tag as PyAV converts it
+    (:func:`colour_correction`); the pixels differ from PyAV's by the decoders' rounding and
+    chroma upsampling only (see docs/decoding-notes.md). A codec DALI cannot decode on ``device`` raises UnsupportedCodecError.
     """
     if device not in ("cpu", "gpu"):
         raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
@@ -230,7 +265,7 @@ def read_frames(path: str, frame_indices: Sequence[int], device: str = "cpu") ->
     decoded = _decode(path, frames, device_id)
     if len(decoded) != len(frames):
         raise VideoReadError(path, f"DALI returned {len(decoded)} of {len(frames)} frames")
-    return decoded[rows.reshape(-1)]
+    return _correct_colours(decoded[rows.reshape(-1)], index.colorspace)
 
 
 # -- the DALI pipeline -----------------------------------------------------------------------
@@ -265,20 +300,27 @@ def _view_graph(video, order, mirror, rest, size: int, num_slots: int, gpu: bool
 
 
 @dali.pipeline_def(exec_dynamic=True)
-def _clip_graph(feed, num_views: int, size: int, decoder_device: str, num_slots: int = 0, crop_first: bool = False):
+def _clip_graph(feed, num_views: int, size: int, decoder_device: str, num_slots: int = 0, crop_first: bool = False,
+                correct: bool = False):
     """Encoded videos -> ``num_views`` outputs of ``[C, T, size, size]`` float clips.
 
     ``crop_first``: views that share the decoded frames (spatial views, a training clip) crop and
     resize them before putting them in the view's order, so no view copies full-size frames;
-    views with frames of their own (temporal views) take them first.
+    views with frames of their own (temporal views) take them first. ``correct``: each video's
+    decoded frames go through its :func:`colour_correction` (a 3x3 matrix per video, fed).
     """
     view_types = _view_types(num_slots)
     n = len(view_types)
-    encoded, frames, *per_view = fn.external_source(source=feed, num_outputs=2 + n * num_views, batch=True,
-                                                    dtype=[types.UINT8, types.INT32] + view_types * num_views)
+    video_types = [types.UINT8, types.INT32] + ([types.FLOAT] if correct else [])
+    columns = fn.external_source(source=feed, num_outputs=len(video_types) + n * num_views, batch=True,
+                                 dtype=video_types + view_types * num_views)
+    encoded, frames = columns[:2]
+    per_view = columns[len(video_types):]
     # pad_mode="none": a frame past DALI's end of the video is an error, not a black frame
     # (DALI's default), should DALI ever count a file's frames differently from the probe.
     video = fn.decoders.video(encoded, frames=frames, device=decoder_device, pad_mode="none")  # FHWC uint8
+    if correct:
+        video = fn.coord_transform(video, M=columns[2], dtype=types.UINT8)
     outputs = []
     for v in range(num_views):
         order, mirror, *rest = per_view[n * v:n * (v + 1)]
@@ -289,20 +331,24 @@ def _clip_graph(feed, num_views: int, size: int, decoder_device: str, num_slots:
 
 @dali.pipeline_def(exec_dynamic=True)
 def _reader_graph_of_clips(feed, file_list: str, num_frames: int, stride: int, size: int, gpu: bool,
-                           num_slots: int = 0):
+                           num_slots: int = 0, correct: bool = False):
     """``fn.experimental.readers.video`` over ``file_list`` (one ``path label first end`` line per
     training clip, in batch order) -> ``[C, T, size, size]`` float clips. The reader keeps its
     decoders and file indexes from one clip to the next. A range ``[first, first + (T - 1) *
     stride + 1)`` cut at the video's end, with ``pad_mode="edge"``, gives exactly the sampler's
-    frames, a short video's repeated last frame included. ``feed`` gives each clip's flip and
-    crop (or RandAugment) columns in the same order. The lines' labels are their numbers in the
+    frames, a short video's repeated last frame included. ``feed`` gives each clip's colour
+    correction, flip and crop (or RandAugment) columns in the same order. The lines' labels are their numbers in the
     list, returned with the clips: a reader that leaves out a file it cannot open shifts them."""
-    view_types = _view_types(num_slots)[1:]  # no frame order: the reader's frames are the clip's
-    mirror, *rest = fn.external_source(source=feed, num_outputs=len(view_types), batch=True, dtype=view_types)
+    # No frame order: the reader's frames are the clip's.
+    view_types = ([types.FLOAT] if correct else []) + _view_types(num_slots)[1:]
+    columns = fn.external_source(source=feed, num_outputs=len(view_types), batch=True, dtype=view_types)
+    colour, (mirror, *rest) = (columns[0], columns[1:]) if correct else (None, columns)
     video, line = fn.experimental.readers.video(
         device="gpu" if gpu else "cpu", file_list=file_list, file_list_format="frames",
         file_list_include_end=False, sequence_length=num_frames, stride=stride, step=2**30, pad_mode="edge",
         random_shuffle=False, name="reader")
+    if correct:
+        video = fn.coord_transform(video, M=colour, dtype=types.UINT8)
     return _view_graph(video, None, mirror, rest, size, num_slots, gpu, crop_first=True), line
 
 
@@ -358,7 +404,9 @@ class _ReaderFeed:
         columns: list[list[np.ndarray]] = []
         for epoch, index in self.batches[number]:
             wanted, (view,) = self.owner._clip_columns(epoch, index)  # training: one view
-            columns.append(view[1:])  # no frame order: the reader gives the clip's frames in order
+            # no frame order: the reader gives the clip's frames in order
+            colour = [self.owner._colour[index]] if self.owner.correct_colours else []
+            columns.append([*colour, *view[1:]])
             record = self.owner.records[index]
             pending.paths.append(record.path)
             pending.frames.append(wanted)
@@ -389,6 +437,11 @@ class DALIPipeline:
                       capability=_capability(self.device_id))
         self.records, self.infos = records, infos
         self.num_samples = len(records)
+        # Each video's colour correction (identity where none is needed); the graph applies them
+        # only when some video needs one.
+        corrections = [colour_correction(i.colorspace) for i in infos]
+        self._colour = [np.eye(3, dtype=np.float32) if m is None else m for m in corrections]
+        self.correct_colours = any(m is not None for m in corrections)
         self.sampler = make_sampler(cfg)
         self.num_views = 1 if cfg.train else self.sampler.num_views
         self.keys = EpochKeys(len(records), cfg)
@@ -448,7 +501,8 @@ class DALIPipeline:
         """(pending record, external_source outputs) of one batch, or None when every video is bad."""
         pending = _Pending(number, [], [], [], [], [])
         per_view = len(_view_types(self.num_slots))
-        columns: list[list[np.ndarray]] = [[] for _ in range(2 + per_view * self.num_views)]
+        first_view = 3 if self.correct_colours else 2  # after the bytes, the frames (and the colour matrix)
+        columns: list[list[np.ndarray]] = [[] for _ in range(first_view + per_view * self.num_views)]
         for slot, (epoch, first) in enumerate(keys):
             failures, data = [], None
             # Training replaces a video that fails, as the PyAV pipeline does; evaluation skips it.
@@ -467,9 +521,11 @@ class DALIPipeline:
             wanted, views = self._clip_columns(epoch, index)
             columns[0].append(data)
             columns[1].append(wanted.astype(np.int32))
+            if self.correct_colours:
+                columns[2].append(self._colour[index])
             for v, view in enumerate(views):
                 for c, value in enumerate(view):
-                    columns[2 + per_view * v + c].append(value)
+                    columns[first_view + per_view * v + c].append(value)
             pending.paths.append(self.records[index].path)
             pending.frames.append(wanted)
             pending.labels.append(self.records[index].label)
@@ -517,9 +573,9 @@ class DALIPipeline:
         pipe = _clip_graph(feeder, self.num_views, self.sampler.size,
                            "cpu" if self.device_id is None else "mixed", self.num_slots,
                            crop_first=self.cfg.train or self.sampler.num_temporal_views == 1,
-                           batch_size=self.cfg.batch_size, num_threads=max(1, self.cfg.num_workers),
-                           device_id=self.device_id, prefetch_queue_depth=2,
-                           enable_conditionals=self.num_slots > 0)
+                           correct=self.correct_colours, batch_size=self.cfg.batch_size,
+                           num_threads=max(1, self.cfg.num_workers), device_id=self.device_id,
+                           prefetch_queue_depth=2, enable_conditionals=self.num_slots > 0)
         pipe.build()
         return pipe
 
@@ -631,7 +687,8 @@ class DALIPipeline:
             try:  # the reader opens every file of its list here
                 pipe = _reader_graph_of_clips(
                     feed, list_path, self.cfg.num_frames, self.cfg.sampling_rate, self.sampler.size,
-                    self.device_id is not None, self.num_slots, batch_size=self.cfg.batch_size,
+                    self.device_id is not None, self.num_slots, self.correct_colours,
+                    batch_size=self.cfg.batch_size,
                     num_threads=max(1, self.cfg.num_workers), device_id=self.device_id, prefetch_queue_depth=2,
                     enable_conditionals=self.num_slots > 0)
                 pipe.build()

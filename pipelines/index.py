@@ -64,6 +64,7 @@ class FrameIndex:
     container_format: str | None = None
     pix_fmt: str | None = None  # FFmpeg's name: chroma subsampling and bit depth ("yuv420p10le")
     profile: str | None = None  # the codec's profile ("High", "High 10", "Main 10", "Profile 2")
+    colorspace: int | None = None  # the YUV -> RGB matrix the stream is tagged with (FFmpeg's AVColorSpace)
 
     @property
     def num_frames(self) -> int:
@@ -190,7 +191,16 @@ def _build_index(path: str) -> FrameIndex:
             pts=pts_arr, dts=dts_arr, decode_pos=decode_pos, keyframe=key_arr,
             time_base=time_base, fps=fps, width=ctx.width, height=ctx.height,
             codec=ctx.name, stream_index=stream.index, has_pts=has_pts,
-            container_format=container.format.name.split(",")[0], pix_fmt=ctx.pix_fmt, profile=ctx.profile)
+            container_format=container.format.name.split(",")[0], pix_fmt=ctx.pix_fmt, profile=ctx.profile,
+            colorspace=_colorspace(ctx))
+
+
+def _colorspace(ctx) -> int | None:
+    value = getattr(ctx, "colorspace", None)
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
 
 
 # -- frame indexes shared through the probe cache -------------------------------------------
@@ -212,7 +222,7 @@ def index_meta(index: FrameIndex) -> dict:
     return {"time_base": [index.time_base.numerator, index.time_base.denominator], "fps": index.fps,
             "width": index.width, "height": index.height, "codec": index.codec,
             "stream_index": index.stream_index, "has_pts": index.has_pts, "format": index.container_format,
-            "pix_fmt": index.pix_fmt, "profile": index.profile}
+            "pix_fmt": index.pix_fmt, "profile": index.profile, "colorspace": index.colorspace}
 
 
 # abspath -> (size, mtime_ns, frames file, first row, rows, meta): registered by the probe in
@@ -248,7 +258,7 @@ def _shared_index(path: str, size: int, mtime_ns: int) -> FrameIndex | None:
                       time_base=Fraction(*meta["time_base"]), fps=meta["fps"], width=meta["width"],
                       height=meta["height"], codec=meta["codec"], stream_index=meta["stream_index"],
                       has_pts=meta["has_pts"], container_format=meta.get("format"), pix_fmt=meta.get("pix_fmt"),
-                      profile=meta.get("profile"))
+                      profile=meta.get("profile"), colorspace=meta.get("colorspace"))
 
 
 @functools.lru_cache(maxsize=INDEX_CACHE_SIZE)

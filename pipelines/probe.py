@@ -31,7 +31,9 @@ from .files import atomic_write
 
 __all__ = ["VideoInfo", "check_videos", "probe_video", "probe_videos", "video_info"]
 
-CACHE_VERSION = 4  # 2: frame indexes kept in a frames file; 3: truncated files, shared timestamps; 4: pix_fmt
+# 2: frame indexes kept in a frames file; 3: truncated files, shared timestamps; 4: pix_fmt;
+# 5: the colour matrix tag.
+CACHE_VERSION = 5
 MAX_KEYFRAME_INTERVAL = 15  # a clip frame then costs at most ~15 decoded frames
 VFR_TOLERANCE = 0.05  # relative pts-delta jitter still called constant (ms-rounded mkv pts)
 
@@ -52,6 +54,7 @@ class VideoInfo:
     display_order_differs: bool = False  # some frame is shown before a frame decoded ahead of it
     pix_fmt: str | None = None  # FFmpeg's pixel format: chroma subsampling and bit depth
     profile: str | None = None  # the codec's profile, as FFmpeg names it
+    colorspace: int | None = None  # the YUV -> RGB matrix tag (FFmpeg's AVColorSpace; 2: none)
 
 
 def video_info(index: frame_indexes.FrameIndex) -> VideoInfo:
@@ -71,7 +74,7 @@ def video_info(index: frame_indexes.FrameIndex) -> VideoInfo:
         max_keyframe_interval=max_interval, variable_frame_rate=vfr,
         duration_sec=n / index.fps if index.fps > 0 else 0.0, shared_timestamps=index.shared_pts,
         display_order_differs=bool((index.decode_pos != np.arange(n)).any()), pix_fmt=index.pix_fmt,
-        profile=index.profile)
+        profile=index.profile, colorspace=index.colorspace)
 
 
 def probe_video(path: str) -> VideoInfo:

@@ -228,7 +228,9 @@ def decoder_reuse(check: Check) -> dict:
 
 def colour(check: Check) -> dict:
     """Which colours each decoder gives on content converted to YUV with BT.601 and with BT.709
-    (and tagged so): PSNR of DALI's and PyAV's RGB against the source frames, and DALI's mean
+    (and tagged so): PSNR of DALI's RGB (corrected by the stream's tag, as the pipeline does, and
+    as the decoder gives it: the correction assumes BT.601 there) and PyAV's against the source
+    frames, and DALI's mean
     signed difference from PyAV per channel (what a model trained on one path sees differently
     when predicting through the other)."""
     from pipelines import dali as D
@@ -251,9 +253,11 @@ def colour(check: Check) -> dict:
                 frame.pts, frame.time_base = t, Fraction(1, 25)
                 container.mux(stream.encode(frame))
             container.mux(stream.encode(None))
-        ours = D.read_frames(path, range(8), device="gpu" if check.gpu else "cpu")
+        ours = D.read_frames(path, range(8), device="gpu" if check.gpu else "cpu")  # corrected by the tag
+        raw = D._decode(path, np.arange(8), check.device_id)  # as the decoder gives them
         pyav = read_frames(path, range(8))
         results[name] = {"dali_vs_source_psnr": round(psnr(ours, source), 2),
+                         "dali_uncorrected_vs_source_psnr": round(psnr(raw, source), 2),
                          "pyav_vs_source_psnr": round(psnr(pyav, source), 2),
                          "dali_minus_pyav_mean_rgb": [round(float(x), 2) for x in
                                                       (ours.astype(float) - pyav).mean(axis=(0, 1, 2))],

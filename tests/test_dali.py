@@ -143,6 +143,58 @@ def test_irregular_timestamps_give_the_frames_pyav_gives(tmp_path):
         assert [videos.frame_number(f) for f in P.read_frames(path, want)] == expected, path
 
 
+def write_tagged(path: str, frames: np.ndarray, matrix: str, tag: str) -> str:
+    """VP9 of RGB ``frames`` converted to YUV with ``matrix`` (swscale's name) and tagged ``tag``."""
+    from fractions import Fraction
+
+    with av.open(path, "w") as container:
+        stream = container.add_stream("libvpx-vp9", rate=25, options={
+            "crf": "8", "b": "0", "deadline": "realtime", "cpu-used": "8", "colorspace": tag})
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for t, array in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(array, format="rgb24").reformat(format="yuv420p", dst_colorspace=matrix)
+            frame.pts, frame.time_base = t, Fraction(1, 25)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return path
+
+
+def test_colour_correction_is_the_matrix_change():
+    """The correction turns BT.601's YCbCr -> RGB into the tagged matrix's (BT.709 here)."""
+    ycc = np.random.default_rng(0).uniform(-0.4, 0.4, (100, 3)) + [0.5, 0, 0]
+    assert D.colour_correction(2) is None and D.colour_correction(6) is None and D.colour_correction(None) is None
+    np.testing.assert_allclose(ycc @ D._ycbcr_to_rgb(0.299, 0.114).T @ D.colour_correction(1).T.astype(np.float64),
+                               ycc @ D._ycbcr_to_rgb(0.2126, 0.0722).T, atol=1e-6)
+
+
+def test_colours_follow_the_streams_matrix_tag(tmp_path):
+    """DALI converts every stream as BT.601; PyAV follows the tag. On BT.709 content the
+    corrected DALI frames and clips are as close to PyAV's as on BT.601 content, where no
+    correction runs (uncorrected, BT.709 is several dB further off)."""
+    source = natural_frames(3, 8, 64, 96)
+    source = np.clip((source.astype(float) - 128) * 1.6 + 128, 0, 255).astype(np.uint8)  # saturated colours
+    bt601 = write_tagged(str(tmp_path / "bt601.webm"), source, "ITU601", "smpte170m")
+    bt709 = write_tagged(str(tmp_path / "bt709.webm"), source, "ITU709", "bt709")
+    near = {}
+    for name, path in (("bt601", bt601), ("bt709", bt709)):
+        near[name] = psnr(D.read_frames(path, range(8)), P.read_frames(path, range(8)))
+    raw = psnr(D._decode(bt709, np.arange(8), None), P.read_frames(bt709, range(8)))
+    print(f"\nDALI vs PyAV: BT.601 {near['bt601']:.1f} dB, BT.709 {near['bt709']:.1f} dB (uncorrected {raw:.1f} dB)")
+    assert near["bt709"] >= near["bt601"] - 1.5 and raw <= near["bt709"] - 3
+
+    write_list(str(tmp_path / "all.txt"), [VideoRecord("bt709.webm", 0), VideoRecord("bt601.webm", 1)])
+    cfg = PipelineConfig(list_path=str(tmp_path / "all.txt"), data_root=str(tmp_path), num_classes=2, num_frames=8,
+                         sampling_rate=1, input_size=48, batch_size=2, train=False, num_workers=0)
+    dali_pipe = build_pipeline("dali", cfg)
+    assert dali_pipe.correct_colours
+    (a,), (b,) = collect(dali_pipe), collect(build_pipeline("pyav", cfg))
+    assert psnr(to_pixels(a.clips[:1]), to_pixels(b.clips[:1])) >= near["bt709"] - 1.5
+    train = dataclasses.replace(cfg, train=True)  # the reader's clips are corrected the same way
+    graph, reader = (collect(build_pipeline("dali", dataclasses.replace(train, extra={"dali_decoder": d})))
+                     for d in ("graph", "reader"))
+    assert torch.equal(graph[0].clips, reader[0].clips)
+
+
 def test_h264_without_gpu_is_refused_with_a_hint(tmp_path):
     path = write_video(str(tmp_path / "clip.mp4"), natural_frames(2, 10), codec="h264")
     with pytest.raises(D.UnsupportedCodecError, match="--pipeline pyav") as info:

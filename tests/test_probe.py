@@ -36,7 +36,8 @@ def test_probe_values(dataset):
     assert info == VideoInfo(num_frames=48, fps=25.0, width=96, height=64, codec="h264",
                              max_keyframe_interval=12, variable_frame_rate=False,
                              duration_sec=48 / 25, display_order_differs=True,  # B-frames
-                             pix_fmt="yuv420p", profile="High")  # as written: x264's 8-bit 4:2:0 profile
+                             pix_fmt="yuv420p", profile="High",  # as written: x264's 8-bit 4:2:0 profile
+                             colorspace=2)  # no colour-matrix tag (AVCOL_SPC_UNSPECIFIED)
     assert probe_video(dataset["long"]).max_keyframe_interval == 30
     vp9 = probe_video(dataset["vp9"])
     assert (vp9.codec, vp9.num_frames, vp9.fps, vp9.max_keyframe_interval) == ("vp9", 30, 30.0, 10)
