@@ -1,12 +1,13 @@
 """The frozen CLIP image tower of EVL (spec §1.1).
 
-Builds an open_clip ``VisionTransformer`` from a model name or an open_clip model-config JSON
-file and runs it block by block, handing over, for each of the last ``M`` blocks, the block's
-output tokens and its attention queries and keys (after the input projection, before the
-1/sqrt(d) scaling). The per-block forward uses open_clip's own modules and weights, so it is
-numerically the same as open_clip's forward; CLIP's ``ln_post`` and projection are never used.
-The tower is frozen: it runs under ``no_grad`` in its own precision (bf16/fp16 on GPU, fp32 on
-CPU), whatever autocast the caller has on, and hands over fp32 tensors.
+Builds an open_clip ``VisionTransformer`` from a model name, an ``hf-hub:`` model or an open_clip
+model-config JSON file and runs it block by block, handing over, for each of the last ``M``
+blocks, the block's output tokens and its attention queries and keys (after the input
+projection, before the 1/sqrt(d) scaling). The per-block forward uses open_clip's own modules
+and weights, so it is numerically the same as open_clip's forward; CLIP's ``ln_post`` and
+projection are never used. The tower is frozen: it runs under ``no_grad`` in its own precision
+(bf16/fp16 on GPU, fp32 on CPU), whatever autocast the caller has on, and hands over fp32
+tensors.
 """
 
 from __future__ import annotations
@@ -77,15 +78,28 @@ def _pair(v) -> tuple[int, int]:
     return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
 
 
-def resolve_backbone(backbone: str) -> BackboneSpec:
-    """Resolve an open_clip model name (``ViT-B-16``) or a model-config JSON path.
+def resolve_backbone(backbone: str, pretrained: str | None = None) -> BackboneSpec:
+    """Resolve an open_clip model name (``ViT-B-16``), an ``hf-hub:ORG/REPO`` model (the config in
+    its repository, fetched as open_clip fetches it: :mod:`evl.pretrained`) or a model-config JSON
+    path; ``pretrained`` is an open_clip tag of the named model.
 
-    The EVL paper uses OpenAI's CLIP, whose towers use QuickGELU; a config is taken to use it
-    unless it says ``"quick_gelu": false`` explicitly (LAION-style weights trained with GELU).
+    The activation is the one the weights were trained with where that is known: a tag's
+    ``quick_gelu``, an ``hf-hub:`` config's (GELU when it says nothing, as open_clip builds it).
+    Otherwise QuickGELU, which the EVL paper's OpenAI CLIP uses, unless the config says
+    ``"quick_gelu": false`` explicitly (LAION-style weights trained with GELU).
     """
     import open_clip
 
-    if backbone.endswith(".json") or os.path.isfile(backbone):
+    from .pretrained import hub_config, is_hf_hub, tag_config, warn_normalisation
+
+    quick_gelu_default = True
+    if is_hf_hub(backbone):
+        hub = hub_config(backbone)
+        cfg = hub["model_cfg"]
+        quick_gelu_default = False
+        pre = hub.get("preprocess_cfg") or {}
+        warn_normalisation(backbone, pre.get("mean"), pre.get("std"))
+    elif backbone.endswith(".json") or os.path.isfile(backbone):
         if not os.path.isfile(backbone):
             raise FileNotFoundError(f"backbone config file not found: {backbone}")
         with open(backbone, encoding="utf-8") as f:
@@ -112,7 +126,11 @@ def resolve_backbone(backbone: str) -> BackboneSpec:
         raise ValueError(f"backbone {backbone!r}: block_type {vision_cfg['block_type']!r} is not supported")
     width = int(vision_cfg.get("width", 768))
     head_width = int(vision_cfg.get("head_width", 64))
-    quick_gelu = bool(cfg.get("quick_gelu", True))
+    quick_gelu = bool(cfg.get("quick_gelu", quick_gelu_default))
+    if pretrained:
+        tag = tag_config(backbone, pretrained)
+        quick_gelu = bool(tag.get("quick_gelu", False))
+        warn_normalisation(f"{backbone} --pretrained {pretrained}", tag.get("mean"), tag.get("std"))
     name = os.path.splitext(os.path.basename(backbone))[0] if backbone.endswith(".json") else backbone
     return BackboneSpec(
         name=name, width=width, layers=int(vision_cfg["layers"]), heads=width // head_width,

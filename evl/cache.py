@@ -33,6 +33,7 @@ from pipelines.cache import (BUILD, DTYPE, FORMAT, MANIFEST, CacheError, Feature
 
 from .cli import SetupError, user_errors
 from .config import DataConfig, EVLConfig, TrainConfig, add_model_arguments
+from .pretrained import is_hf_hub
 from .decoder import attention_features
 from .distributed import PatientGroup, process_group, resolve_device, threads_beside_decoders
 from .model import build_model
@@ -201,10 +202,10 @@ def _build(job: CacheBuild, world, group: PatientGroup, say, warn, progress: boo
     # Seeded as evl.train seeds before build_model, so that a random (test/demo) backbone is the same.
     torch.manual_seed(job.seed)
     with warnings.catch_warnings():
-        if not job.model.backbone_path:
+        if not (job.model.backbone_path or job.model.pretrained or is_hf_hub(job.model.backbone)):
             warnings.filterwarnings("ignore", message="no backbone_path given")
-            say(f"warning: no --backbone_path: caching the features of a RANDOM {job.model.backbone} backbone "
-                f"(seed {job.seed}), as evl.train would build it")
+            say(f"warning: no --backbone_path or --pretrained: caching the features of a RANDOM "
+                f"{job.model.backbone} backbone (seed {job.seed}), as evl.train would build it")
         model = build_model(dataclasses.replace(job.model, num_classes=1))
     spec = model.spec
     num_frames, layers = job.model.num_frames, job.model.decoder_num_layers
@@ -414,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train: --num_views augmented views per clip; val: every evaluation view")
     b.add_argument("--output", "--feature_cache", dest="output", required=True,
                    help="cache root: the split is written to OUTPUT/train or OUTPUT/val")
-    add_model_arguments(b, ("backbone", "backbone_path", "num_frames", "decoder_num_layers"))
+    add_model_arguments(b, ("backbone", "backbone_path", "pretrained", "num_frames", "decoder_num_layers"))
     b.add_argument("--num_classes", type=int, help="check labels against it (optional)")
     b.add_argument("--num_views", type=int, default=4, help="training: augmented views stored per clip")
     DataConfig.add_arguments(b, pipelines=DECODERS)
@@ -431,8 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def job_from_args(args: argparse.Namespace) -> CacheBuild:
-    model = EVLConfig(backbone=args.backbone, backbone_path=args.backbone_path, num_frames=args.num_frames,
-                      decoder_num_layers=args.decoder_num_layers)
+    model = EVLConfig(backbone=args.backbone, backbone_path=args.backbone_path, pretrained=args.pretrained,
+                      num_frames=args.num_frames, decoder_num_layers=args.decoder_num_layers)
     return CacheBuild(list_path=args.list_path, output=args.output, split=args.split, model=model,
                       data=DataConfig.from_args(args), num_views=args.num_views, num_classes=args.num_classes,
                       seed=args.seed, batch_size=args.batch_size, device=args.device, shard_clips=args.shard_clips,

@@ -23,14 +23,17 @@ class EVLConfig:
     """What an EVL model is: everything :func:`evl.build_model` needs to build it again.
 
     Checkpoints store it (``model_config``, with the backbone's description and the sha256 of its
-    weights file); the training flags of the same names make it. The decoder's width is the
-    backbone's; ``decoder_qkv_dim`` defaults to it and ``decoder_num_heads`` to ``qkv_dim / 64``.
+    weights file: a local ``backbone_path``, or the file open_clip resolves for the ``pretrained``
+    tag or an ``hf-hub:`` backbone); the training flags of the same names make it. The decoder's
+    width is the backbone's; ``decoder_qkv_dim`` defaults to it and ``decoder_num_heads`` to
+    ``qkv_dim / 64``.
     """
 
     backbone: str = "ViT-B-16"
     num_classes: int = 400
     num_frames: int = 8
     backbone_path: str | None = None
+    pretrained: str | None = None  # an open_clip pretrained tag of ``backbone`` (its weights, by name)
     decoder_num_layers: int = 4
     decoder_qkv_dim: int | None = None
     decoder_num_heads: int | None = None
@@ -226,8 +229,12 @@ def add_model_arguments(group, names: Sequence[str] | None = None) -> None:
     flags = {
         "backbone": (("--backbone",), dict(default=d.backbone, type=backbone_arg,
                                            help="open_clip model name (ViT-B-16; the reference's and OpenAI's "
-                                                "ViT-B/16-lnpre, ViT-L/14@336px too) or model-config JSON path")),
+                                                "ViT-B/16-lnpre, ViT-L/14@336px too), hf-hub:ORG/REPO (config and "
+                                                "weights from that repository) or model-config JSON path")),
         "backbone_path": (("--backbone_path",), dict(help="local CLIP weights (OpenAI .pt archive or state dict)")),
+        "pretrained": (("--pretrained",), dict(metavar="TAG", help="CLIP weights by open_clip pretrained tag of "
+                                               "--backbone (openai, laion2b_s34b_b88k, ...), through the Hugging Face "
+                                               "cache (HF_HOME; HF_HUB_OFFLINE=1 reads only the cache)")),
         "num_classes": (("--num_classes",), dict(type=int, default=d.num_classes)),
         "num_frames": (("--num_frames",), dict(type=int, default=d.num_frames)),
         "decoder_num_layers": (("--decoder_num_layers",), dict(type=int, default=d.decoder_num_layers)),
@@ -242,9 +249,14 @@ def add_model_arguments(group, names: Sequence[str] | None = None) -> None:
         "enable_temporal_cross_attention": (("--no_temporal_cross_attention",),
                                             dict(dest="enable_temporal_cross_attention", action="store_false")),
     }
+    weights = None  # --backbone_path and --pretrained name the weights two ways: one at a time
     for name in names or flags:
         args, kwargs = flags[name]
-        group.add_argument(*args, **kwargs)
+        if name in ("backbone_path", "pretrained"):
+            weights = weights or group.add_mutually_exclusive_group()
+            weights.add_argument(*args, **kwargs)
+        else:
+            group.add_argument(*args, **kwargs)
 
 
 def build_parser(prog: str = "python -m evl.train") -> argparse.ArgumentParser:

@@ -200,7 +200,9 @@ def model_card(config: dict) -> str:
     if best:
         lines.append(f"The run's best evaluation was of other weights: top-1 {_percent(best['top1'])}, top-5 "
                      f"{_percent(best['top5'])} at step {best['step']}.")
-    weights_flag = "" if bb["included"] or not bb.get("sha256") else " --backbone_path /path/to/clip-weights"
+    # Weights found by name (an open_clip tag, hf-hub:) are found again by it; a file must be given.
+    by_name = bb.get("pretrained") or str(mc.get("backbone", "")).startswith("hf-hub:")
+    weights_flag = "" if bb["included"] or not bb.get("sha256") or by_name else " --backbone_path /path/to/clip-weights"
     lines += [
         "", "## Loading", "",
         "With fast-evl, the folder goes wherever a checkpoint does:", "",
@@ -229,7 +231,7 @@ def model_card(config: dict) -> str:
 
 def export_model(checkpoint: str, output: str, *, class_names: str | None = None, include_backbone: bool = False,
                  overwrite: bool = False, backbone: str | None = None, backbone_path: str | None = None,
-                 num_frames: int | None = None, sampling_rate: int | None = None,
+                 pretrained: str | None = None, num_frames: int | None = None, sampling_rate: int | None = None,
                  num_spatial_views: int | None = None, num_temporal_views: int | None = None) -> dict:
     """Write ``checkpoint`` (this project's, the reference's, or an export) as a folder at
     ``output``; returns the ``config.json`` written, with where the class names came from as
@@ -237,7 +239,7 @@ def export_model(checkpoint: str, output: str, *, class_names: str | None = None
     ``FileExistsError`` for an output folder it may not write."""
     _check_output(output, checkpoint, overwrite)
     model, settings, ckpt = load_model(
-        checkpoint, backbone=backbone, backbone_path=backbone_path, num_frames=num_frames,
+        checkpoint, backbone=backbone, backbone_path=backbone_path, pretrained=pretrained, num_frames=num_frames,
         sampling_rate=sampling_rate, num_spatial_views=num_spatial_views, num_temporal_views=num_temporal_views,
         load_backbone=include_backbone)
     sha = settings["backbone_sha256"]
@@ -281,7 +283,8 @@ def export_model(checkpoint: str, output: str, *, class_names: str | None = None
         "model_config": dict(model.config, backbone=name, backbone_path=settings["backbone_path"],
                              backbone_sha256=sha),
         "backbone": {"name": spec.name, "id": settings["backbone_id"], "sha256": sha,
-                     "path": settings["backbone_path"], "included": include, "open_clip_config": open_clip_config},
+                     "path": settings["backbone_path"], "pretrained": settings.get("pretrained"), "included": include,
+                     "open_clip_config": open_clip_config},
         "data": {k: settings[k] for k in ("num_frames", "sampling_rate", "sampling", "num_spatial_views",
                                           "num_temporal_views", "input_size")}
         | {"mean": list(CLIP_MEAN), "std": list(CLIP_STD)},
@@ -336,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     with user_errors(prog, ns.debug), setting_up():
         config = export_model(ns.checkpoint, ns.output, class_names=ns.class_names,
                               include_backbone=ns.include_backbone, overwrite=ns.overwrite, backbone=ns.backbone,
-                              backbone_path=ns.backbone_path, num_frames=ns.num_frames,
+                              backbone_path=ns.backbone_path, pretrained=ns.pretrained, num_frames=ns.num_frames,
                               sampling_rate=ns.sampling_rate, num_spatial_views=ns.num_spatial_views,
                               num_temporal_views=ns.num_temporal_views)
     bb = config["backbone"]

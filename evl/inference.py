@@ -32,6 +32,7 @@ from pipelines.transforms import decode_clips
 from .checkpoint import check_backbone_identity, describe_state, load_state, read_checkpoint, read_model_state
 from .distributed import resolve_device
 from .model import EVLConfig, EVLModel, build_model
+from .pretrained import is_hf_hub, weights_file
 from .precision import autocast, resolve_precision
 from .weights import WeightsError, file_sha256
 
@@ -152,6 +153,7 @@ def load_model(
     *,
     backbone: str | None = None,
     backbone_path: str | None = None,
+    pretrained: str | None = None,
     num_frames: int | None = None,
     sampling_rate: int | None = None,
     num_spatial_views: int | None = None,
@@ -163,7 +165,9 @@ def load_model(
     :attr:`Predictor.settings`) and the checkpoint as read.
 
     The backbone's weights: those a folder includes; else the CLIP weights file (``backbone_path``,
-    by default the one the checkpoint records), whose sha256 must be the recorded one. With
+    by default the one the checkpoint records), or, when there is none or it is not on this machine,
+    the file open_clip resolves for the recorded (or given) ``pretrained`` tag or ``hf-hub:``
+    backbone, through the Hugging Face cache; its sha256 must be the recorded one. With
     ``load_backbone=False`` no weights file is read (the tower keeps the seed's random weights):
     what ``evl.export`` needs to write a folder that refers to the weights by their sha256, which
     ``settings['backbone_sha256']`` then holds.
@@ -183,7 +187,9 @@ def load_model(
     if model_config:  # this project's checkpoint, or an exported folder: it says what it is
         # What the checkpoint says the model is, but for what the arguments decide below.
         kwargs = {k: v for k, v in asdict(EVLConfig.from_dict(model_config)).items()
-                  if k not in ("backbone", "backbone_path", "num_classes", "num_frames")}
+                  if k not in ("backbone", "backbone_path", "pretrained", "num_classes", "num_frames")}
+        by_name = pretrained is not None  # a tag given here names the weights, whatever path is recorded
+        pretrained = pretrained or model_config.get("pretrained")
         saved_frames = int(model_config["num_frames"])
         num_classes = int(model_config["num_classes"])
         if backbone is None:
@@ -198,29 +204,39 @@ def load_model(
                               "is not used", stacklevel=2)
             backbone_path = None
         elif backbone_path is None and sha is not None:
-            if load_backbone and not recorded_path:
-                raise WeightsError(f"{checkpoint}: {_weights_hint(recorded_path, sha)}")
-            if load_backbone and not os.path.isfile(recorded_path):
-                raise FileNotFoundError(f"CLIP weights file not found: {recorded_path} ("
-                                        f"{_weights_hint(recorded_path, sha)})")
-            backbone_path = recorded_path
+            recorded_here = bool(recorded_path) and os.path.isfile(recorded_path)
+            if by_name or ((pretrained or is_hf_hub(backbone)) and not recorded_here):
+                # Weights named by tag or hf-hub repository: found by that name, here as on the
+                # machine that trained.
+                backbone_path = weights_file(backbone, pretrained) if load_backbone else None
+            else:
+                if load_backbone and not recorded_path:
+                    raise WeightsError(f"{checkpoint}: {_weights_hint(recorded_path, sha)}")
+                if load_backbone and not os.path.isfile(recorded_path):
+                    raise FileNotFoundError(f"CLIP weights file not found: {recorded_path} ("
+                                            f"{_weights_hint(recorded_path, sha)})")
+                backbone_path = recorded_path
         seed = int(train_config.get("seed", 0))
         sampling = train_config.get("sampling", "dense")
         rate = sampling_rate or int(train_config.get("sampling_rate", 16))
         spatial = num_spatial_views or int(train_config.get("num_spatial_views", 1))
         temporal = num_temporal_views or int(train_config.get("num_temporal_views", 3))
     else:  # the reference's released checkpoint: decoder weights only
-        missing = [flag for flag, v in (("--backbone", backbone), ("--backbone_path", backbone_path),
-                                        ("--sampling_rate", sampling_rate)) if v is None]
+        named = backbone_path or pretrained or is_hf_hub(backbone)
+        missing = [flag for flag, v in (("--backbone", backbone), ("--backbone_path", named),
+                                        ("--sampling_rate", sampling_rate)) if not v]
         inferred = infer_decoder_config(sd, checkpoint)
         if inferred["num_frames"] is None and num_frames is None:
             missing.append("--num_frames")
         if missing:
+            tag = " (or, for the weights, an open_clip tag: --pretrained)" if "--backbone_path" in missing else ""
             raise ValueError(f"{checkpoint} records no configuration (a reference-implementation checkpoint: "
-                             f"{describe_state(sd)}); pass {', '.join(missing)}")
+                             f"{describe_state(sd)}); pass {', '.join(missing)}{tag}")
         saved_frames = inferred["num_frames"] or num_frames
         num_classes = inferred["num_classes"]
         kwargs = {k: v for k, v in inferred.items() if k not in ("num_classes", "num_frames", "width")}
+        # Its sha256 is all that identifies the backbone it was trained on: the file is needed.
+        backbone_path = backbone_path or weights_file(backbone, pretrained)
         sha, seed, sampling, rate = None, 0, "dense", sampling_rate
         spatial_default, temporal_default = default_views(saved_frames)
         spatial, temporal = num_spatial_views or spatial_default, num_temporal_views or temporal_default
@@ -236,11 +252,10 @@ def load_model(
     # A checkpoint trained on a random backbone (tests, the demo) is only meaningful with that same
     # backbone: training seeded torch with its seed right before build_model, so do the same
     # (on a forked RNG: loading a model should not reseed the caller's).
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+    with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)  # the model is built on the CPU
-        if weights is None:  # trained on a random tower, or its weights come from the folder, or are not wanted
-            warnings.filterwarnings("ignore", message="no backbone_path given")
-        model = build_model(backbone, num_classes, saved_frames, backbone_path=weights, **kwargs)
+        model = build_model(backbone, num_classes, saved_frames, backbone_path=weights, pretrained=pretrained,
+                            load_backbone=weights is not None, **kwargs)
     if not model_config and model.spec.width != inferred["width"]:
         raise WeightsError(f"{checkpoint} is a checkpoint of another model: its decoder has width "
                            f"{inferred['width']} but backbone {model.spec.describe()} has width {model.spec.width}")
@@ -254,10 +269,11 @@ def load_model(
         sha = model.config["backbone_sha256"] if weights else file_sha256(backbone_path)
     model.eval()
     settings = {"checkpoint": checkpoint, "backbone": backbone, "backbone_id": model.config["backbone_id"],
-                "backbone_path": backbone_path, "backbone_sha256": sha, "backbone_included": included,
-                "num_classes": num_classes, "num_frames": saved_frames, "sampling_rate": rate, "sampling": sampling,
-                "num_spatial_views": spatial, "num_temporal_views": temporal, "input_size": model.spec.image_size[0],
-                "seed": seed, "class_names": ckpt.get("class_names") if isinstance(ckpt, Mapping) else None}
+                "backbone_path": backbone_path, "pretrained": pretrained, "backbone_sha256": sha,
+                "backbone_included": included, "num_classes": num_classes, "num_frames": saved_frames,
+                "sampling_rate": rate, "sampling": sampling, "num_spatial_views": spatial,
+                "num_temporal_views": temporal, "input_size": model.spec.image_size[0], "seed": seed,
+                "class_names": ckpt.get("class_names") if isinstance(ckpt, Mapping) else None}
     return model, settings, ckpt
 
 
@@ -266,6 +282,7 @@ def load_predictor(
     *,
     backbone: str | None = None,
     backbone_path: str | None = None,
+    pretrained: str | None = None,
     num_frames: int | None = None,
     sampling_rate: int | None = None,
     num_spatial_views: int | None = None,
@@ -274,9 +291,9 @@ def load_predictor(
 ) -> Predictor:
     """Rebuild and load the model of ``checkpoint`` (:func:`load_model`) and read videos as it
     was evaluated; the arguments override what it records. Raises as :func:`load_model` does."""
-    model, settings, _ = load_model(checkpoint, backbone=backbone, backbone_path=backbone_path, num_frames=num_frames,
-                                    sampling_rate=sampling_rate, num_spatial_views=num_spatial_views,
-                                    num_temporal_views=num_temporal_views)
+    model, settings, _ = load_model(checkpoint, backbone=backbone, backbone_path=backbone_path, pretrained=pretrained,
+                                    num_frames=num_frames, sampling_rate=sampling_rate,
+                                    num_spatial_views=num_spatial_views, num_temporal_views=num_temporal_views)
     dev = resolve_device(device)
     model.to(dev)
     sampler = ClipSampler(num_frames=settings["num_frames"], sampling_rate=settings["sampling_rate"],
@@ -292,15 +309,19 @@ def add_model_arguments(p: argparse.ArgumentParser, checkpoint_flag: bool = True
     """The checkpoint and its overrides (reference flag names), for ``evl.predict`` / ``evl.extract``
     (and, without ``--checkpoint`` and ``--device``, ``evl.export``)."""
     g = p.add_argument_group("model", "this project's checkpoints record all of these; the reference's released "
-                                      "checkpoints need --backbone, --backbone_path and --sampling_rate")
+                                      "checkpoints need --backbone, --backbone_path (or --pretrained) and "
+                                      "--sampling_rate")
     if checkpoint_flag:
         g.add_argument("--checkpoint", required=True, metavar="CKPT",
                        help="an EVL checkpoint (.pth: this project's or the reference's) or a folder written by "
                             "python -m evl.export")
     g.add_argument("--backbone", metavar="NAME_OR_JSON",
-                   help="open_clip model name or model-config JSON (default: the checkpoint's)")
-    g.add_argument("--backbone_path", metavar="FILE", help="CLIP weights file (default: the one the checkpoint "
-                   "records; its sha256 must match the checkpoint's record)")
+                   help="open_clip model name, hf-hub:ORG/REPO or model-config JSON (default: the checkpoint's)")
+    weights = g.add_mutually_exclusive_group()
+    weights.add_argument("--backbone_path", metavar="FILE", help="CLIP weights file (default: the one the checkpoint "
+                         "records, or its --pretrained tag's; its sha256 must match the checkpoint's record)")
+    weights.add_argument("--pretrained", metavar="TAG", help="CLIP weights by open_clip pretrained tag of --backbone, "
+                         "through the Hugging Face cache (default: the checkpoint's tag)")
     g.add_argument("--num_frames", type=int, metavar="T", help="frames per clip (must match the checkpoint)")
     g.add_argument("--sampling_rate", type=int, metavar="S", help="frame stride (default: the checkpoint's)")
     g.add_argument("--num_spatial_views", type=int, choices=[1, 3], help="default: the checkpoint's evaluation views")
@@ -310,7 +331,7 @@ def add_model_arguments(p: argparse.ArgumentParser, checkpoint_flag: bool = True
 
 
 def predictor_from_args(ns: argparse.Namespace) -> Predictor:
-    return load_predictor(ns.checkpoint, backbone=ns.backbone, backbone_path=ns.backbone_path,
+    return load_predictor(ns.checkpoint, backbone=ns.backbone, backbone_path=ns.backbone_path, pretrained=ns.pretrained,
                           num_frames=ns.num_frames, sampling_rate=ns.sampling_rate,
                           num_spatial_views=ns.num_spatial_views, num_temporal_views=ns.num_temporal_views,
                           device=ns.device)

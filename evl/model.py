@@ -68,15 +68,20 @@ class EVLModel(nn.Module):
         return self.forward_head(self.forward_features(clips) if features is None else features)
 
 
-def build_model(backbone: str | EVLConfig, num_classes: int | None = None, num_frames: int | None = None,
-                **kwargs) -> EVLModel:
+def build_model(backbone: str | EVLConfig, num_classes: int | None = None, num_frames: int | None = None, *,
+                load_backbone: bool = True, **kwargs) -> EVLModel:
     """Build EVL on an open_clip ViT: ``build_model(EVLConfig(...))``, or with the config's fields
-    as arguments, ``build_model("ViT-B-16", 400, 8, backbone_path=...)``.
+    as arguments, ``build_model("ViT-B-16", 400, 8, pretrained="openai")``.
 
-    ``backbone`` is an open_clip model name or a model-config JSON path. ``backbone_path`` loads
-    CLIP weights offline (an OpenAI TorchScript archive, a full CLIP state dict or a visual-only
-    one); without it the backbone is random and a warning says so.
+    ``backbone`` is an open_clip model name, an ``hf-hub:ORG/REPO`` model or a model-config JSON
+    path. The CLIP weights: the local file ``backbone_path`` (an OpenAI TorchScript archive, a full
+    CLIP state dict or a visual-only one), else those open_clip resolves for the ``pretrained`` tag
+    or the ``hf-hub:`` repository, through the Hugging Face cache (:mod:`evl.pretrained`). With
+    both, the file is taken to hold the tag's weights (the tag still sets the activation). With
+    neither, the backbone is random and a warning says so. ``load_backbone=False`` reads no weights
+    at all (a caller that loads them itself) and records no sha256.
     """
+    from .pretrained import weights_file
     from .weights import load_backbone_weights
 
     if isinstance(backbone, EVLConfig):
@@ -86,14 +91,15 @@ def build_model(backbone: str | EVLConfig, num_classes: int | None = None, num_f
         cfg = EVLConfig(backbone=backbone, **given, **kwargs)
     if cfg.num_classes < 1 or cfg.num_frames < 1:
         raise ValueError(f"num_classes and num_frames must be positive, got {cfg.num_classes} and {cfg.num_frames}")
-    spec = resolve_backbone(cfg.backbone)
+    spec = resolve_backbone(cfg.backbone, cfg.pretrained)
+    weights = None
+    if load_backbone:  # found (or downloaded) before the tower is built: a missing file fails fast
+        weights = cfg.backbone_path or weights_file(cfg.backbone, cfg.pretrained)
+        if not weights:
+            warnings.warn(f"no backbone_path given and no pretrained tag: the {spec.name} backbone has RANDOM "
+                          "weights (fine for tests and speed measurements, useless for real accuracy)", stacklevel=2)
     visual = create_vision_tower(spec)
-    weights_sha256 = None
-    if cfg.backbone_path:
-        weights_sha256 = load_backbone_weights(visual, cfg.backbone_path, spec)
-    else:
-        warnings.warn(f"no backbone_path given: the {spec.name} backbone has RANDOM weights "
-                      "(fine for tests and speed measurements, useless for real accuracy)", stacklevel=2)
+    weights_sha256 = load_backbone_weights(visual, weights, spec) if weights else None
     frozen = FrozenBackbone(visual, spec, cfg.decoder_num_layers)
     decoder = EVLDecoder(
         num_frames=cfg.num_frames, grid=spec.grid, dim=spec.width, num_layers=cfg.decoder_num_layers,
