@@ -277,23 +277,11 @@ def load_model(
     return model, settings, ckpt
 
 
-def load_predictor(
-    checkpoint: str,
-    *,
-    backbone: str | None = None,
-    backbone_path: str | None = None,
-    pretrained: str | None = None,
-    num_frames: int | None = None,
-    sampling_rate: int | None = None,
-    num_spatial_views: int | None = None,
-    num_temporal_views: int | None = None,
-    device: str | None = None,
-) -> Predictor:
-    """Rebuild and load the model of ``checkpoint`` (:func:`load_model`) and read videos as it
-    was evaluated; the arguments override what it records. Raises as :func:`load_model` does."""
-    model, settings, _ = load_model(checkpoint, backbone=backbone, backbone_path=backbone_path, pretrained=pretrained,
-                                    num_frames=num_frames, sampling_rate=sampling_rate,
-                                    num_spatial_views=num_spatial_views, num_temporal_views=num_temporal_views)
+def load_predictor(checkpoint: str, *, device: str | None = None, **overrides) -> Predictor:
+    """Rebuild and load the model of ``checkpoint`` (:func:`load_model`; ``overrides`` are its
+    keyword arguments, which override what the checkpoint records) on ``device``, reading videos
+    as it was evaluated. Raises as :func:`load_model` does."""
+    model, settings, _ = load_model(checkpoint, **overrides)
     dev = resolve_device(device)
     model.to(dev)
     sampler = ClipSampler(num_frames=settings["num_frames"], sampling_rate=settings["sampling_rate"],
