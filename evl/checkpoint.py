@@ -178,9 +178,10 @@ def read_exported(path: str) -> dict:
 
 def load_pretrained(model: nn.Module, path: str) -> list[str]:
     """``--pretrain``: start from ``path``'s decoder and head weights (this project's checkpoint, an
-    ``evl.export`` folder or the reference's), e.g. a Kinetics model fine-tuned on another dataset. Unlike a resume it is
-    not strict, as in the reference: keys the model lacks, or holds with another shape (a head
-    for another class count), are left out. Returns a line per kind of key left out."""
+    ``evl.export`` folder or the reference's), e.g. a Kinetics model fine-tuned on another
+    dataset. Unlike a resume it is not strict, as in the reference: keys the model lacks, or
+    holds with another shape (a head for another class count), are left out. Returns a line per
+    kind of key left out."""
     ckpt = read_checkpoint(path)
     sd = read_model_state(ckpt, path)
     own = model.state_dict()

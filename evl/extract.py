@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N",
                    help="decoding processes, or DALI's threads (default: %(default)s)")
     p.add_argument("--pipeline", default="pyav", choices=["pyav", "dali"],
-                   help="how videos are decoded, as in training (dali: on the GPU with NVDEC; on the CPU VP8/VP9/MJPEG)")
+                   help="how videos are decoded, as in training (dali: on the GPU with NVDEC; on the CPU "
+                   "VP8/VP9/MJPEG)")
     add_model_arguments(p)
     return p
 

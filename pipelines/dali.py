@@ -250,7 +250,8 @@ def read_frames(path: str, frame_indices: Sequence[int], device: str = "cpu") ->
     the video, VideoReadError when the file cannot be read. Frames are numbered by the same probe
     index as the PyAV reader, in the colours of the stream's matrix tag as PyAV converts it
     (:func:`colour_correction`); the pixels differ from PyAV's by the decoders' rounding and
-    chroma upsampling only (see docs/decoding-notes.md). A codec DALI cannot decode on ``device`` raises UnsupportedCodecError.
+    chroma upsampling only (see docs/decoding-notes.md). A codec DALI cannot decode on
+    ``device`` raises UnsupportedCodecError.
     """
     if device not in ("cpu", "gpu"):
         raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
@@ -337,8 +338,9 @@ def _reader_graph_of_clips(feed, file_list: str, num_frames: int, stride: int, s
     decoders and file indexes from one clip to the next. A range ``[first, first + (T - 1) *
     stride + 1)`` cut at the video's end, with ``pad_mode="edge"``, gives exactly the sampler's
     frames, a short video's repeated last frame included. ``feed`` gives each clip's colour
-    correction, flip and crop (or RandAugment) columns in the same order. The lines' labels are their numbers in the
-    list, returned with the clips: a reader that leaves out a file it cannot open shifts them."""
+    correction, flip and crop (or RandAugment) columns in the same order. The lines' labels are
+    their numbers in the list, returned with the clips: a reader that leaves out a file it
+    cannot open shifts them."""
     # No frame order: the reader's frames are the clip's.
     view_types = ([types.FLOAT] if correct else []) + _view_types(num_slots)[1:]
     columns = fn.external_source(source=feed, num_outputs=len(view_types), batch=True, dtype=view_types)
