@@ -5,22 +5,27 @@ checkpoint's evaluation setting, the softmax averaged over views. Long, untrimme
 cut into sliding windows (``--window_sec``, ``--stride_sec``): each window is predicted the same
 way and printed as a timeline, and the whole video's prediction is the mean of its windows'.
 ``--plot FILE.png`` draws that timeline: the probability of the video's top classes over time.
-A video that cannot be read is reported and skipped; the exit status is then 1.
+Videos are read by the training pipelines (``--pipeline pyav``, or ``dali``: NVDEC on a GPU),
+each window as a list file's segment. A video that cannot be read is reported and skipped; the
+exit status is then 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import math
 import os
 import sys
+import tempfile
 
 import torch
 
+from pipelines import PipelineConfig, build_pipeline
 from pipelines.files import atomic_write
-from pipelines.lists import VideoRecord
-from pipelines.dataset import frame_range
+from pipelines.lists import VideoRecord, write_list
 from pipelines.probe import probe_video
 from pipelines.index import VideoReadError
 
@@ -48,41 +53,75 @@ def sliding_windows(duration: float, window: float, stride: float) -> list[tuple
     return [(s, s + window) for s in starts]
 
 
-def _views(predictor: Predictor, path: str, info, first: int = 0, last: int | None = None) -> torch.Tensor:
+def _segment_probs(predictor: Predictor, path: str, segments: list[tuple[float | None, float | None]],
+                   batch_size: int, pipeline: str) -> list[torch.Tensor]:
+    """Softmax averaged over the evaluation views of each ``(start_sec, end_sec)`` segment of
+    ``path`` (``(None, None)``: the whole video), read by ``pipeline`` as evaluation reads them:
+    the segments are a list file's lines, so they are the clips ``evl.eval`` would read."""
+    s = predictor.settings
+    views = predictor.reader.sampler.num_views
+    with tempfile.TemporaryDirectory(prefix="evl-predict-") as tmp:
+        # The video under a name a list file can hold (no spaces), with its own extension.
+        link = os.path.join(tmp, "video" + os.path.splitext(path)[1].lower())
+        os.symlink(os.path.abspath(path), link)
+        list_path = os.path.join(tmp, "segments.txt")
+        write_list(list_path, [VideoRecord(link, 0, start, end) for start, end in segments], data_root=tmp)
+        cfg = PipelineConfig(
+            list_path=list_path, data_root=tmp, num_classes=None, num_frames=s["num_frames"],
+            sampling_rate=s["sampling_rate"], sampling=s["sampling"], input_size=s["input_size"],
+            batch_size=max(1, batch_size // views), train=False, num_workers=0,
+            num_spatial_views=s["num_spatial_views"], num_temporal_views=s["num_temporal_views"],
+            device=str(predictor.device), max_bad_fraction=1.0, missing_ok=True)
+        try:
+            with _quiet_pipelines():  # warnings about the dataset (GOPs, ...): one video is no dataset
+                pipe = build_pipeline(pipeline, cfg)
+                if pipe.num_samples != len(segments):
+                    raise VideoReadError(path, "it cannot be read")
+                sums = torch.zeros(len(segments), predictor.num_classes)
+                seen = torch.zeros(len(segments))
+                for batch in pipe:
+                    index = batch.index.cpu()
+                    sums.index_add_(0, index, predictor.run_normalised(batch.clips)["probs"])
+                    seen.index_add_(0, index, torch.ones(len(index)))
+        except VideoReadError as e:  # named by the link: name the video
+            raise VideoReadError(path, e.reason) from e
+        except (ValueError, RuntimeError) as e:  # a codec DALI cannot decode here, DALI's own errors
+            raise VideoReadError(path, str(e).splitlines()[0]) from e
+        if pipe.bad or not bool((seen > 0).all()):
+            raise VideoReadError(path, pipe.bad[0][1] if pipe.bad else "it cannot be read")
+    return list(sums / seen[:, None])
+
+
+@contextlib.contextmanager
+def _quiet_pipelines():
+    logger = logging.getLogger("pipelines")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
     try:
-        return predictor.reader(path, first, last, info)
-    except VideoReadError:
-        raise
-    except Exception as e:  # noqa: BLE001 -- whatever a decoder raises, the video is unreadable
-        raise VideoReadError(path, f"{type(e).__name__}: {e}") from e
-
-
-def _mean_probs(predictor: Predictor, clips: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Softmax averaged over the views ``clips [V, T, S, S, 3]``."""
-    probs = [predictor.run(clips[i:i + batch_size])["probs"] for i in range(0, len(clips), batch_size)]
-    return torch.cat(probs).mean(0)
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def predict_video(predictor: Predictor, path: str, *, window_sec: float | None = None,
-                  stride_sec: float | None = None, batch_size: int = 32) -> dict:
+                  stride_sec: float | None = None, batch_size: int = 32, pipeline: str = "pyav") -> dict:
     """``{'path', 'probs' [K], 'num_views'}``, plus ``'duration_sec'`` and ``'windows'``
-    (``[{'start', 'end', 'probs'}]``) with ``window_sec``. Raises VideoReadError (or
+    (``[{'start', 'end', 'probs'}]``) with ``window_sec``. The video is read by ``pipeline``
+    (``pyav``, or ``dali``: NVDEC on a GPU), as evaluation reads it. Raises VideoReadError (or
     FileNotFoundError) for a video that cannot be read."""
     info = probe_video(path)
     views = predictor.reader.sampler.num_views
     if window_sec is None:
-        return {"path": path, "probs": _mean_probs(predictor, _views(predictor, path, info), batch_size),
-                "num_views": views}
+        (probs,) = _segment_probs(predictor, path, [(None, None)], batch_size, pipeline)
+        return {"path": path, "probs": probs, "num_views": views}
     if info.fps <= 0:
         raise VideoReadError(path, "unknown frame rate: cannot cut it into windows of seconds")
     duration = info.num_frames / info.fps
-    windows = []
-    for start, end in sliding_windows(duration, window_sec, stride_sec or window_sec):
-        first, last = frame_range(VideoRecord(path, 0, start, end), info)
-        windows.append({"start": start, "end": end,
-                        "probs": _mean_probs(predictor, _views(predictor, path, info, first, last), batch_size)})
-    return {"path": path, "probs": torch.stack([w["probs"] for w in windows]).mean(0), "num_views": views,
-            "duration_sec": duration, "windows": windows}
+    segments = sliding_windows(duration, window_sec, stride_sec or window_sec)
+    probs = _segment_probs(predictor, path, segments, batch_size, pipeline)
+    windows = [{"start": start, "end": end, "probs": p} for (start, end), p in zip(segments, probs)]
+    return {"path": path, "probs": torch.stack(probs).mean(0), "num_views": views, "duration_sec": duration,
+            "windows": windows}
 
 
 def _name(names: list[str] | None, k: int) -> str | None:
@@ -183,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="FILE.png", help="with --window_sec and one VIDEO: draw the probability of its "
                    "--topk classes (the highest in any window; at most 10) over time to this PNG")
     p.add_argument("--batch_size", type=int, default=32, metavar="N", help="views per forward pass")
+    p.add_argument("--pipeline", default="pyav", choices=["pyav", "dali"],
+                   help="how videos are decoded, as in training (dali: on the GPU with NVDEC; on the CPU "
+                   "VP8/VP9/MJPEG)")
     return p
 
 
@@ -209,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in ns.videos:
         try:
             result = predict_video(predictor, path, window_sec=ns.window_sec, stride_sec=ns.stride_sec,
-                                   batch_size=ns.batch_size)
+                                   batch_size=ns.batch_size, pipeline=ns.pipeline)
         except (VideoReadError, OSError) as e:
             reason = e.reason if isinstance(e, VideoReadError) else (e.strerror or str(e))
             failed.append(path)

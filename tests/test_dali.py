@@ -419,6 +419,17 @@ def test_extract_reads_with_dali(dataset, tmp_path, tiny_vit):
     dist = np.linalg.norm(emb["dali"][:, None] - emb["pyav"][None], axis=-1)
     assert (dist.argmin(1) == np.arange(9)).all(), dist
 
+    # evl.predict --pipeline dali, whole video and windows: PyAV's probabilities within the
+    # decoders' colour difference.
+    from evl.inference import load_predictor
+    from evl.predict import predict_video
+
+    predictor = load_predictor(str(run / "checkpoint-1.pth"), device="cpu")
+    video = str(dataset / "v1.webm")  # 30 frames
+    a, b = (predict_video(predictor, video, window_sec=0.6, stride_sec=0.4, pipeline=p) for p in ("pyav", "dali"))
+    assert len(a["windows"]) == len(b["windows"]) == 3
+    torch.testing.assert_close(b["probs"], a["probs"], atol=0.02, rtol=0)
+
 
 def test_evaluation_shards_cover_every_video_once(dataset):
     seen = []

@@ -234,6 +234,20 @@ def test_unreadable_videos_are_reported_and_the_others_predicted(trained, demo_d
     assert "2 of 4 videos could not be read" in err
 
 
+def test_a_video_path_with_spaces(trained, demo_data, tmp_path, capsys):
+    """Videos are read as a list file's segments; a path a list file cannot hold still reads."""
+    import shutil
+
+    src = val_paths(demo_data, 1)[0]
+    spaced = tmp_path / "my videos" / "a clip.mp4"
+    spaced.parent.mkdir()
+    shutil.copy(src, spaced)
+    rc, out, _ = run(capsys, src, spaced, "--checkpoint", trained.ckpt, "--json")
+    assert rc == 0
+    first, second = json_lines(out)
+    assert second["path"] == str(spaced) and second["topk"] == first["topk"]
+
+
 def test_checkpoint_of_another_model_is_refused(trained, tiny_vit, demo_data, tmp_path):
     ckpt = safe_load(trained.ckpt)
     other = build_tiny(tiny_vit, num_classes=5, num_frames=4, backbone_path=trained.weights)
