@@ -91,23 +91,26 @@ def _probe_one(path: str) -> tuple[dict | None, str | None, frame_indexes.FrameI
         return None, str(e), None
 
 
-def _load_cache(cache_path: str) -> tuple[dict[str, dict], str | None]:
-    """(videos, the frames file's name) of a probe cache; empty when missing or unusable."""
+def _load_cache(cache_path: str) -> tuple[dict[str, dict], str | None, str | None]:
+    """(videos, the frames file's name, a stale frames file's name) of a probe cache; no videos
+    when it is missing or unusable. A cache of another version is unusable, and the frames file
+    it names is stale: it goes once the new cache is written."""
     try:
         with open(cache_path, encoding="utf-8") as f:
             data = json.load(f)
     except FileNotFoundError:
-        return {}, None
+        return {}, None, None
     except (OSError, ValueError) as e:
         warnings.warn(f"ignoring unreadable probe cache {cache_path}: {e}", stacklevel=3)
-        return {}, None
+        return {}, None, None
     if not isinstance(data, dict) or not isinstance(data.get("videos"), dict):
         warnings.warn(f"ignoring malformed probe cache {cache_path}", stacklevel=3)
-        return {}, None
-    if data.get("version") != CACHE_VERSION:
-        return {}, None
+        return {}, None, None
     frames = data.get("frames_file")
-    return data["videos"], frames if isinstance(frames, str) and os.sep not in frames else None
+    frames = frames if isinstance(frames, str) and os.sep not in frames else None
+    if data.get("version") != CACHE_VERSION:
+        return {}, None, frames
+    return data["videos"], frames, None
 
 
 def _save_cache(cache_path: str, videos: dict[str, dict], frames_file: str | None) -> None:
@@ -212,7 +215,7 @@ def probe_videos(
     file, only new or changed files are probed, and the files' frame indexes are shared with
     the PyAV reader (see the module docstring). ``num_workers > 0`` probes in a thread pool.
     """
-    cache, frames_file = _load_cache(cache_path) if cache_path else ({}, None)
+    cache, frames_file, stale = _load_cache(cache_path) if cache_path else ({}, None, None)
     directory = os.path.dirname(os.path.abspath(cache_path)) if cache_path else ""
     results: list[tuple[VideoInfo | None, str | None]] = [(None, None)] * len(paths)
     todo: list[tuple[int, str, int, int]] = []  # (position, absolute path, size, mtime_ns)
@@ -274,8 +277,9 @@ def probe_videos(
                     _unsaved(cache_path, e)
                 else:
                     old_file, frames_file = frames_file, new_file
-                    if old_file and old_file != frames_file and os.path.exists(os.path.join(directory, old_file)):
-                        os.remove(os.path.join(directory, old_file))
+                    for gone in (old_file, stale):  # the frames files no cache names any more
+                        if gone and gone != frames_file and os.path.exists(os.path.join(directory, gone)):
+                            os.remove(os.path.join(directory, gone))
         except BaseException:
             if writer:
                 writer.abort()

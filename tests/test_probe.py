@@ -205,3 +205,21 @@ def test_full_disk_keeps_the_old_cache_and_the_results(dataset, tmp_path, monkey
     frame_indexes._cached_index.cache_clear()  # a fresh worker: the changed file is read as it is now
     assert frame_indexes.frame_index(paths[0]).num_frames == 30
     assert (pyav.read_frames(paths[0], [29, 0]) == pyav.read_frames(paths[0], [0, 29])[::-1]).all()
+
+
+def test_a_cache_of_another_version_leaves_no_frames_file_behind(dataset, tmp_path):
+    """A probe cache written by another version of the code is probed again, and the frames file
+    it named is deleted with it (on Kinetics-400 it is about a gigabyte)."""
+    import json
+
+    from pipelines import probe
+
+    cache = tmp_path / "probe.json"
+    probe_videos([dataset["short"]], cache_path=str(cache))
+    data = json.loads(cache.read_text())
+    old = data["frames_file"]
+    cache.write_text(json.dumps({**data, "version": probe.CACHE_VERSION - 1}))
+    infos, _ = probe_videos([dataset["short"]], cache_path=str(cache))
+    assert infos[0].num_frames == 48
+    frames = sorted(n for n in os.listdir(tmp_path) if ".frames-" in n)
+    assert len(frames) == 1 and frames[0] != old and json.loads(cache.read_text())["frames_file"] == frames[0]
