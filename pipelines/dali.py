@@ -426,8 +426,8 @@ class DALIPipeline:
     ``fn.decoders.video``; ``"reader"`` has training epochs with dense sampling read by
     ``fn.experimental.readers.video``, which keeps its decoders from clip to clip, the same clips
     (a per-epoch file list of the sampler's frame ranges), with the graph for the batches the
-    reader cannot give (videos whose timestamps make display order differ from decode order,
-    known bad videos) and for the rest of an epoch in which the reader failed.
+    reader cannot give (VP8/VP9/MJPEG files whose timestamps go back, known bad videos, paths
+    with whitespace) and for the rest of an epoch in which the reader failed.
     """
 
     def __init__(self, cfg: PipelineConfig):
@@ -661,7 +661,10 @@ class DALIPipeline:
         (``first + i * stride`` while below ``end``, then frame ``end - 1`` repeated), or None when
         no line does."""
         record, info = self.records[index], self.infos[index]
-        if info.display_order_differs or record.path in self.known_bad or any(c.isspace() for c in record.path):
+        # A file whose DALI frame numbers are not its presentation positions (a reorder-free
+        # codec with a muxer's odd timestamps: dali_frame_numbers) has no such range.
+        renumbered = info.display_order_differs and _CODEC_ALIASES.get(info.codec, info.codec) in CPU_CODECS
+        if renumbered or record.path in self.known_bad or any(c.isspace() for c in record.path):
             return None
         (spec,) = clip_specs(self.sampler, True, (epoch, index), record, info)
         frames = np.asarray(spec.frame_indices)

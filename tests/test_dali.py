@@ -374,6 +374,27 @@ def test_the_reader_hands_over_to_the_graph(tmp_path, caplog):
     assert [p for p, _ in reader.bad] == [str(bad)] and (reader.readers_built, reader.graphs_built) == (1, 2)
 
 
+def test_a_file_whose_timestamps_go_back_is_read_by_the_graph(tmp_path):
+    """A VP9 file whose pts go back: DALI numbers its frames in decode order, so no frame range
+    gives the sampler's frames; its batch goes to the graph, the others to the reader, and the
+    clips are the graph's."""
+    import videos
+
+    for i in range(3):
+        videos.write_video(str(tmp_path / f"v{i}.webm"), 24, codec="libvpx-vp9", gop=8)
+    src = videos.write_video(str(tmp_path / "src.webm"), 24, codec="libvpx-vp9", gop=8)
+    step = int(videos.decode_all(src)[0][1])
+    videos.remux_with_pts(src, str(tmp_path / "back.webm"), {9: int(3.5 * step)})
+    write_list(str(tmp_path / "all.txt"), [VideoRecord(n, 0) for n in ("v0.webm", "v1.webm", "v2.webm", "back.webm")])
+    cfg = PipelineConfig(list_path=str(tmp_path / "all.txt"), data_root=str(tmp_path), num_classes=1, num_frames=4,
+                         sampling_rate=4, input_size=32, batch_size=2, train=True, num_workers=0, seed=1)
+    reader = build_pipeline("dali", dataclasses.replace(cfg, extra={"dali_decoder": "reader"}))
+    assert reader.infos[3].display_order_differs
+    got, expected = collect(reader, epoch=0), collect(build_pipeline("dali", cfg), epoch=0)
+    assert all(torch.equal(a.index, b.index) and torch.equal(a.clips, b.clips) for a, b in zip(got, expected))
+    assert (reader.readers_built, reader.graphs_built) == (1, 1)
+
+
 def test_training_with_the_reader_from_the_command_line(dataset, tmp_path, tiny_vit):
     """``evl.train --pipeline dali --dali_decoder reader``: the same steps as with the graph."""
     from evl import train as train_mod
@@ -675,3 +696,18 @@ def test_gpu_pipeline_yields_normalised_batches_on_cuda(h264_dataset, train):
 @pytest.mark.gpu
 def test_gpu_pipeline_applies_the_samplers_decisions(h264_dataset, caplog):
     check_pipeline_applies_the_samplers_decisions(h264_dataset, caplog, "cuda:0")
+
+
+@pytest.mark.gpu
+def test_gpu_reader_gives_the_graphs_clips(h264_dataset):
+    """dali_decoder="reader" on NVDEC (H.264 with B-frames): the graph's training clips, indices
+    and labels; pixels within the decoders' rounding (two NVDEC decoders, one per path)."""
+    cfg = make_cfg(h264_dataset, train=True, device="cuda:0", num_workers=2, num_spatial_views=1,
+                   num_temporal_views=1, auto_augment=RECIPE)
+    graph = collect(build_pipeline("dali", cfg), epoch=1)
+    reader_pipe = build_pipeline("dali", dataclasses.replace(cfg, extra={"dali_decoder": "reader"}))
+    reader = collect(reader_pipe, epoch=1)
+    assert reader_pipe.readers_built == 1 and reader_pipe.graphs_built == 0
+    for a, b in zip(graph, reader, strict=True):
+        assert torch.equal(a.index.cpu(), b.index.cpu()) and torch.equal(a.labels.cpu(), b.labels.cpu())
+        assert psnr(to_pixels(a.clips.cpu()), to_pixels(b.clips.cpu())) >= MIN_PSNR
