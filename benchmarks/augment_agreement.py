@@ -34,26 +34,6 @@ def psnr(a, b) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
 
 
-def reference(frames, ops, crop, size):
-    """timm's ops on whole frames, one after another (PIL, bicubic, grey fill), then the crop."""
-    from PIL import Image
-    from timm.data.auto_augment import NAME_TO_OP
-
-    from pipelines.augment import crop_resize
-
-    out = []
-    for frame in frames:
-        img = Image.fromarray(frame)
-        for op in ops:
-            if op.kind == "Posterize" and op.arg == 0:  # 0 bits: black (Pillow 10+ refuses it)
-                img = Image.new("RGB", img.size)
-                continue
-            args = () if op.arg is None else (op.arg,)
-            img = NAME_TO_OP[op.name](img, *args, fillcolor=(128, 128, 128), resample=Image.BICUBIC)
-        out.append(np.asarray(img))
-    return crop_resize(np.stack(out), crop, size).numpy()
-
-
 def summary(values) -> str:
     v = np.array(values)
     finite = v[np.isfinite(v)]
@@ -71,7 +51,7 @@ def main(argv=None) -> None:
     p.add_argument("--dali_device_id", type=int, help="run part 3 on this GPU (default: DALI's CPU operators)")
     args = p.parse_args(argv)
 
-    from pipelines.augment import augment_clip
+    from pipelines.augment import augment_clip, reference_clip
     from pipelines.randaugment import INCREASING_TRANSFORMS, TRANSFORMS, AugOp, _arg, parse_policy
     from pipelines.sampling import ClipSampler
     from stock_videos import stock_frames
@@ -83,15 +63,16 @@ def main(argv=None) -> None:
         row = []
         for magnitude in (1, 4, 7, 10):
             op = AugOp(name, magnitude, _arg(name, magnitude, random.Random(magnitude)))
-            values = [psnr(reference(frames, [op], c, size), augment_clip(frames, [op], c, size).numpy()) for c in CROPS]
+            values = [psnr(reference_clip(frames, [op], c, size), augment_clip(frames, [op], c, size).numpy())
+                      for c in CROPS]
             row.append(f"m{magnitude} {min(values):5.1f}")
         print(f"   {name:<21} " + "  ".join(row).replace("  inf", "exact"))
 
     policy = parse_policy(args.policy)
     sampler = ClipSampler(num_frames=8, sampling_rate=1, size=size, augment=policy)
     specs = [sampler.train_clip(i, 0, num_frames_in_video=8, height=256, width=340) for i in range(args.clips)]
-    values = [psnr(reference(frames, s.augment, s.crop, size), augment_clip(frames, s.augment, s.crop, size).numpy())
-              for s in specs]
+    values = [psnr(reference_clip(frames, s.augment, s.crop, size),
+                   augment_clip(frames, s.augment, s.crop, size).numpy()) for s in specs]
     print(f"2. {args.policy}, {len(specs)} clips' decisions, ours vs the reference order: {summary(values)}")
     worst = sorted(zip(values, (tuple(o.name for o in s.augment) for s in specs)))[:3]
     print("   lowest: " + "; ".join(f"{v:.1f} {', '.join(n)}" for v, n in worst))

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from .randaugment import FILL, GEOMETRIC, STATISTICS, AugOp
 
-__all__ = ["STATS_STRIDE", "ClipPlan", "augment_clip", "crop_resize", "equalize_lut", "inside", "op_matrix", "opencv",
+__all__ = ["STATS_STRIDE", "ClipPlan", "augment_clip", "crop_resize", "reference_clip", "equalize_lut", "inside", "op_matrix", "opencv",
            "plan_clip"]
 
 STATS_STRIDE = 2  # the statistics' grid: every 2nd pixel of every 2nd row of the source frame
@@ -419,3 +419,25 @@ def augment_clip(frames: np.ndarray, ops: Sequence[AugOp], crop: tuple[int, int,
             x[:, outside] = grey[:, 0]
     out = torch.from_numpy(np.ascontiguousarray(x))
     return out.flip(2).contiguous() if flip else out
+
+
+def reference_clip(frames: np.ndarray, ops: Sequence[AugOp], crop: tuple[int, int, int, int], size: int,
+                   resample: str = "bicubic") -> np.ndarray:
+    """What :func:`augment_clip` is held to: timm's PIL ops (``timm``, a test and benchmark
+    dependency) on each whole frame, one after another with the reference's grey fill and
+    ``resample``, then :func:`crop_resize`; ``[T, size, size, 3]`` uint8."""
+    from PIL import Image
+    from timm.data.auto_augment import NAME_TO_OP
+
+    method = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[resample]
+    out = []
+    for frame in frames:
+        img = Image.fromarray(frame)
+        for op in ops:
+            if op.kind == "Posterize" and op.arg == 0:  # 0 bits: black (Pillow 10+ refuses it)
+                img = Image.new("RGB", img.size)
+                continue
+            args = () if op.arg is None else (op.arg,)
+            img = NAME_TO_OP[op.name](img, *args, fillcolor=(FILL,) * 3, resample=method)
+        out.append(np.asarray(img))
+    return crop_resize(np.stack(out), crop, size).numpy()

@@ -13,9 +13,8 @@ import random
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from pipelines.augment import augment_clip, crop_resize, plan_clip
+from pipelines.augment import augment_clip, crop_resize, plan_clip, reference_clip as reference
 from pipelines.randaugment import FILL, GEOMETRIC, INCREASING_TRANSFORMS, TRANSFORMS, AugOp, _arg, parse_policy
 from pipelines.sampling import ClipSampler
 from videos import photo_frames
@@ -29,21 +28,6 @@ CROPS = [(0, 0, H, W), (20, 30, 140, 150), (60, 100, 90, 70), (0, 40, H, 180)]
 def psnr(a, b) -> float:
     mse = ((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2).mean()
     return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
-
-
-def reference(frames, ops, crop, size, resample=Image.BICUBIC) -> np.ndarray:
-    """timm's ops on whole frames, one after another, then the crop and the resize."""
-    out = []
-    for frame in frames:
-        img = Image.fromarray(frame)
-        for op in ops:
-            if op.kind == "Posterize" and op.arg == 0:  # 0 bits: black (Pillow 10+ refuses it)
-                img = Image.new("RGB", img.size)
-                continue
-            args = () if op.arg is None else (op.arg,)
-            img = timm_aa.NAME_TO_OP[op.name](img, *args, fillcolor=(FILL,) * 3, resample=resample)
-        out.append(np.asarray(img))
-    return crop_resize(np.stack(out), crop, size).numpy()
 
 
 def ours(frames, ops, crop, size) -> np.ndarray:
@@ -78,7 +62,7 @@ def test_geometry_is_pils_map(name):
         for sign in (0, 3):
             op = op_at(name, magnitude, sign)
             square = np.ascontiguousarray(FRAMES[:, :, :H])
-            same = psnr(reference(square, [op], (0, 0, H, H), H, Image.BILINEAR), ours(square, [op], (0, 0, H, H), H))
+            same = psnr(reference(square, [op], (0, 0, H, H), H, "bilinear"), ours(square, [op], (0, 0, H, H), H))
             assert same >= 45, (op, same)
             for crop in CROPS:
                 got = psnr(reference(FRAMES, [op], crop, S), ours(FRAMES, [op], crop, S))
