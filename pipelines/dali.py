@@ -141,9 +141,14 @@ def dali_frame_numbers(index, positions: np.ndarray) -> np.ndarray:
     the two differ, and the frame shown k-th is the one decoded at the index's ``decode_pos[k]``.
     Codecs with B-frames keep the presentation position (their decoders reorder).
     """
-    if _CODEC_ALIASES.get(index.codec, index.codec) in CPU_CODECS:
+    if _numbered_in_decode_order(index.codec):
         return index.decode_pos[positions]
     return positions
+
+
+def _numbered_in_decode_order(codec: str) -> bool:
+    """Whether DALI numbers ``codec``'s frames in decode order (:func:`dali_frame_numbers`)."""
+    return _CODEC_ALIASES.get(codec, codec) in CPU_CODECS
 
 
 def _device_id(device: str | torch.device) -> int | None:
@@ -394,8 +399,8 @@ class _ReaderFeed:
     """The reader graph's external_source callback: batch ``cursor``'s flip and crop (or
     RandAugment) columns, in the order of the reader's file list."""
 
-    def __init__(self, owner: DALIPipeline, batches: list[list[tuple[int, int]]]):
-        self.owner, self.batches, self.cursor = owner, batches, 0
+    def __init__(self, owner: DALIPipeline, batches: list[list[tuple[int, int]]], specs: dict):
+        self.owner, self.batches, self.specs, self.cursor = owner, batches, specs, 0
         self.pending: collections.deque[_Pending] = collections.deque()
 
     def __call__(self):
@@ -405,7 +410,8 @@ class _ReaderFeed:
         pending = _Pending(number, [], [], [], [], [])
         columns: list[list[np.ndarray]] = []
         for epoch, index in self.batches[number]:
-            wanted, (view,) = self.owner._clip_columns(epoch, index)  # training: one view
+            # training: one view, whose ClipSpec the epoch's plan drew
+            wanted, (view,) = self.owner._clip_columns(epoch, index, self.specs[epoch, index])
             # no frame order: the reader gives the clip's frames in order
             colour = [self.owner._colour[index]] if self.owner.correct_colours else []
             columns.append([*colour, *view[1:]])
@@ -535,10 +541,12 @@ class DALIPipeline:
             pending.epoch.append(epoch)
         return (pending, tuple(columns)) if pending.paths else None
 
-    def _clip_columns(self, epoch: int, index: int) -> tuple[np.ndarray, list[list[np.ndarray]]]:
-        """Video ``index``'s clips of ``epoch``: the sorted unique frames they need, and per view the
-        external_source columns (frame order, flip, then the crop box or RandAugment's columns)."""
-        specs = clip_specs(self.sampler, self.cfg.train, (epoch, index), self.records[index], self.infos[index])
+    def _clip_columns(self, epoch: int, index: int, specs=None) -> tuple[np.ndarray, list[list[np.ndarray]]]:
+        """Video ``index``'s clips of ``epoch`` (``specs``, or the sampler's): the sorted unique
+        frames they need, and per view the external_source columns (frame order, flip, then the
+        crop box or RandAugment's columns)."""
+        if specs is None:
+            specs = clip_specs(self.sampler, self.cfg.train, (epoch, index), self.records[index], self.infos[index])
         positions = np.array([s.frame_indices for s in specs])
         info = self.infos[index]
         if info.display_order_differs:  # only a muxer's odd timestamps make this more than the positions
@@ -656,17 +664,16 @@ class DALIPipeline:
 
     # -- the reader (dali_decoder="reader") ------------------------------------------------------
 
-    def _reader_range(self, epoch: int, index: int) -> tuple[int, int] | None:
-        """``[first, end)`` of the reader's file-list line that gives this training clip's frames
-        (``first + i * stride`` while below ``end``, then frame ``end - 1`` repeated), or None when
-        no line does."""
+    def _reader_range(self, index: int, spec) -> tuple[int, int] | None:
+        """``[first, end)`` of the reader's file-list line that gives training clip ``spec`` of
+        video ``index`` (``first + i * stride`` while below ``end``, then frame ``end - 1``
+        repeated), or None when no line does."""
         record, info = self.records[index], self.infos[index]
         # A file whose DALI frame numbers are not its presentation positions (a reorder-free
         # codec with a muxer's odd timestamps: dali_frame_numbers) has no such range.
-        renumbered = info.display_order_differs and _CODEC_ALIASES.get(info.codec, info.codec) in CPU_CODECS
+        renumbered = info.display_order_differs and _numbered_in_decode_order(info.codec)
         if renumbered or record.path in self.known_bad or any(c.isspace() for c in record.path):
             return None
-        (spec,) = clip_specs(self.sampler, True, (epoch, index), record, info)
         frames = np.asarray(spec.frame_indices)
         first, last = int(frames[0]), int(frames[-1])
         if not np.array_equal(frames, np.minimum(first + self.cfg.sampling_rate * np.arange(len(frames)), last)):
@@ -676,19 +683,21 @@ class DALIPipeline:
     def _reader_batches(self, batches: list[list[tuple[int, int]]], stream) -> Iterator[Batch]:
         import tempfile
 
-        ranges = [[self._reader_range(e, i) for e, i in keys] for keys in batches]
+        # Each clip's ClipSpec, drawn once: for its range here and its columns when it is fed.
+        specs = {(e, i): clip_specs(self.sampler, True, (e, i), self.records[i], self.infos[i])
+                 for keys in batches for e, i in keys}
+        ranges = [[self._reader_range(i, specs[e, i][0]) for e, i in keys] for keys in batches]
         by_reader = [all(r is not None for r in rs) for rs in ranges]
         if not any(by_reader):
             yield from self._graph_batches(batches, stream)
             return
-        lines = [f"{self.records[i].path} {{}} {r[0]} {r[1]}\n"
-                 for keys, rs, use in zip(batches, ranges, by_reader) if use for (_, i), r in zip(keys, rs)]
-        lines = [line.format(number) for number, line in enumerate(lines)]
+        clips = [(i, r) for keys, rs, use in zip(batches, ranges, by_reader) if use for (_, i), r in zip(keys, rs)]
+        lines = [f"{self.records[i].path} {number} {r[0]} {r[1]}\n" for number, (i, r) in enumerate(clips)]
         with tempfile.TemporaryDirectory(prefix="evl-dali-reader-") as tmp:
             list_path = os.path.join(tmp, "clips.txt")
             with open(list_path, "w", encoding="utf-8") as f:
                 f.writelines(lines)
-            feed = _ReaderFeed(self, [keys for keys, use in zip(batches, by_reader) if use])
+            feed = _ReaderFeed(self, [keys for keys, use in zip(batches, by_reader) if use], specs)
             try:  # the reader opens every file of its list here
                 pipe = _reader_graph_of_clips(
                     feed, list_path, self.cfg.num_frames, self.cfg.sampling_rate, self.sampler.size,

@@ -374,6 +374,20 @@ def test_the_reader_hands_over_to_the_graph(tmp_path, caplog):
     assert [p for p, _ in reader.bad] == [str(bad)] and (reader.readers_built, reader.graphs_built) == (1, 2)
 
 
+def test_the_reader_takes_paths_with_braces(tmp_path):
+    """The reader's file list is written line by line, whatever characters a path holds."""
+    root = tmp_path / "clips{0}"
+    root.mkdir()
+    for i in range(4):
+        write_video(str(root / f"v{{{i}}}.webm"), natural_frames(i, 20))
+    write_list(str(root / "all.txt"), [VideoRecord(f"v{{{i}}}.webm", 0) for i in range(4)])
+    cfg = make_cfg(root, train=True, num_spatial_views=1, num_temporal_views=1, batch_size=2, num_classes=1)
+    reader = build_pipeline("dali", dataclasses.replace(cfg, extra={"dali_decoder": "reader"}))
+    got, expected = collect(reader, epoch=0), collect(build_pipeline("dali", cfg), epoch=0)
+    assert all(torch.equal(a.clips, b.clips) for a, b in zip(got, expected)) and len(got) == 2
+    assert (reader.readers_built, reader.graphs_built) == (1, 0)
+
+
 def test_a_file_whose_timestamps_go_back_is_read_by_the_graph(tmp_path):
     """A VP9 file whose pts go back: DALI numbers its frames in decode order, so no frame range
     gives the sampler's frames; its batch goes to the graph, the others to the reader, and the
