@@ -53,42 +53,40 @@ def sliding_windows(duration: float, window: float, stride: float) -> list[tuple
     return [(s, s + window) for s in starts]
 
 
-def _segment_probs(predictor: Predictor, path: str, segments: list[tuple[float | None, float | None]],
+def _segment_probs(predictor: Predictor, path: str, link: str, segments: list[tuple[float | None, float | None]],
                    batch_size: int, pipeline: str) -> list[torch.Tensor]:
     """Softmax averaged over the evaluation views of each ``(start_sec, end_sec)`` segment of
-    ``path`` (``(None, None)``: the whole video), read by ``pipeline`` as evaluation reads them:
-    the segments are a list file's lines, so they are the clips ``evl.eval`` would read."""
+    ``path`` (``(None, None)``: the whole video), read through ``link`` by ``pipeline`` as
+    evaluation reads them: the segments are a list file's lines, so they are the clips
+    ``evl.eval`` would read."""
     s = predictor.settings
     views = predictor.reader.sampler.num_views
-    with tempfile.TemporaryDirectory(prefix="evl-predict-") as tmp:
-        # The video under a name a list file can hold (no spaces), with its own extension.
-        link = os.path.join(tmp, "video" + os.path.splitext(path)[1].lower())
-        os.symlink(os.path.abspath(path), link)
-        list_path = os.path.join(tmp, "segments.txt")
-        write_list(list_path, [VideoRecord(link, 0, start, end) for start, end in segments], data_root=tmp)
-        cfg = PipelineConfig(
-            list_path=list_path, data_root=tmp, num_classes=None, num_frames=s["num_frames"],
-            sampling_rate=s["sampling_rate"], sampling=s["sampling"], input_size=s["input_size"],
-            batch_size=max(1, batch_size // views), train=False, num_workers=0,
-            num_spatial_views=s["num_spatial_views"], num_temporal_views=s["num_temporal_views"],
-            device=str(predictor.device), max_bad_fraction=1.0, missing_ok=True)
-        try:
-            with _quiet_pipelines():  # warnings about the dataset (GOPs, ...): one video is no dataset
-                pipe = build_pipeline(pipeline, cfg)
-                if pipe.num_samples != len(segments):
-                    raise VideoReadError(path, "it cannot be read")
-                sums = torch.zeros(len(segments), predictor.num_classes)
-                seen = torch.zeros(len(segments))
-                for batch in pipe:
-                    index = batch.index.cpu()
-                    sums.index_add_(0, index, predictor.run_normalised(batch.clips)["probs"])
-                    seen.index_add_(0, index, torch.ones(len(index)))
-        except VideoReadError as e:  # named by the link: name the video
-            raise VideoReadError(path, e.reason) from e
-        except (ValueError, RuntimeError) as e:  # a codec DALI cannot decode here, DALI's own errors
-            raise VideoReadError(path, str(e).splitlines()[0]) from e
-        if pipe.bad or not bool((seen > 0).all()):
-            raise VideoReadError(path, pipe.bad[0][1] if pipe.bad else "it cannot be read")
+    tmp = os.path.dirname(link)
+    list_path = os.path.join(tmp, "segments.txt")
+    write_list(list_path, [VideoRecord(link, 0, start, end) for start, end in segments], data_root=tmp)
+    cfg = PipelineConfig(
+        list_path=list_path, data_root=tmp, num_classes=None, num_frames=s["num_frames"],
+        sampling_rate=s["sampling_rate"], sampling=s["sampling"], input_size=s["input_size"],
+        batch_size=max(1, batch_size // views), train=False, num_workers=0,
+        num_spatial_views=s["num_spatial_views"], num_temporal_views=s["num_temporal_views"],
+        device=str(predictor.device), max_bad_fraction=1.0, missing_ok=True)
+    try:
+        with _quiet_pipelines():  # warnings about the dataset (GOPs, ...): one video is no dataset
+            pipe = build_pipeline(pipeline, cfg)
+            if pipe.num_samples != len(segments):
+                raise VideoReadError(path, "it cannot be read")
+            sums = torch.zeros(len(segments), predictor.num_classes)
+            seen = torch.zeros(len(segments))
+            for batch in pipe:
+                index = batch.index.cpu()
+                sums.index_add_(0, index, predictor.run_normalised(batch.clips)["probs"])
+                seen.index_add_(0, index, torch.ones(len(index)))
+    except VideoReadError as e:  # named by the link: name the video
+        raise VideoReadError(path, e.reason) from e
+    except (ValueError, RuntimeError) as e:  # a codec DALI cannot decode here, DALI's own errors
+        raise VideoReadError(path, str(e).splitlines()[0]) from e
+    if pipe.bad or not bool((seen > 0).all()):
+        raise VideoReadError(path, pipe.bad[0][1] if pipe.bad else "it cannot be read")
     return list(sums / seen[:, None])
 
 
@@ -109,16 +107,26 @@ def predict_video(predictor: Predictor, path: str, *, window_sec: float | None =
     (``[{'start', 'end', 'probs'}]``) with ``window_sec``. The video is read by ``pipeline``
     (``pyav``, or ``dali``: NVDEC on a GPU), as evaluation reads it. Raises VideoReadError (or
     FileNotFoundError) for a video that cannot be read."""
-    info = probe_video(path)
     views = predictor.reader.sampler.num_views
-    if window_sec is None:
-        (probs,) = _segment_probs(predictor, path, [(None, None)], batch_size, pipeline)
-        return {"path": path, "probs": probs, "num_views": views}
-    if info.fps <= 0:
-        raise VideoReadError(path, "unknown frame rate: cannot cut it into windows of seconds")
-    duration = info.num_frames / info.fps
-    segments = sliding_windows(duration, window_sec, stride_sec or window_sec)
-    probs = _segment_probs(predictor, path, segments, batch_size, pipeline)
+    with tempfile.TemporaryDirectory(prefix="evl-predict-") as tmp:
+        # The video under a name a list file can hold (no spaces), with its own extension. It is
+        # probed under that name, so that the pipeline finds its frame index in this process.
+        link = os.path.join(tmp, "video" + os.path.splitext(path)[1].lower())
+        os.symlink(os.path.abspath(path), link)
+        try:
+            info = probe_video(link)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(e.errno, e.strerror, path) from None
+        except VideoReadError as e:
+            raise VideoReadError(path, e.reason) from None
+        if window_sec is None:
+            (probs,) = _segment_probs(predictor, path, link, [(None, None)], batch_size, pipeline)
+            return {"path": path, "probs": probs, "num_views": views}
+        if info.fps <= 0:
+            raise VideoReadError(path, "unknown frame rate: cannot cut it into windows of seconds")
+        duration = info.num_frames / info.fps
+        segments = sliding_windows(duration, window_sec, stride_sec or window_sec)
+        probs = _segment_probs(predictor, path, link, segments, batch_size, pipeline)
     windows = [{"start": start, "end": end, "probs": p} for (start, end), p in zip(segments, probs)]
     return {"path": path, "probs": torch.stack(probs).mean(0), "num_views": views, "duration_sec": duration,
             "windows": windows}
