@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import logging
 import os
 import re
@@ -183,6 +184,7 @@ def _ycbcr_to_rgb(kr: float, kb: float) -> np.ndarray:
                      [1, 2 * (1 - kb), 0]])
 
 
+@functools.lru_cache(maxsize=None)
 def colour_correction(colorspace: int | None) -> np.ndarray | None:
     """The 3x3 matrix that turns DALI's RGB of a stream tagged ``colorspace`` (converted with
     BT.601's coefficients, whatever the tag) into the RGB its own matrix gives, as PyAV
@@ -192,7 +194,13 @@ def colour_correction(colorspace: int | None) -> np.ndarray | None:
     k = _MATRIX_K.get(colorspace)
     if k is None:
         return None
-    return (_ycbcr_to_rgb(*k) @ np.linalg.inv(_ycbcr_to_rgb(*_BT601))).astype(np.float32)
+    matrix = (_ycbcr_to_rgb(*k) @ np.linalg.inv(_ycbcr_to_rgb(*_BT601))).astype(np.float32)
+    matrix.flags.writeable = False  # one array per tag, shared by every video with it
+    return matrix
+
+
+_NO_CORRECTION = np.eye(3, dtype=np.float32)
+_NO_CORRECTION.flags.writeable = False
 
 
 def _correct_colours(frames: np.ndarray, colorspace: int | None) -> np.ndarray:
@@ -448,7 +456,7 @@ class DALIPipeline:
         # Each video's colour correction (identity where none is needed); the graph applies them
         # only when some video needs one.
         corrections = [colour_correction(i.colorspace) for i in infos]
-        self._colour = [np.eye(3, dtype=np.float32) if m is None else m for m in corrections]
+        self._colour = [_NO_CORRECTION if m is None else m for m in corrections]
         self.correct_colours = any(m is not None for m in corrections)
         self.sampler = make_sampler(cfg)
         self.num_views = 1 if cfg.train else self.sampler.num_views
