@@ -126,18 +126,12 @@ def find_evaluation(checkpoint: str, ckpt: Any) -> tuple[dict | None, dict | Non
              _event(RunDirectory(folder).best_record(), "best.json")]
     bests = [b for b in bests if b is not None and b.get("step") is not None]
     own = next((b for b in bests if step is not None and b["step"] == step), None)
-    log = os.path.join(folder, "metrics.jsonl")
-    if step is not None and os.path.isfile(log):
-        from .train import curves
+    from .train import MetricsLog, curves
 
-        events = []
-        with open(log, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    events.append(json.loads(line))
-                except ValueError:
-                    continue  # a line a crash cut short
-        at_step = [e for e in curves([e for e in events if isinstance(e, dict)])[1] if e.get("step") == step]
+    metrics = MetricsLog(folder, enabled=True)
+    if step is not None and os.path.isfile(metrics.path):
+        events = [e for e in metrics.events() if isinstance(e, dict)]  # lines a crash cut short: skipped
+        at_step = [e for e in curves(events)[1] if e.get("step") == step]
         if at_step:
             own = dict(own or {}, **_event(at_step[-1], "metrics.jsonl"))
     best = max(bests, key=lambda b: b["top1"], default=None)
