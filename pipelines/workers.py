@@ -22,7 +22,7 @@ import torch
 from .base import (Batch, PipelineConfig, check_bad_videos, report_bad_videos, row_ids_to_device,
                    summarise_bad_videos, thwc_uint8_to_bcthw)
 from .dataset import clip_specs, load_dataset, make_sampler
-from .epoch import EpochKeys, batches_per_epoch, replacements, training_epoch
+from .epoch import EpochKeys, KeyStream, batches_per_epoch, replacements, training_epoch
 from .lists import VideoRecord
 from .sampling import ClipSampler, ClipSpec
 from .transforms import decode_clips
@@ -162,8 +162,13 @@ class DecodingPipeline:
                                    replace=training_epoch(cfg))
         self.keys = EpochKeys(len(records), cfg)
         self.batches_per_epoch = batches_per_epoch(len(self.keys), cfg, f"{cfg.list_path} ({len(records)} readable videos)")
+        # Training with workers reads one stream of keys across epochs (see KeyStream): the
+        # iterator is kept while epochs are read to their end, one after another.
+        self.stream = KeyStream(self.keys) if training_epoch(cfg) and cfg.num_workers > 0 else None
+        self._batches = None  # the stream's DataLoader iterator
+        self._stream_at: tuple[int, int] | None = None  # the (epoch, skip) it yields next
         self.loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=cfg.batch_size, sampler=self.keys, num_workers=cfg.num_workers,
+            self.dataset, batch_size=cfg.batch_size, sampler=self.stream or self.keys, num_workers=cfg.num_workers,
             collate_fn=collate, pin_memory=torch.device(cfg.device).type == "cuda", drop_last=training_epoch(cfg),
             persistent_workers=cfg.num_workers > 0, prefetch_factor=4 if cfg.num_workers > 0 else None,
             worker_init_fn=WorkerSignals() if cfg.num_workers > 0 else None,
@@ -180,6 +185,7 @@ class DecodingPipeline:
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
         self.loader._iterator = None
+        self._batches = self._stream_at = None
 
     def __len__(self) -> int:
         return self.batches_per_epoch  # a full epoch, whatever a resume skips
@@ -188,9 +194,24 @@ class DecodingPipeline:
         """Reseed for ``epoch``; a resumed run starts ``skip_batches`` into it without decoding them."""
         self.keys.epoch, self.keys.skip = epoch, skip_batches * self.cfg.batch_size
 
+    def _epoch_outputs(self) -> Iterator[dict]:
+        """The collated outputs of this epoch: a fresh DataLoader epoch, or the next part of the
+        stream when the previous epoch was read to its end and this one follows it."""
+        if self.stream is None:
+            yield from self.loader
+            return
+        start = (self.keys.epoch, self.keys.skip)
+        if self._batches is None or self._stream_at != start:
+            self.stream.start = start  # read when the iterator starts: in-flight batches are dropped
+            self._batches = iter(self.loader)
+        self._stream_at = None  # unknown until this epoch is read to its end
+        for _ in range(len(self.keys) // self.cfg.batch_size):
+            yield next(self._batches)
+        self._stream_at = (start[0] + 1, 0)
+
     def __iter__(self) -> Iterator[Batch]:
         self.bad = []
-        for out in self.loader:
+        for out in self._epoch_outputs():
             if out["failures"]:
                 report_bad_videos(out["failures"], training_epoch(self.cfg))
                 self.bad += out["failures"]

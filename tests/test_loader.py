@@ -250,3 +250,64 @@ def test_segments_past_the_end_of_their_video_are_reported_by_line(demo_data, tm
     assert "segments.txt:3: segment 0.1-3 s" in caplog.text and "ends after the video's end" in caplog.text
     with pytest.raises(TooManyBadVideos, match="segments.txt:2"):
         load_dataset(cfg(demo_data, list_path=str(tmp_path / "segments.txt"), max_bad_fraction=0.0))
+
+
+def _logged_read(log_path, path, frame_indices):
+    with open(log_path, "a") as f:
+        f.write(f"{os.path.basename(path)} {' '.join(map(str, frame_indices))}\n")
+    return read_frames(path, frame_indices)
+
+
+def test_training_workers_run_ahead_into_the_next_epoch_with_the_same_clips(demo_data, tmp_path):
+    """Reading epochs one after another through one pipeline, its workers decode the next
+    epoch's first clips before the training process asks for that epoch (no idle drain at an
+    epoch's end), and every epoch still gives the batches a fresh pipeline gives it: after a
+    full epoch, after one left early and when resuming mid-epoch."""
+    import functools
+    import time
+    from collections import Counter
+
+    from pipelines.dataset import clip_specs
+    from pipelines.workers import DecodingPipeline
+
+    def batches(pipe, epoch, skip=0, limit=None):
+        pipe.set_epoch(epoch, skip_batches=skip)
+        out = []
+        for b in pipe:
+            out.append((b.clips, b.labels, b.index, b.view))
+            if len(out) == limit:
+                break
+        return out
+
+    def same(a, b):
+        assert len(a) == len(b)
+        assert all(torch.equal(u, v) for x, y in zip(a, b) for u, v in zip(x, y))
+
+    log = tmp_path / "reads.txt"
+    c = cfg(demo_data, num_workers=2)
+    pipe = DecodingPipeline(c, functools.partial(_logged_read, str(log)))
+    first = batches(pipe, 0)
+    n = 32  # clips in an epoch
+    deadline = time.monotonic() + 30
+    while len(log.read_text().splitlines()) <= n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    reads = Counter(log.read_text().splitlines())
+    assert sum(reads.values()) > n  # epoch 1 is being decoded before it is asked for ...
+    ds = pipe.dataset
+
+    def epoch_reads(epoch):
+        specs = [clip_specs(ds.sampler, True, (epoch, i), ds.records[i], ds.infos[i])[0] for i in range(n)]
+        return Counter(f"{os.path.basename(r.path)} {' '.join(map(str, s.frame_indices))}"
+                       for r, s in zip(ds.records, specs))
+
+    assert not reads - epoch_reads(0) - epoch_reads(1)  # ... and they are epoch 1's own clips
+    second = batches(pipe, 1)
+    fresh = build_pipeline("pyav", cfg(demo_data, num_workers=0))
+    same(first, batches(fresh, 0))
+    same(second, batches(fresh, 1))
+    left = batches(pipe, 2, limit=3)  # left early: the next epoch starts afresh, at its own start
+    same(left, batches(fresh, 2)[:3])
+    same(batches(pipe, 3), batches(fresh, 3))
+    same(batches(pipe, 4, skip=5), batches(fresh, 4, skip=5))  # a resume mid-epoch
+    same(batches(pipe, 5), batches(fresh, 5))  # continues from the resumed epoch's end
+    pipe.close()
