@@ -8,6 +8,7 @@ it follows, and why, are in docs/decoding-notes.md ("Numbering frames", "Seeking
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from collections.abc import Sequence
@@ -20,8 +21,33 @@ from .base import PipelineConfig
 from .index import NO_TS, FrameIndex, VideoReadError, frame_index, open_video, requested_positions
 from .workers import DecodingPipeline
 
-__all__ = ["FrameIndex", "VideoReadError", "frame_index", "read_frames"]  # the index's, for callers of the reader
+__all__ = ["FrameIndex", "ReadStats", "VideoReadError", "frame_index", "read_frames",  # the index's, for callers
+           "read_stats"]
 
+
+@dataclasses.dataclass
+class ReadStats:
+    """What :func:`read_frames` cost in this process (DataLoader workers count their own): files
+    opened, seeks, packets given to the decoder, frames it returned (B-frames nobody needs are
+    skipped, so fewer than the packets), and opens that decode with FFmpeg's threads."""
+
+    opens: int = 0
+    seeks: int = 0
+    packets: int = 0
+    frames: int = 0
+    threaded: int = 0
+
+    def __sub__(self, other: ReadStats) -> ReadStats:
+        return ReadStats(*(a - b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+
+_stats = ReadStats()
+
+
+def read_stats() -> ReadStats:
+    """A snapshot of this process's :class:`ReadStats`: the difference of two is what the reads
+    between them cost."""
+    return dataclasses.replace(_stats)
 
 
 _local = threading.local()
@@ -56,11 +82,6 @@ def _decoder_threads() -> str:
     return "NONE" if torch.utils.data.get_worker_info() is not None else "AUTO"
 
 
-def _decode_packet(stream: av.VideoStream, packet: av.Packet) -> list[av.VideoFrame]:
-    # One indirection so tests can count decoded frames.
-    return stream.decode(packet)
-
-
 class _ClipReader:
     """Decodes one request: owns the open container and the output array."""
 
@@ -80,8 +101,18 @@ class _ClipReader:
         self.close()
         self.container = open_video(self.path, self.index.container_format)
         self.stream = self.container.streams[self.index.stream_index]
-        self.stream.thread_type = _decoder_threads()
+        threads = _decoder_threads()
+        self.stream.thread_type = threads
         self.fresh = True
+        _stats.opens += 1
+        _stats.threaded += threads != "NONE"
+
+    def _decode(self, packet: av.Packet | None) -> list[av.VideoFrame]:
+        """The frames the decoder returns for ``packet`` (None: drain it)."""
+        frames = self.stream.decode(packet)
+        _stats.packets += packet is not None and packet.size > 0
+        _stats.frames += len(frames)
+        return frames
 
     def _store(self, key: int, frame: av.VideoFrame) -> None:
         rgb = _to_rgb(frame)
@@ -126,6 +157,7 @@ class _ClipReader:
                 self.container.seek(seek_ts, stream=stream, backward=True, any_frame=False)
             except av.FFmpegError:
                 return None
+            _stats.seeks += 1
         self.fresh = False
         missing = set(want)
         ctx = stream.codec_context
@@ -144,9 +176,9 @@ class _ClipReader:
                 skip_to = None
             last_in = packet.pts == drain_at and packet.size > 0
             ctx.skip_frame = "DEFAULT" if packet.pts in want else "NONREF"
-            frames = _decode_packet(stream, packet)
+            frames = self._decode(packet)
             if last_in:  # every wanted packet is in: flush the rest out (a seek resets the decoder)
-                frames = [*frames, *_decode_packet(stream, None)]
+                frames = [*frames, *self._decode(None)]
             for frame in frames:
                 pts = frame.pts
                 if pts in missing:
@@ -206,7 +238,7 @@ class _ClipReader:
         n = -1
         packets = self.container.demux(self.stream)
         for packet in [*packets, None]:  # None: drain the frames the decoder still holds at the end
-            for frame in _decode_packet(self.stream, packet):
+            for frame in self._decode(packet):
                 n += 1
                 if positions is None:
                     pos = n

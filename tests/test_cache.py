@@ -201,15 +201,14 @@ def test_read_ahead_thread_runs_no_torch(data, monkeypatch):
 
 def test_interrupted_build_resumes_and_never_reads_a_partial_shard(data, tmp_path, monkeypatch, capsys):
     out = tmp_path / "features"
-    finish, calls = cache_cli._finish_shard, []
+    replace, published = os.replace, []
 
-    def crash_on_second_shard(writer, info):
-        calls.append(info["shard"])
-        if len(calls) == 2:  # shard 1 is fully written under its temp name, never renamed
+    def crash_publishing_shard_1(src, dst):
+        if os.path.basename(dst) == "shard-00001.npy":  # fully written under its temp name, never renamed
             raise RuntimeError("simulated crash")
-        return finish(writer, info)
+        return replace(src, dst)
 
-    monkeypatch.setattr(cache_cli, "_finish_shard", crash_on_second_shard)
+    monkeypatch.setattr(os, "replace", crash_publishing_shard_1)
     with pytest.raises(RuntimeError, match="simulated crash"):
         cache_cli.main(build_argv(data, "train", out))
     split = out / "train"
@@ -219,11 +218,14 @@ def test_interrupted_build_resumes_and_never_reads_a_partial_shard(data, tmp_pat
         CachePipeline(pipe_cfg(data, extra={"feature_cache": str(out)}))
     first = os.stat(split / "shard-00000.npy")
 
-    written = []
-    monkeypatch.setattr(cache_cli, "_finish_shard", lambda writer, info: (written.append(info["shard"]),
-                                                                          finish(writer, info))[1])
+    def publishing(src, dst):
+        if os.path.basename(dst).startswith("shard-") and dst.endswith(".npy"):
+            published.append(int(os.path.basename(dst)[6:11]))
+        return replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", publishing)
     manifest = cache_cli.main(build_argv(data, "train", out))
-    assert written == [1, 2]  # shard 0 was kept, not recomputed
+    assert published == [1, 2]  # shard 0 was kept, not recomputed
     assert os.stat(split / "shard-00000.npy").st_mtime_ns == first.st_mtime_ns
     assert not any(n.startswith(".tmp-") for n in os.listdir(split))
     ref = CachePipeline(pipe_cfg(data)).store

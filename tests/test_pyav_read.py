@@ -59,86 +59,58 @@ def test_read_equals_sequential_decode(videos, name, threads, monkeypatch):
     assert [frame_number(f) for f in read_frames(path, range(n))] == list(range(hidden, hidden + n))
 
 
-def test_threading_on_and_index_reused(videos, monkeypatch):
+def test_threading_on_and_index_reused(videos):
     path = videos["h264_bframes"][0]
-    seen = []
-    original = pyav._decode_packet
-
-    def spy(stream, packet):
-        seen.append(str(stream.thread_type))
-        return original(stream, packet)
-
-    monkeypatch.setattr(pyav, "_decode_packet", spy)
     assert frame_index(path) is frame_index(path)
+    before = pyav.read_stats()
     read_frames(path, [20])
-    assert seen and all("AUTO" in t for t in seen)
+    cost = pyav.read_stats() - before
+    assert cost.opens >= 1 and cost.threaded == cost.opens  # the main process decodes with FFmpeg's threads
+    assert cost.frames >= 1 and cost.packets >= 1
 
 
-def _count_decoded(monkeypatch) -> list[int]:
-    count = [0]
-    original = pyav._decode_packet
-
-    def counting(stream, packet):
-        frames = original(stream, packet)
-        count[0] += len(frames)
-        return frames
-
-    monkeypatch.setattr(pyav, "_decode_packet", counting)
-    return count
+def _cost(read):
+    before = pyav.read_stats()
+    out = read()
+    return out, pyav.read_stats() - before
 
 
-def _count_packets(monkeypatch) -> list[int]:
-    count = [0]
-    original = pyav._decode_packet
-
-    def counting(stream, packet):
-        count[0] += packet is not None and packet.size > 0
-        return original(stream, packet)
-
-    monkeypatch.setattr(pyav, "_decode_packet", counting)
-    return count
-
-
-def test_long_gop_clip_near_end_is_not_fully_decoded(tmp_path, monkeypatch):
+def test_long_gop_clip_near_end_is_not_fully_decoded(tmp_path):
     # Keyframes at 0 and 60; B-frames reorder, so frames come out a few packets late.
     path = write_video(str(tmp_path / "long.mp4"), 120, bframes=3, gop=60)
     ref, index = decode_all(path)[1], frame_index(path)
-    count = _count_packets(monkeypatch)
-    assert np.array_equal(read_frames(path, [100, 104, 108]), ref[[100, 104, 108]])
+    got, cost = _cost(lambda: read_frames(path, [100, 104, 108]))
+    assert np.array_equal(got, ref[[100, 104, 108]])
     # From keyframe 60 to the last packet a wanted frame needs, not from frame 0, and no
     # packet after it: the decoder is drained instead of fed until the frames come out.
     last = max(index.decode_pos[[100, 104, 108]])
-    assert count[0] == last - index.decode_pos[60] + 1
-    count = _count_decoded(monkeypatch)
-    assert np.array_equal(read_frames(path, [100, 104, 108]), ref[[100, 104, 108]])
+    assert cost.packets == last - index.decode_pos[60] + 1 and cost.seeks == 1
     # Frames no other frame references and nobody wants (B-frames) are not even decoded.
-    assert 3 <= count[0] < last - index.decode_pos[60] + 1
-    count[0] = 0
-    assert np.array_equal(read_frames(path, [5]), ref[[5]])
-    assert count[0] <= 10  # stops after the last requested frame
+    assert 3 <= cost.frames < last - index.decode_pos[60] + 1
+    got, cost = _cost(lambda: read_frames(path, [5]))
+    assert np.array_equal(got, ref[[5]])
+    assert cost.frames <= 10 and cost.seeks == 0  # from the start, and it stops after the last requested frame
 
 
-def test_sparse_clip_seeks_between_gops(videos, monkeypatch):
+def test_sparse_clip_seeks_between_gops(videos):
     path, ref, _ = videos["h264_open_gop"]
-    count = _count_decoded(monkeypatch)
     indices = [1, 26, 51]  # one frame in each of three 12-frame GOPs, far apart
-    assert np.array_equal(read_frames(path, indices), ref[indices])
-    assert count[0] < 30  # a single pass from frame 0 would decode 52
+    got, cost = _cost(lambda: read_frames(path, indices))
+    assert np.array_equal(got, ref[indices])
+    assert cost.frames < 30 and cost.seeks >= 2  # a single pass from frame 0 would decode 52
 
 
-def test_segments_seek_only_past_frames_nobody_wants(tmp_path, monkeypatch):
+def test_a_read_seeks_only_past_frames_nobody_wants(tmp_path):
     path = write_video(str(tmp_path / "gop5.mp4"), 20, gop=5)
-    index, ref = frame_index(path), decode_all(path)[1]
-    dense = np.arange(3, 9)  # across the keyframe at 5: decoding on reaches it
-    assert [s.tolist() for s in pyav._segments(index, dense)] == [dense.tolist()]
+    ref = decode_all(path)[1]
+    dense = np.arange(3, 9)  # across the keyframe at 5: decoding on reaches it, no seek
+    got, cost = _cost(lambda: read_frames(path, dense))
+    assert np.array_equal(got, ref[dense])
+    assert cost.seeks == 0 and cost.opens == 1 and cost.frames <= 9  # frames 0-8 at most, each once
     sparse = np.array([0, 1, 8, 9])  # the keyframe at 5 skips frames 2-4
-    assert [s.tolist() for s in pyav._segments(index, sparse)] == [[0, 1], [8, 9]]
-    count = _count_decoded(monkeypatch)
-    assert np.array_equal(read_frames(path, dense), ref[dense])
-    assert count[0] <= 9  # frames 0-8 at most, each once
-    count[0] = 0
-    assert np.array_equal(read_frames(path, sparse), ref[sparse])
-    assert count[0] <= 7  # 0-1 then 5-9, not 0-9
+    got, cost = _cost(lambda: read_frames(path, sparse))
+    assert np.array_equal(got, ref[sparse])
+    assert cost.seeks == 1 and cost.frames <= 7  # 0-1 then 5-9, not 0-9
 
 
 def test_reader_names_the_indexed_demuxer_and_falls_back_to_probing(videos, monkeypatch):
