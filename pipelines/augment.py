@@ -201,10 +201,15 @@ def _warp(region: np.ndarray, resized: tuple[int, int], m: np.ndarray, out_shape
         region = crop_resize(region, (0, 0, *region.shape[1:3]), resized).numpy()
     m = _to_cv2(m)
     out_h, out_w = out_shape
+    # The map's source coordinates once per clip (OpenCV's fixed point, 1/32 pixel, as
+    # warpAffine's), then one remap per frame: half the time of a 3-channel warpAffine per frame.
+    xs, ys = np.arange(out_w, dtype=np.float64), np.arange(out_h, dtype=np.float64)[:, None]
+    map_x = (m[0, 0] * xs + m[0, 1] * ys + m[0, 2]).astype(np.float32)
+    map_y = (m[1, 0] * xs + m[1, 1] * ys + m[1, 2]).astype(np.float32)
+    map_xy, map_frac = cv2.convertMaps(map_x, map_y, cv2.CV_16SC2)
     out = np.empty((len(region), out_h, out_w, 3), np.uint8)
     for i in range(len(region)):  # OpenCV reads a frame's rows in place: no copy of the region
-        cv2.warpAffine(region[i], m[:2], (out_w, out_h), dst=out[i], flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                       borderMode=cv2.BORDER_REPLICATE)
+        cv2.remap(region[i], map_xy, map_frac, cv2.INTER_LINEAR, dst=out[i], borderMode=cv2.BORDER_REPLICATE)
     return out
 
 
