@@ -49,6 +49,9 @@ def main(argv=None) -> None:
     p.add_argument("--clips", type=int, default=200, help="decisions compared in part 2")
     p.add_argument("--no_dali", action="store_true", help="skip part 3")
     p.add_argument("--dali_device_id", type=int, help="run part 3 on this GPU (default: DALI's CPU operators)")
+    p.add_argument("--magnitudes", default="1,4,7,10", help="magnitudes of part 1, comma-separated")
+    p.add_argument("--crops", type=int, default=len(CROPS), choices=range(1, len(CROPS) + 1),
+                   help="crops of part 1, the first N of its %(default)s")
     args = p.parse_args(argv)
 
     from pipelines.augment import augment_clip, reference_clip
@@ -58,14 +61,15 @@ def main(argv=None) -> None:
 
     frames = np.stack(list(stock_frames(0, 8)))
     size = 224
-    print(f"1. one op, ours vs timm's in the reference order: 8 frames 340x256, {len(CROPS)} crops to {size}")
+    crops = CROPS[:args.crops]
+    print(f"1. one op, ours vs timm's in the reference order: 8 frames 340x256, {len(crops)} crops to {size}")
     for name in dict.fromkeys(INCREASING_TRANSFORMS + TRANSFORMS):
         row = []
-        for magnitude in (1, 4, 7, 10):
+        for magnitude in (float(m) for m in args.magnitudes.split(",")):
             op = AugOp(name, magnitude, _arg(name, magnitude, random.Random(magnitude)))
             values = [psnr(reference_clip(frames, [op], c, size), augment_clip(frames, [op], c, size).numpy())
-                      for c in CROPS]
-            row.append(f"m{magnitude} {min(values):5.1f}")
+                      for c in crops]
+            row.append(f"m{magnitude:g} {min(values):5.1f}")
         print(f"   {name:<21} " + "  ".join(row).replace("  inf", "exact"))
 
     policy = parse_policy(args.policy)

@@ -417,7 +417,7 @@ def benchmarks(check: Check) -> dict:
             raise RuntimeError(f"benchmarks/throughput.py ({name}) failed: {proc.stderr.strip().splitlines()[-1:]}")
     # RandAugment in the graph (on the GPU: the mixed variant) against the CPU execution.
     cmd = [sys.executable, "benchmarks/augment_agreement.py", "--clips", "64" if check.gpu else "4",
-           *(["--dali_device_id", "0"] if check.gpu else [])]
+           *(["--dali_device_id", "0"] if check.gpu else ["--magnitudes", "7", "--crops", "1"])]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     with open(os.path.join(check.out, "augment_agreement.txt"), "w") as f:
         f.write(proc.stdout + proc.stderr)
