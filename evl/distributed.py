@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from pipelines.groups import gloo_group
+from pipelines.groups import available_cores, gloo_group
 
 
 @dataclass(frozen=True)
@@ -71,15 +71,13 @@ def compute_threads(decode_workers: int) -> int | None:
 
     PyTorch takes every core for its own ops, while the pipeline's worker processes (PyAV) or
     threads (DALI on the CPU) decode on the same cores, and the two fight over them when both
-    take them all (the demo trains faster with a core left to each worker). The cores are shared by
-    the ``LOCAL_WORLD_SIZE`` processes of a node. None when ``OMP_NUM_THREADS`` is set: the
-    user's choice stands.
+    take them all (the demo trains faster with a core left to each worker). The cores are this
+    process's :func:`~pipelines.groups.available_cores`. None when ``OMP_NUM_THREADS`` is set:
+    the user's choice stands.
     """
     if "OMP_NUM_THREADS" in os.environ:
         return None
-    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    cores = max(1, (os.cpu_count() or 1) // local)
-    return max(1, cores - max(0, decode_workers))
+    return max(1, available_cores() - max(0, decode_workers))
 
 
 @contextlib.contextmanager

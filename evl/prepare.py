@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from pipelines.files import atomic_write, file_sha256
+from pipelines.groups import available_cores
 from pipelines.lists import ListFileError, VideoRecord, read_list, write_list
 
 __all__ = ["EncodeJob", "Share", "encode_video", "main", "output_size", "resolve_share"]
@@ -175,17 +176,6 @@ def plan(records: list[VideoRecord], data_root: str | None, output: str) -> dict
             raise ValueError(f"{seen[real]} and {source} would both be written to {target}")
         seen[real] = source
     return targets
-
-
-def _available_cores() -> int:
-    """Cores this process may use: its CPU affinity (a SLURM task's allocation), shared among
-    the ``LOCAL_WORLD_SIZE`` processes torchrun starts on a node."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    except ValueError:
-        local = 1
-    return max(1, cores // local)
 
 
 # --- Shares of a list, one per machine (or process) -------------------------------------------
@@ -422,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at most this many frames between keyframes, <= 16 (default: %(default)s, the most "
                    "pipelines.probe accepts without a warning)")
     p.add_argument("--workers", type=int, metavar="N",
-                   help=f"parallel encoding processes (default: the cores this process may use, {_available_cores()} "
+                   help=f"parallel encoding processes (default: the cores this process may use, {available_cores()} "
                    "here)")
     p.add_argument("--shard_index", type=int, metavar="I", help="re-encode share I (from 0) of the list's videos: "
                    "every --num_shards-th one from the I-th on (default: from SLURM_ARRAY_TASK_ID or torchrun's RANK)")
@@ -477,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: --short_side must be even and positive, got {ns.short_side}")
     if not 1 <= ns.keyint <= 16:
         raise SystemExit(f"error: --keyint must be in [1, 16], got {ns.keyint}")
-    workers = ns.workers if ns.workers is not None else _available_cores()
+    workers = ns.workers if ns.workers is not None else available_cores()
     if workers < 1:
         raise SystemExit("error: --workers must be at least 1")
     try:
@@ -530,7 +520,7 @@ def _prepare(ns: argparse.Namespace, share: Share, records: list[VideoRecord], t
     if share.count > 1:
         print(f"prepare: share {share.index} of {share.count} ({share.origin}): {len(mine)} of the list's "
               f"{len(targets)} videos, {len(todo)} left to re-encode", flush=True)
-    cores = _available_cores()
+    cores = available_cores()
     threads = max(1, cores // min(workers, max(len(todo), 1)))
     jobs = [EncodeJob(s, targets[s], ns.short_side, ns.crf, ns.preset, ns.keyint, threads) for s in todo]
     failed, disk_full = _encode_all(jobs, workers)

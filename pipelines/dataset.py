@@ -14,7 +14,7 @@ import os
 from typing import TYPE_CHECKING
 
 from .base import PipelineConfig, TooManyBadVideos
-from .groups import local_leader_first
+from .groups import available_cores, local_leader_first
 from .lists import VideoRecord, read_list
 from .randaugment import parse_policy
 from .sampling import ClipSampler, ClipSpec
@@ -43,7 +43,7 @@ def probe_dataset(cfg: PipelineConfig):
                         check_files=not cfg.missing_ok)
     with local_leader_first():
         infos, failures = probe_videos([r.path for r in records], probe_cache_path(cfg.list_path),
-                                       num_workers=min(cfg.num_workers, os.cpu_count() or 1),
+                                       num_workers=min(cfg.num_workers, available_cores()),
                                        progress=cfg.rank == 0 and len(records) > 200)
     warnings = check_videos(infos, [r.path for r in records], cfg.sampling, cfg.num_frames)
     for i, (record, info) in enumerate(zip(records, infos)):

@@ -2,7 +2,8 @@
 
 ``gloo_group`` makes a group of its own for a collective that must not pair with the training
 group's (``evl.distributed`` uses it too); ``local_leader_first`` lets one process per node probe a
-dataset before the node's others read its cache.
+dataset before the node's others read its cache; ``available_cores`` is this process's share of
+the node's cores, the budget every job's threads and worker processes are cut from.
 """
 
 from __future__ import annotations
@@ -12,7 +13,19 @@ import datetime
 import logging
 import os
 
-__all__ = ["gloo_group", "local_leader_first"]
+__all__ = ["available_cores", "gloo_group", "local_leader_first"]
+
+
+def available_cores() -> int:
+    """Cores this process may use: its CPU affinity (a SLURM task's ``--cpus-per-task``, a
+    ``taskset``), not every core of the machine, shared among the ``LOCAL_WORLD_SIZE`` processes
+    torchrun starts on a node."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local = 1
+    return max(1, cores // local)
 
 
 def gloo_group(purpose: str, fallback: str, timeout_days: float | None = None):

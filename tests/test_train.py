@@ -407,7 +407,8 @@ def test_compute_threads_leave_a_core_to_each_decoder(tiny_vit, demo_data, tmp_p
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    monkeypatch.setattr(distributed.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)  # the machine's, of which this process may use 16
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     assert distributed.compute_threads(4) == 12
     assert distributed.compute_threads(0) == 16
     assert distributed.compute_threads(32) == 1
