@@ -198,3 +198,16 @@ def test_stock_videos_are_long_gop_natural_and_listed(tmp_path):
     assert (index.decode_pos != np.arange(40)).any()  # B-frames: decode order differs from display order
     frames = np.stack(list(mod.stock_frames(0, 2, (96, 64))))
     assert frames.std() > 20 and not np.array_equal(frames[0], frames[1])  # textured, moving
+
+
+def test_clip_cost_times_each_part_of_a_clip_in_a_worker(demo_data, capsys):
+    spec = importlib.util.spec_from_file_location("clip_cost", os.path.join(ROOT, "benchmarks", "clip_cost.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    r = mod.main(["--train_list", demo_data.train_list, "--data_root", demo_data.root, "--num_frames", "4",
+                  "--sampling_rate", "2", "--input_size", "48", "--epochs", "1",
+                  "--auto_augment", "rand-m7-n4-mstd0.5-inc1"])
+    assert r["clips"] == 32
+    assert r["decoded_frames"] >= 4 and r["packets"] >= r["decoded_frames"]  # every sampled frame, each packet once at most
+    assert r["read"] > r["open"] > 0 and r["crop_resize"] > 0 and r["augment"] > 0
+    assert "for the policy" in capsys.readouterr().out
