@@ -17,7 +17,8 @@ import torch
 from .base import PipelineConfig
 from .sampling import epoch_permutation, shard_indices
 
-__all__ = ["MAX_REPLACEMENTS", "EpochKeys", "KeyStream", "batches_per_epoch", "training_epoch", "replacements", "train_shard"]
+__all__ = ["MAX_REPLACEMENTS", "EpochKeys", "KeyStream", "batches_per_epoch", "training_epoch", "replacements",
+           "train_shard"]
 
 MAX_REPLACEMENTS = 10  # videos a training sample tries before it gives up
 _REPLACEMENT_STREAM = 99  # a sampler stream number of its own (pipelines.sampling numbers its own from 1)
@@ -97,7 +98,7 @@ class KeyStream(torch.utils.data.Sampler):
     same (epoch, index) a fresh epoch would give: which clips a run sees does not change. What
     changes is that DataLoader workers fed from it decode the next epoch's first batches while
     the training process finishes this one, as the reference's step-based sampler lets them,
-    instead of idling while an epoch drains (on a list of a few batches, a quarter of the time).
+    instead of idling while an epoch drains, which on a list of a few batches is much of the time.
     """
 
     def __init__(self, keys: EpochKeys):

@@ -208,6 +208,7 @@ def test_clip_cost_times_each_part_of_a_clip_in_a_worker(demo_data, capsys):
                   "--sampling_rate", "2", "--input_size", "48", "--epochs", "1",
                   "--auto_augment", "rand-m7-n4-mstd0.5-inc1"])
     assert r["clips"] == 32
-    assert r["decoded_frames"] >= 4 and r["packets"] >= r["decoded_frames"]  # every sampled frame, each packet once at most
+    # Every sampled frame; a frame comes from one packet, and skipped B-frames give none.
+    assert r["decoded_frames"] >= 4 and r["packets"] >= r["decoded_frames"]
     assert r["read"] > r["open"] > 0 and r["crop_resize"] > 0 and r["augment"] > 0
     assert "for the policy" in capsys.readouterr().out
