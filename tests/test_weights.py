@@ -21,25 +21,34 @@ def random_visual_state(tiny_vit, seed=3):
     return {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in model.backbone.visual.state_dict().items()}
 
 
+def clip_file_layout(vis, layout):
+    """``vis`` as a CLIP weight file lays it out, and what the backbone should then hold: the
+    tower alone, a whole CLIP model, under DDP's ``module.`` prefix, or stored in fp16."""
+    if layout == "visual_only":
+        return vis, vis
+    if layout == "full_clip":
+        return {**{f"visual.{k}": v for k, v in vis.items()}, "token_embedding.weight": torch.zeros(10, 4),
+                "logit_scale": torch.tensor(4.6)}, vis
+    if layout == "ddp_prefix":
+        return {f"module.visual.{k}": v for k, v in vis.items()}, vis
+    if layout == "fp16":
+        return {f"visual.{k}": v.half() for k, v in vis.items()}, {k: v.half().float() for k, v in vis.items()}
+    raise ValueError(layout)
+
+
 def assert_backbone_is(model, visual_sd):
     got = model.backbone.visual.state_dict()
     for k, v in visual_sd.items():
         torch.testing.assert_close(got[k], v, msg=k)
 
 
-@pytest.mark.parametrize("layout", ["visual_only", "full_clip", "wrapped_ddp", "openai_fp16"])
+@pytest.mark.parametrize("layout", ["visual_only", "full_clip", "wrapped_ddp", "fp16"])
 def test_backbone_weights_from_state_dicts(tiny_vit, tmp_path, layout):
-    vis = random_visual_state(tiny_vit)
-    if layout == "visual_only":
-        obj = vis
-    elif layout == "full_clip":
-        obj = {**{f"visual.{k}": v for k, v in vis.items()}, "token_embedding.weight": torch.zeros(10, 4),
-               "logit_scale": torch.tensor(4.6)}
-    elif layout == "wrapped_ddp":
-        obj = {"epoch": 3, "state_dict": {f"module.visual.{k}": v for k, v in vis.items()}}
+    if layout == "wrapped_ddp":  # a training checkpoint: the DDP-prefixed state dict inside
+        state, vis = clip_file_layout(random_visual_state(tiny_vit), "ddp_prefix")
+        obj = {"epoch": 3, "state_dict": state}
     else:
-        obj = {f"visual.{k}": v.half() for k, v in vis.items()}
-        vis = {k: v.half().float() for k, v in vis.items()}
+        obj, vis = clip_file_layout(random_visual_state(tiny_vit), layout)
     path = tmp_path / "clip.pt"
     torch.save(obj, path)
     model = evl.build_model(tiny_vit, 5, 4, backbone_path=str(path))
@@ -210,16 +219,8 @@ def test_backbone_weights_from_safetensors(tiny_vit, tmp_path, monkeypatch, layo
     from safetensors.torch import save_file
 
     vis = random_visual_state(tiny_vit, seed=4)
-    if layout == "visual_only":
-        tensors = vis
-    elif layout == "full_clip":
-        tensors = {**{f"visual.{k}": v for k, v in vis.items()}, "token_embedding.weight": torch.zeros(10, 4),
-                   "logit_scale": torch.tensor(4.6)}
-    elif layout == "ddp_prefix":
-        tensors = {f"module.visual.{k}": v for k, v in vis.items()}
-    elif layout == "fp16":
-        tensors = {f"visual.{k}": v.half() for k, v in vis.items()}
-        vis = {k: v.half().float() for k, v in vis.items()}
+    if layout != "reference_vit":
+        tensors, vis = clip_file_layout(vis, layout)
     else:  # the reference's ViT naming (no patch bias), as its .pt files are converted
         tensors = {"cls_token": vis["class_embedding"], "pos_embed": vis["positional_embedding"],
                    "patch_embed.proj.weight": vis["conv1.weight"].flatten(1), "ln_pre.weight": vis["ln_pre.weight"],
