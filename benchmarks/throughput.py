@@ -120,7 +120,7 @@ def setup(args):
         long = frames > 16
         ds = write_demo_dataset(os.path.join(args.work_dir, f"demo{frames}", codec), codec=codec,
                                 num_train=128 if long else 2048, num_val=32, num_frames=frames,
-                                size=256 if long else 64, workers=2 if long else 1)
+                                size=256 if long else 64, workers=min(8, os.cpu_count() or 1) if long else 1)
         bb = os.path.join(args.work_dir, "tiny-vit.json")
         with open(bb, "w", encoding="utf-8") as f:
             json.dump(DEMO_BACKBONE, f)

@@ -5,14 +5,15 @@ decoders cost, training throughput, evaluation memory, colour, the `gpu` tests a
     python scripts/gpu_check.py --dry-run    # every part a CPU can run (VP9 through DALI's CPU
                                              # decoder, small sizes): tests/test_gpu_check.py
 
-On the lent GPU machine (``../shared/device/README.md``), pack the wheels it needs beyond the
-listed ones with ``bash ../shared/device/pack-gpu-deps.sh opencv-python-headless tqdm pytest
-iniconfig pluggy``, install them, then run ``PYTHONPATH=/tmp/site python scripts/gpu_check.py``.
-``--only SECTION,...`` reruns sections.
+On the lent GPU machine (``../shared/device/README.md``; its image has OpenCV, pytest and tqdm,
+so ``bash ../shared/device/pack-gpu-deps.sh`` with no extra wheels), install the parts, then run
+``PYTHONPATH=/tmp/site python scripts/gpu_check.py --data /tmp/gpu_check``. ``--only SECTION,...``
+runs those sections, in that order.
 
-It writes its own test videos and its results to ``$OUT`` (else ``runs/gpu_check``):
-``results.json``, one entry per section, rewritten after each section so a run cut short keeps
-what it measured, and the sections' logs. A section that fails is recorded with its error and
+It writes its own test videos under ``--data`` (default: ``videos`` in the results folder) and
+its results to ``$OUT`` (else ``runs/gpu_check``): ``results.json``, one entry per section,
+rewritten after each section so a run cut short keeps what it measured, and the sections' logs
+(at most five files, so that all of them come back from the lent machine). A section that fails is recorded with its error and
 the others still run; the exit status is 1 when any failed.
 """
 
@@ -43,12 +44,12 @@ SECTIONS = ("environment", "capabilities", "frame_numbering", "decoder_reuse", "
 
 
 class Check:
-    def __init__(self, dry_run: bool, out: str):
+    def __init__(self, dry_run: bool, out: str, data: str | None = None):
         self.dry_run, self.out = dry_run, out
         self.gpu = not dry_run
         self.device = "cuda:0" if self.gpu else "cpu"
         self.device_id = 0 if self.gpu else None
-        self.data = os.path.join(out, "videos")
+        self.data = data or os.path.join(out, "videos")
         os.makedirs(self.data, exist_ok=True)
         self.capability = tuple(torch.cuda.get_device_capability(0)) if self.gpu else None
 
@@ -431,12 +432,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dry-run", action="store_true", help="the parts a CPU can run, at small sizes")
     p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "runs", "gpu_check"))
-    p.add_argument("--only", help="comma-separated sections, of: " + ", ".join(SECTIONS))
+    p.add_argument("--data", help="where the test videos go (default: OUT/videos)")
+    p.add_argument("--only", help="comma-separated sections, run in the order given, of: " + ", ".join(SECTIONS))
     args = p.parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
         p.error("no CUDA device here: run with --dry-run, or on a GPU machine")
     os.makedirs(args.out, exist_ok=True)
-    check = Check(args.dry_run, args.out)
+    check = Check(args.dry_run, args.out, args.data)
     chosen = args.only.split(",") if args.only else SECTIONS
     unknown = set(chosen) - set(SECTIONS)
     if unknown:
