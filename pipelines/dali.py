@@ -94,9 +94,11 @@ def nvdec_problem(video, capability: tuple[int, int] | None = None) -> str | Non
 
     What NVDEC decodes depends on the GPU generation (``capability``, CUDA's compute capability):
     no AV1 before Ampere nor on Hopper (H100/H200); H.264 only as 8-bit 4:2:0 before Blackwell.
-    DALI converts 4:2:0 surfaces only, and its output of more than 8 bits per sample has not
-    been checked on a GPU here (``scripts/gpu_check.sh``), so 4:2:2, 4:4:4, monochrome and
-    10-bit files are refused for now: ``--pipeline pyav`` reads them.
+    DALI converts 4:2:0 surfaces only, so 4:2:2, 4:4:4 and monochrome files are refused:
+    ``--pipeline pyav`` reads them. Of the 10-bit codecs, HEVC Main 10 gives the right frames
+    and colours on an H200 (``scripts/gpu_check.sh``); VP9 profile 2 has not been checked and is
+    refused. A file whose edit list hides frames after its first shown one is refused too: NVDEC
+    outputs hidden frames, and DALI's numbering of those is unknown.
     """
     codec = _CODEC_ALIASES.get(video.codec, video.codec)
     if codec not in GPU_CODECS:
@@ -104,10 +106,12 @@ def nvdec_problem(video, capability: tuple[int, int] | None = None) -> str | Non
     chroma, bits = pixel_layout(video.pix_fmt)
     if chroma not in (None, "420"):
         return f"{video.pix_fmt}: DALI's GPU decoder converts 4:2:0 video only"
-    if bits not in (None, 8):
-        return f"{video.pix_fmt}: {bits}-bit video is not read by the GPU path yet"
+    if bits not in (None, 8) and not (codec == "hevc" and bits == 10):
+        return f"{video.pix_fmt}: {bits}-bit {codec} is not read by the GPU path yet"
     if codec == "av1" and capability is not None and (capability < (8, 0) or capability[0] == 9):
         return f"av1: this GPU's NVDEC (compute capability {capability[0]}.{capability[1]}) has no AV1 decoder"
+    if getattr(video, "hidden_later", 0):
+        return f"an edit list hides {video.hidden_later} frame(s) inside the video"
     low = NVDEC_MIN_SIZE.get(codec)
     if low and (video.width < low[0] or video.height < low[1]):
         return f"{video.width}x{video.height}: smaller than NVDEC's {codec} minimum of {low[0]}x{low[1]}"
@@ -134,17 +138,24 @@ def _capability(device_id: int | None) -> tuple[int, int] | None:
     return None if device_id is None else tuple(torch.cuda.get_device_capability(device_id))
 
 
-def dali_frame_numbers(index, positions: np.ndarray) -> np.ndarray:
-    """DALI's numbers of the frames at presentation ``positions`` of a file.
+def dali_frame_numbers(index, positions: np.ndarray, gpu: bool = False) -> np.ndarray:
+    """DALI's numbers of the frames at presentation ``positions`` of a file, decoded on the GPU
+    (NVDEC) or not.
 
     DALI numbers the frames of a codec that never reorders them (VP8, VP9, MJPEG) in decode
     order. In a sound file that is the presentation order; where a muxer's timestamps go back,
     the two differ, and the frame shown k-th is the one decoded at the index's ``decode_pos[k]``.
-    Codecs with B-frames keep the presentation position (their decoders reorder).
+    Codecs with B-frames keep the presentation position (their decoders reorder). NVDEC also
+    outputs the frames an mp4 edit list hides, which FFmpeg's decoders drop: on the GPU the
+    hidden frames before the first shown one count too.
     """
-    if _numbered_in_decode_order(index.codec):
-        return index.decode_pos[positions]
-    return positions
+    numbers = index.decode_pos[positions] if _numbered_in_decode_order(index.codec) else positions
+    return numbers + index.hidden_leading if gpu else numbers
+
+
+def _renumbered(info, gpu: bool) -> bool:
+    """Whether a video's DALI frame numbers differ from its presentation positions."""
+    return (info.display_order_differs and _numbered_in_decode_order(info.codec)) or (gpu and info.hidden_leading > 0)
 
 
 def _numbered_in_decode_order(codec: str) -> bool:
@@ -275,7 +286,7 @@ def read_frames(path: str, frame_indices: Sequence[int], device: str = "cpu") ->
     positions = requested_positions(path, frame_indices, index.num_frames)
     if len(positions) == 0:
         return np.empty((0, index.height, index.width, 3), dtype=np.uint8)
-    frames, rows = np.unique(dali_frame_numbers(index, positions), return_inverse=True)
+    frames, rows = np.unique(dali_frame_numbers(index, positions, gpu=device_id is not None), return_inverse=True)
     decoded = _decode(path, frames, device_id)
     if len(decoded) != len(frames):
         raise VideoReadError(path, f"DALI returned {len(decoded)} of {len(frames)} frames")
@@ -557,8 +568,8 @@ class DALIPipeline:
             specs = clip_specs(self.sampler, self.cfg.train, (epoch, index), self.records[index], self.infos[index])
         positions = np.array([s.frame_indices for s in specs])
         info = self.infos[index]
-        if info.display_order_differs:  # only a muxer's odd timestamps make this more than the positions
-            positions = dali_frame_numbers(frame_index(self.records[index].path), positions)
+        if _renumbered(info, self.device_id is not None):
+            positions = dali_frame_numbers(frame_index(self.records[index].path), positions, self.device_id is not None)
         wanted, rows = np.unique(positions, return_inverse=True)
         rows = rows.reshape(len(specs), -1)
         views = []
@@ -678,9 +689,9 @@ class DALIPipeline:
         repeated), or None when no line does."""
         record, info = self.records[index], self.infos[index]
         # A file whose DALI frame numbers are not its presentation positions (a reorder-free
-        # codec with a muxer's odd timestamps: dali_frame_numbers) has no such range.
-        renumbered = info.display_order_differs and _numbered_in_decode_order(info.codec)
-        if renumbered or record.path in self.known_bad or any(c.isspace() for c in record.path):
+        # codec with a muxer's odd timestamps, or frames an edit list hides: dali_frame_numbers)
+        # has no such range.
+        if _renumbered(info, self.device_id is not None) or info.hidden_leading or record.path in self.known_bad or any(c.isspace() for c in record.path):
             return None
         frames = np.asarray(spec.frame_indices)
         first, last = int(frames[0]), int(frames[-1])

@@ -65,6 +65,10 @@ class FrameIndex:
     pix_fmt: str | None = None  # FFmpeg's name: chroma subsampling and bit depth ("yuv420p10le")
     profile: str | None = None  # the codec's profile ("High", "High 10", "Main 10", "Profile 2")
     colorspace: int | None = None  # the YUV -> RGB matrix the stream is tagged with (FFmpeg's AVColorSpace)
+    # Frames an edit list (mp4) hides, which are no frames of the index: those shown before its
+    # first frame, and the others. NVDEC outputs them, so DALI's GPU numbering counts them.
+    hidden_leading: int = 0
+    hidden_later: int = 0
 
     @property
     def num_frames(self) -> int:
@@ -144,13 +148,14 @@ def _build_index(path: str) -> FrameIndex:
                 # Lets the demuxer skip audio etc. instead of returning it.
                 other.discard = av.stream.Discard.all
         pts, dts, key = [], [], []
-        hidden = 0
+        hidden_pts = []
         try:
             for packet in container.demux(stream):
                 # Empty packets are flush markers; discarded ones are hidden by an edit list
                 # (mp4) and never displayed, so neither is a frame.
                 if packet.size == 0 or packet.is_discard:
-                    hidden += packet.size > 0
+                    if packet.size > 0:
+                        hidden_pts.append(packet.pts)
                     continue
                 pts.append(packet.pts)
                 dts.append(packet.dts)
@@ -182,6 +187,8 @@ def _build_index(path: str) -> FrameIndex:
         if n > 1 and span > 0 and not explained:
             fps = float((n - 1) / (span * time_base))
         declared = _declared_frames(container, stream, fps)
+        hidden = len(hidden_pts)
+        leading = sum(p is not None and p < pts_arr[0] for p in hidden_pts) if has_pts else 0
         if declared and declared - (n + hidden) > max(2, TRUNCATED_SHARE * declared):
             raise VideoReadError(path, f"truncated: its header declares {declared} frames, the file holds {n + hidden} "
                                        "(an interrupted download or copy?)")
@@ -192,7 +199,7 @@ def _build_index(path: str) -> FrameIndex:
             time_base=time_base, fps=fps, width=ctx.width, height=ctx.height,
             codec=ctx.name, stream_index=stream.index, has_pts=has_pts,
             container_format=container.format.name.split(",")[0], pix_fmt=ctx.pix_fmt, profile=ctx.profile,
-            colorspace=_colorspace(ctx))
+            colorspace=_colorspace(ctx), hidden_leading=leading, hidden_later=hidden - leading)
 
 
 def _colorspace(ctx) -> int | None:
@@ -222,7 +229,8 @@ def index_meta(index: FrameIndex) -> dict:
     return {"time_base": [index.time_base.numerator, index.time_base.denominator], "fps": index.fps,
             "width": index.width, "height": index.height, "codec": index.codec,
             "stream_index": index.stream_index, "has_pts": index.has_pts, "format": index.container_format,
-            "pix_fmt": index.pix_fmt, "profile": index.profile, "colorspace": index.colorspace}
+            "pix_fmt": index.pix_fmt, "profile": index.profile, "colorspace": index.colorspace,
+            "hidden": [index.hidden_leading, index.hidden_later]}
 
 
 # abspath -> (size, mtime_ns, frames file, first row, rows, meta): registered by the probe in
@@ -258,7 +266,8 @@ def _shared_index(path: str, size: int, mtime_ns: int) -> FrameIndex | None:
                       time_base=Fraction(*meta["time_base"]), fps=meta["fps"], width=meta["width"],
                       height=meta["height"], codec=meta["codec"], stream_index=meta["stream_index"],
                       has_pts=meta["has_pts"], container_format=meta.get("format"), pix_fmt=meta.get("pix_fmt"),
-                      profile=meta.get("profile"), colorspace=meta.get("colorspace"))
+                      profile=meta.get("profile"), colorspace=meta.get("colorspace"),
+                      hidden_leading=meta.get("hidden", [0, 0])[0], hidden_later=meta.get("hidden", [0, 0])[1])
 
 
 @functools.lru_cache(maxsize=INDEX_CACHE_SIZE)

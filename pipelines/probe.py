@@ -32,8 +32,8 @@ from .files import atomic_write
 __all__ = ["VideoInfo", "check_videos", "probe_video", "probe_videos", "video_info"]
 
 # 2: frame indexes kept in a frames file; 3: truncated files, shared timestamps; 4: pix_fmt;
-# 5: the colour matrix tag.
-CACHE_VERSION = 5
+# 5: the colour matrix tag; 6: frames an edit list hides.
+CACHE_VERSION = 6
 MAX_KEYFRAME_INTERVAL = 15  # a clip frame then costs at most ~15 decoded frames
 VFR_TOLERANCE = 0.05  # relative pts-delta jitter still called constant (ms-rounded mkv pts)
 
@@ -55,6 +55,8 @@ class VideoInfo:
     pix_fmt: str | None = None  # FFmpeg's pixel format: chroma subsampling and bit depth
     profile: str | None = None  # the codec's profile, as FFmpeg names it
     colorspace: int | None = None  # the YUV -> RGB matrix tag (FFmpeg's AVColorSpace; 2: none)
+    hidden_leading: int = 0  # frames an edit list hides before the first shown one (NVDEC still outputs them)
+    hidden_later: int = 0  # hidden frames after it
 
 
 def video_info(index: frame_indexes.FrameIndex) -> VideoInfo:
@@ -74,7 +76,8 @@ def video_info(index: frame_indexes.FrameIndex) -> VideoInfo:
         max_keyframe_interval=max_interval, variable_frame_rate=vfr,
         duration_sec=n / index.fps if index.fps > 0 else 0.0, shared_timestamps=index.shared_pts,
         display_order_differs=bool((index.decode_pos != np.arange(n)).any()), pix_fmt=index.pix_fmt,
-        profile=index.profile, colorspace=index.colorspace)
+        profile=index.profile, colorspace=index.colorspace, hidden_leading=index.hidden_leading,
+        hidden_later=index.hidden_later)
 
 
 def probe_video(path: str) -> VideoInfo:

@@ -13,7 +13,7 @@ runs those sections, in that order.
 It writes its own test videos under ``--data`` (default: ``videos`` in the results folder) and
 its results to ``$OUT`` (else ``runs/gpu_check``): ``results.json``, one entry per section,
 rewritten after each section so a run cut short keeps what it measured, and the sections' logs
-(at most five files, so that all of them come back from the lent machine). A section that fails is recorded with its error and
+(six files, so that all of them come back from the lent machine). A section that fails is recorded with its error and
 the others still run; the exit status is 1 when any failed.
 """
 
@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 SECTIONS = ("environment", "capabilities", "frame_numbering", "decoder_reuse", "colour", "training_throughput",
-            "eval_memory", "gpu_tests", "benchmarks")
+            "eval_memory", "gpu_tests", "benchmarks", "decoder_threads")
 
 
 class Check:
@@ -97,7 +97,7 @@ def compare(check: Check, path: str, indices: list[int]) -> dict:
            "refused_up_front": D.nvdec_problem(info, check.capability) if check.gpu else None}
     everything = read_frames(path, range(info.num_frames))
     positions = np.asarray(indices)
-    wanted, rows = np.unique(D.dali_frame_numbers(frame_index(path), positions), return_inverse=True)
+    wanted, rows = np.unique(D.dali_frame_numbers(frame_index(path), positions, gpu=check.gpu), return_inverse=True)
     try:
         got = D._decode(path, wanted, check.device_id)[rows]
     except Exception as e:  # noqa: BLE001 -- the answer sought: what DALI says
@@ -183,6 +183,9 @@ def frame_numbering(check: Check) -> dict:
             "h264.mkv": dict(num_frames=40, gop=8, bframes=2, size=size),
             "h264_long_gop.mp4": dict(num_frames=300, gop=250, bframes=2, size=size),
             "h264_negative_start.mp4": dict(num_frames=40, gop=8, bframes=2, start_pts=-2, size=size),
+            "h264_no_bframes_negative_start.mp4": dict(num_frames=40, gop=8, start_pts=-3, size=size),
+            "hevc_negative_start.mp4": dict(codec="libx265", num_frames=40, gop=8, start_pts=-2, size=size),
+            "vp9_negative_start.mp4": dict(num_frames=40, gop=8, start_pts=-2, **vp9),
         })
     results = {}
     for name, kw in files.items():
@@ -348,7 +351,10 @@ def training_throughput(check: Check) -> dict:
                 n += len(b.index)
         total = times[-1] - t0
         steady = (n - batch) / (times[-1] - times[0]) if len(times) > 1 else None
+        # steady is the rate after the first batch: for PyAV's workers, whose prefetch can hold
+        # the whole epoch by then, only clips_per_s (start included) compares.
         results[name] = {"first_batch_s": round(times[0] - t0, 3), "steady_clips_per_s": steady and round(steady, 1),
+                         "clips_per_s": round(n / total, 1),
                          "clips": n, "feeding_share": round(feeding[0] / total, 3) if name != "pyav" else None,
                          "graphs_built": getattr(pipe, "graphs_built", None),
                          "readers_built": getattr(pipe, "readers_built", None),
@@ -384,21 +390,28 @@ def gpu_tests(check: Check) -> dict:
     return {"returncode": proc.returncode, "summary": (proc.stdout.strip().splitlines() or [""])[-1], "log": log}
 
 
+def _bench_videos(check: Check) -> list[str]:
+    """benchmarks/throughput.py's data and timing flags: on the GPU, Kinetics-like 300-frame
+    videos the benchmark writes itself; in the dry run, a few small VP9 clips, enough to run
+    every part once."""
+    if check.gpu:
+        return ["--video_frames", "300", "--iters", "5", "--repeats", "2"]
+    from evl.demo import DEMO_BACKBONE, write_demo_dataset
+
+    root = check.path("bench_vp9")
+    ds = write_demo_dataset(root, codec="vp9", num_train=8, num_val=4, num_frames=24)
+    backbone = os.path.join(root, "tiny-vit.json")
+    with open(backbone, "w", encoding="utf-8") as f:
+        json.dump(DEMO_BACKBONE, f)
+    return ["--train_list", ds.train_list, "--data_root", ds.root, "--backbone", backbone, "--num_classes", "4",
+            "--batch_size", "4", "--num_frames", "4", "--sampling_rate", "2", "--iters", "1", "--repeats", "1",
+            "--warmup", "1", "--min_seconds", "0"]
+
+
 def benchmarks(check: Check) -> dict:
     """benchmarks/throughput.py: our graph against DALI's readers, and RandAugment's cost in the
     graph; benchmarks/augment_agreement.py: the graph's RandAugment against the CPU execution."""
-    if check.gpu:  # Kinetics-like 300-frame videos the benchmark writes itself
-        videos = ["--video_frames", "300", "--iters", "5", "--repeats", "2", "--num_workers", str(os.cpu_count())]
-    else:  # the dry run: a few small VP9 clips, enough to run every part once
-        from evl.demo import DEMO_BACKBONE, write_demo_dataset
-
-        ds = write_demo_dataset(check.path("bench_vp9"), codec="vp9", num_train=8, num_val=4, num_frames=24)
-        backbone = check.path("bench_vp9/tiny-vit.json")
-        with open(backbone, "w", encoding="utf-8") as f:
-            json.dump(DEMO_BACKBONE, f)
-        videos = ["--train_list", ds.train_list, "--data_root", ds.root, "--backbone", backbone, "--num_classes", "4",
-                  "--batch_size", "4", "--num_frames", "4", "--sampling_rate", "2", "--iters", "1", "--repeats", "1",
-                  "--warmup", "1", "--min_seconds", "0", "--num_workers", "2"]
+    videos = _bench_videos(check) + ["--num_workers", str(os.cpu_count() if check.gpu else 2)]
     # One run (one process, one set of videos): each decoder with and without the recipe's
     # RandAugment, so the operators compare side by side and the policy's cost is each one's ratio.
     runs = {
@@ -425,6 +438,28 @@ def benchmarks(check: Check) -> dict:
     out["augment_agreement"] = {"returncode": proc.returncode, "summary": proc.stdout.strip().splitlines()[-3:]}
     if proc.returncode:
         raise RuntimeError(f"benchmarks/augment_agreement.py failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return out
+
+
+def decoder_threads(check: Check) -> dict:
+    """The DALI data stage (fn.decoders.video, the recipe's RandAugment) with more threads than
+    cores: its mixed decoder opens one NVDEC decoder per sample on the pipeline's thread pool, so
+    samples in flight, not cores, may bound it. PyAV with one worker per core, side by side."""
+    cores = os.cpu_count() or 1
+    videos = _bench_videos(check)
+    counts = [cores, 2 * cores, 4 * cores] if check.gpu else [2]  # the dry run: one run, the plumbing
+    out = {}
+    for n in counts:
+        pipelines = "pyav,dali" if n == counts[0] else "dali"
+        path = os.path.join(check.out, "bench_decoder_threads.json")
+        cmd = [sys.executable, "benchmarks/throughput.py", "--stages", "data", "--pipelines", pipelines,
+               "--auto_augment", "rand-m7-n4-mstd0.5-inc1", "--num_workers", str(n), "--device", check.device,
+               "--work_dir", check.path("bench"), "--json", path, *videos]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"benchmarks/throughput.py failed: {proc.stderr.strip().splitlines()[-1:]}")
+        for row in json.load(open(path))["results"]:
+            out[f"{row['pipeline']}_{n}_threads"] = row["clips_per_s"]
     return out
 
 

@@ -219,7 +219,7 @@ def test_what_nvdec_cannot_decode_is_refused_before_the_first_batch(tmp_path):
         "h264.mp4": ("libx264", "yuv420p", 64, 48, None, None),
         "h264_422.mp4": ("libx264", "yuv422p", 64, 48, "4:2:0 video only", "4:2:0 video only"),
         "h264_10bit.mp4": ("libx264", "yuv420p10le", 64, 48, "10-bit", "10-bit"),
-        "hevc_10bit.mkv": ("libx265", "yuv420p10le", 160, 160, "10-bit", "10-bit"),
+        "hevc_10bit.mkv": ("libx265", "yuv420p10le", 160, 160, None, None),  # Main 10: read right on an H200
         "vp9_small.webm": ("libvpx-vp9", "yuv420p", 96, 64, "minimum of 128x128", "minimum of 128x128"),
         "vp9.webm": ("libvpx-vp9", "yuv420p", 160, 128, None, None),
         "av1.mkv": ("libsvtav1", "yuv420p", 128, 128, "no AV1 decoder", None),
@@ -242,8 +242,34 @@ def test_what_nvdec_cannot_decode_is_refused_before_the_first_batch(tmp_path):
     with pytest.raises(D.UnsupportedCodecError) as e:
         D._check_codecs(list(zip(paths, infos)), gpu=True, capability=hopper)
     message = str(e.value)
-    assert "5 video(s) on the GPU" in message and "h264_10bit.mp4: yuv420p10le" in message
+    assert "4 video(s) on the GPU" in message and "h264_10bit.mp4: yuv420p10le" in message
     assert "--pipeline pyav" in message
+    inside = dataclasses.replace(infos[0], hidden_later=2)  # an edit list that cuts frames out of the middle
+    assert "edit list hides 2 frame(s) inside" in D.nvdec_problem(inside, hopper)
+    assert D.nvdec_problem(dataclasses.replace(infos[0], hidden_leading=2), hopper) is None
+
+
+def test_frames_an_edit_list_hides_are_numbered_for_each_decoder(tmp_path):
+    """An mp4 whose edit list hides its first frames: FFmpeg's decoders (DALI's CPU decoder
+    among them) drop them, NVDEC outputs them, so on the GPU DALI's frame numbers count them.
+    The probe records them, the CPU graph reads the shown frames, and the GPU numbering skips the
+    hidden ones (its reading is test_gpu_frames_an_edit_list_hides_are_skipped)."""
+    from pipelines.index import frame_index
+    from pipelines.probe import probe_video
+    from videos import frame_number, write_video
+
+    vp9 = write_video(str(tmp_path / "edit_vp9.mp4"), 30, codec="libvpx-vp9", gop=8, start_pts=-2, size=(96, 64))
+    h264 = write_video(str(tmp_path / "edit_h264.mp4"), 30, gop=8, bframes=2, start_pts=-3, size=(96, 64))
+    plain = write_video(str(tmp_path / "plain.mp4"), 30, gop=8, bframes=2, size=(96, 64))
+    assert (probe_video(vp9).hidden_leading, probe_video(h264).hidden_leading, probe_video(plain).hidden_leading) == (2, 3, 0)
+    assert probe_video(h264).num_frames == 27 and probe_video(h264).hidden_later == 0
+    wanted = [0, 1, 5, 26]
+    assert [frame_number(f) for f in D.read_frames(vp9, wanted, device="cpu")] == [2, 3, 7, 28]
+    positions = np.array(wanted)
+    index = frame_index(h264)
+    assert list(D.dali_frame_numbers(index, positions)) == wanted
+    assert list(D.dali_frame_numbers(index, positions, gpu=True)) == [3, 4, 8, 29]
+    assert list(D.dali_frame_numbers(frame_index(plain), positions, gpu=True)) == wanted
 
 
 # -- the pipeline against the PyAV pipeline --------------------------------------------------
@@ -680,6 +706,22 @@ def test_gpu_read_frames_matches_pyav(tmp_path, codec):
     print(f"\nDALI-GPU vs PyAV, {codec} natural content: mean |diff| {diff.mean():.2f}, PSNR {value:.1f} dB, "
           f"max {diff.max()}")
     assert value >= MIN_PSNR
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("codec,bframes,start", [("h264", 2, -2), ("h264", 0, -3), ("hevc", 2, -2), ("vp9", 0, -2)],
+                         ids=["h264_bframes", "h264", "hevc", "vp9"])
+def test_gpu_frames_an_edit_list_hides_are_skipped(tmp_path, codec, bframes, start):
+    """NVDEC outputs the frames an mp4 edit list hides; frame k read on the GPU is still the
+    k-th shown frame, as PyAV reads it."""
+    from videos import frame_number, write_video
+
+    encoder = {"h264": "libx264", "hevc": "libx265", "vp9": "libvpx-vp9"}[codec]
+    path = write_video(str(tmp_path / f"edit_{codec}.mp4"), 40, codec=encoder, gop=8, bframes=bframes, start_pts=start,
+                       size=(160, 144), options={"bf": str(bframes)} if codec == "hevc" else None)
+    wanted = [0, 1, 12, 13, 19, 36 + start, 37 + start]
+    got = [frame_number(f) for f in D.read_frames(path, wanted, device="gpu")]
+    assert got == [frame_number(f) for f in P.read_frames(path, wanted)] == [w - start for w in wanted]
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,14 @@ SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.py")
 
 @pytest.mark.slow
 def test_dry_run_runs_every_section(tmp_path):
-    proc = subprocess.run([sys.executable, SCRIPT, "--dry-run", "--out", str(tmp_path)], capture_output=True,
-                          text=True, timeout=600)
-    results = json.loads((tmp_path / "results.json").read_text())
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, SCRIPT, "--dry-run", "--out", str(out), "--data", str(tmp_path / "videos")],
+                          capture_output=True, text=True, timeout=600)
+    results = json.loads((out / "results.json").read_text())
     failed = {k: v.get("error") for k, v in results.items() if isinstance(v, dict) and "error" in v}
     assert proc.returncode == 0 and not failed, (failed, proc.stdout[-3000:], proc.stderr[-3000:])
     sections = {"environment", "capabilities", "frame_numbering", "decoder_reuse", "colour", "training_throughput",
-                "eval_memory", "gpu_tests", "benchmarks"}
+                "eval_memory", "gpu_tests", "benchmarks", "decoder_threads"}
     assert sections <= results.keys() and results["dry_run"] is True
     assert all(row["ok"] and row["aligned"] for row in results["capabilities"].values() if isinstance(row, dict))
     assert all(row["ok"] for name, row in results["frame_numbering"].items() if name != "seconds")
@@ -37,6 +38,12 @@ def test_dry_run_runs_every_section(tmp_path):
     for pipeline in ("dali", "dali_reader"):  # the legacy reader is GPU only: unavailable here
         assert rows[pipeline, "rand-m7-n4-mstd0.5-inc1"]["clips_per_s"] > 0 and rows[pipeline, None]["clips_per_s"] > 0
     assert results["benchmarks"]["augment_agreement"]["returncode"] == 0
+    threads = results["decoder_threads"]
+    assert threads["pyav_2_threads"] > 0 and threads["dali_2_threads"] > 0
+    # Results only (the lent machine gives back 8 files): the videos went to --data.
+    assert sorted(os.listdir(out)) == sorted(["results.json", "pytest.txt", "bench_operators_and_augment.json",
+                                              "bench_operators_and_augment.txt", "augment_agreement.txt",
+                                              "bench_decoder_threads.json"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
