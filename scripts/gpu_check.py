@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 SECTIONS = ("environment", "capabilities", "frame_numbering", "decoder_reuse", "colour", "training_throughput",
-            "eval_memory", "gpu_tests", "benchmarks", "decoder_threads")
+            "eval_memory", "gpu_tests", "benchmarks", "decoder_threads", "decoder_cost")
 
 
 class Check:
@@ -460,6 +460,42 @@ def decoder_threads(check: Check) -> dict:
             raise RuntimeError(f"benchmarks/throughput.py failed: {proc.stderr.strip().splitlines()[-1:]}")
         for row in json.load(open(path))["results"]:
             out[f"{row['pipeline']}_{n}_threads"] = row["clips_per_s"]
+    return out
+
+
+def decoder_cost(check: Check) -> dict:
+    """What one sample costs fn.decoders.video alone (no augmentation), in ms per sample of a
+    batch: 8 frames at stride 16 near the start and near the end of a 300-frame short-GOP file,
+    the first 8 frames of a 24-frame file, with one thread and with one per core. A cost that
+    grows with the frames' position means decoding from the file's start; one that stays with
+    the thread count means the samples are serialised."""
+    from pipelines import dali as D
+
+    encoder, ext, (h, w) = ("libx264", ".mp4", (256, 340)) if check.gpu else ("libvpx-vp9", ".webm", (64, 96))
+    opts = {"g": "8", "keyint_min": "8"} if check.gpu else {"g": "8", "deadline": "realtime", "cpu-used": "8"}
+    long = encode(check.path(f"cost_long{ext}"), encoder, "yuv420p", natural(300, h, w, seed=5), options=opts)
+    short = encode(check.path(f"cost_short{ext}"), encoder, "yuv420p", natural(24, h, w, seed=6), options=opts)
+    batch, cores = (32, os.cpu_count() or 1) if check.gpu else (4, 2)
+    cases = {"long_start": (long, np.arange(8) * 16), "long_end": (long, 180 + np.arange(8) * 16),
+             "short": (short, np.arange(8))}
+    out = {"setting": f"{encoder} {w}x{h}, GOP 8, batch {batch}"}
+    for threads in sorted({1, cores}):
+        pipe = D._reader_graph("cpu" if check.device_id is None else "mixed", batch_size=batch, num_threads=threads,
+                               device_id=check.device_id)
+        pipe.build()
+        for name, (path, frames) in cases.items():
+            data = np.fromfile(path, dtype=np.uint8)
+            times = []
+            for _ in range(3):
+                t = time.perf_counter()
+                pipe.feed_input("encoded", [data] * batch)
+                pipe.feed_input("frames", [frames.astype(np.int32)] * batch)
+                (got,) = pipe.run()
+                if check.gpu:
+                    got.as_cpu()
+                times.append(time.perf_counter() - t)
+            out[f"{name}_{threads}_threads_ms_per_sample"] = round(statistics.median(times) * 1000 / batch, 2)
+        del pipe
     return out
 
 
