@@ -4,7 +4,7 @@
 # Reference recipe (evl-spec.md §3): AdamW lr 4e-4, wd 0.05, cosine over 50,000 steps, no
 # warmup, global batch 256, RandAugment rand-m7-n4-mstd0.5-inc1, no flip (recipe_common.sh).
 # Environment: CLIP_DIR (OpenAI CLIP .pt files), K400 (train.txt, val.txt and the videos),
-# CKPT (eval), and optionally PIPELINE (dali | pyav), NPROC, RUN_DIR.
+# CKPT (eval), and optionally PIPELINE (pyav, the default, or dali), NPROC, RUN_DIR.
 set -euo pipefail
 
 source "$(dirname "${BASH_SOURCE[0]}")/recipe_common.sh"
@@ -17,6 +17,6 @@ k400() {
                --num_frames "$FRAMES" --sampling_rate "$STRIDE" --decoder_num_layers 4
                --val_list_path "$K400/val.txt" --data_root "$K400"
                --num_spatial_views "$SPATIAL" --num_temporal_views "$TEMPORAL"
-               --pipeline "${PIPELINE:-dali}" --num_workers 12)
+               --pipeline "${PIPELINE:-pyav}" --num_workers 12)
   recipe_launch "$mode" k400 50000 "$K400/train.txt" "$@"
 }

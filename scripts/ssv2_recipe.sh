@@ -15,7 +15,7 @@
 #
 # Environment: CLIP_DIR (OpenAI CLIP .pt files); SSV2, the folder `python -m evl.ssv2` writes
 # train.txt, val.txt and class_names.json to, and the data root of their paths; CKPT (eval);
-# optionally PIPELINE (dali | pyav), NPROC, RUN_DIR. When $SSV2 has no train.txt / val.txt yet,
+# optionally PIPELINE (pyav, the default, or dali), NPROC, RUN_DIR. When $SSV2 has no train.txt / val.txt yet,
 # SSV2_ANNOTATIONS (the official something-something-v2-*.json files) and SSV2_VIDEOS (the <id>.webm
 # files) are converted into it first, so one command goes from the official files to a run.
 set -euo pipefail
@@ -41,6 +41,6 @@ ssv2() {
                --num_frames "$FRAMES" --sampling segment --decoder_num_layers "$LAYERS"
                --val_list_path "$SSV2/val.txt" --data_root "$SSV2"
                --num_spatial_views "$SPATIAL" --num_temporal_views "$TEMPORAL"
-               --pipeline "${PIPELINE:-dali}" --num_workers 12)
+               --pipeline "${PIPELINE:-pyav}" --num_workers 12)
   recipe_launch "$mode" ssv2 40000 "$SSV2/train.txt" "$@"
 }
