@@ -29,6 +29,7 @@ import numpy as np
 import nvidia.dali.fn as fn
 import nvidia.dali.math as dmath
 import nvidia.dali.types as types
+from nvidia.dali.pipeline import do_not_convert
 
 from .augment import STATS_STRIDE, ClipPlan, equalize_lut, op_matrix
 from .randaugment import FILL, GEOMETRIC, AugOp
@@ -61,6 +62,7 @@ def _half(height: int, width: int) -> tuple[int, int]:
     return -(-height // STATS_STRIDE), -(-width // STATS_STRIDE)
 
 
+@do_not_convert
 def _grid() -> np.ndarray:
     """Half-resolution pixels -> frame coordinates: pixel (i, j) is source pixel (s i, s j)."""
     s = STATS_STRIDE
@@ -131,25 +133,30 @@ def augment_columns(ops: Sequence[AugOp], plan: ClipPlan, height: int, width: in
 # -- the graph ---------------------------------------------------------------------------------
 
 
+@do_not_convert
 def _u8(x):
     return fn.cast(dmath.clamp(x, 0, 255), dtype=types.UINT8)
 
 
+@do_not_convert
 def _blend(x, deg, f):
     """PIL's ``Image.blend(degenerate, x, f)``: ``deg + f (x - deg)``, truncated, clipped."""
     return _u8(dmath.floor(deg + f * (fn.cast(x, dtype=types.FLOAT) - deg)))
 
 
+@do_not_convert
 def _const(array: np.ndarray, gpu: bool):
     return types.Constant(array, device="gpu" if gpu else "cpu")
 
 
+@do_not_convert
 def _luma_mean(w, gpu: bool):
     """Per frame, the mean of PIL's luma of the half-resolution frames, rounded as PIL does."""
     mean = fn.reductions.mean(w, axis_names="HW", keep_dims=True)
     return dmath.floor(fn.reductions.sum(mean * _const(_LUMA, gpu), axis_names="C", keep_dims=True) + 0.5)
 
 
+@do_not_convert
 def _autocontrast(xs, w):
     lo = fn.cast(fn.reductions.min(w, axis_names="HW", keep_dims=True), dtype=types.FLOAT)
     hi = fn.cast(fn.reductions.max(w, axis_names="HW", keep_dims=True), dtype=types.FLOAT)
@@ -163,6 +170,7 @@ def _autocontrast(xs, w):
     return out
 
 
+@do_not_convert
 def _threshold(x, par):
     """Solarize, SolarizeAdd and Posterize: ``x < t ? min(255, (x & m) + add) : flip ? 255 - x : x``."""
     t, m, add, flip = (par[i] for i in range(4))
@@ -197,6 +205,7 @@ def _equalize_batch(regions, wholes, greys, stats):
     return outs
 
 
+@do_not_convert
 def _equalize(xs, w):
     """``ImageOps.equalize`` with the tables of the whole frames' histograms, exactly: DALI has
     no per-sample lookup table, so the gather runs in torch on the images' device."""
@@ -204,6 +213,7 @@ def _equalize(xs, w):
                                              output_layouts=["FHWC"] * 3))
 
 
+@do_not_convert
 def _apply(code: int, xs, w, par, mat, gpu: bool):
     """Colour op ``code`` on each image of ``xs``; ``w`` is the half-resolution whole frame."""
     if code == NONE:
