@@ -70,6 +70,26 @@ def test_reencodes_with_short_gops_and_the_same_frames(sources, tmp_path, capsys
         ("a.mp4", 0, None, None), ("sub/b.mp4", 1, None, None), ("c.mp4", 2, None, None), ("a.mp4", 3, 0.5, 1.25)]
 
 
+def x264_settings(path) -> bytes:
+    """The settings x264 writes into its stream (an SEI of the first frame)."""
+    data = open(path, "rb").read()
+    start = data.index(b"x264 - core")
+    return data[start:data.index(b"\x00", start)]
+
+
+def test_encodes_for_fast_decoding_unless_told_otherwise(sources, tmp_path, capsys):
+    """The default --tune fastdecode: no CABAC, no deblocking, no weighted prediction (what costs
+    decoding time); --tune none keeps x264's defaults; an unknown tune is refused up front."""
+    flags = ["--list", sources / "list.txt", "--data_root", sources, "--short_side", "64", "--workers", "1"]
+    assert run(capsys, *flags, "--output", tmp_path / "fast")[0] == 0
+    assert run(capsys, *flags, "--output", tmp_path / "plain", "--tune", "none")[0] == 0
+    fast, plain = x264_settings(tmp_path / "fast" / "a.mp4"), x264_settings(tmp_path / "plain" / "a.mp4")
+    assert b" cabac=0 " in fast and b" deblock=0:" in fast and b" weightp=0 " in fast
+    assert b" cabac=1 " in plain and b" deblock=1:" in plain
+    with pytest.raises(SystemExit, match="--tune must be none or x264 tunes"):
+        prepare_main([str(a) for a in flags] + ["--output", str(tmp_path / "x"), "--tune", "fastest"])
+
+
 def test_resumes_and_reports_failures(sources, tmp_path, capsys):
     (sources / "bad.mp4").write_bytes(b"not a video" * 50)
     with open(sources / "list.txt", "a") as f:
@@ -340,6 +360,8 @@ def test_shares_of_another_run_are_not_mixed(sources, tmp_path, capsys):
         prepare_main([*flags, "--shard_index", "1", "--num_shards", "3"])
     with pytest.raises(SystemExit, match="--short_side 32 there, 64 here"):
         prepare_main([*flags[:-4], "--short_side", "64", "--workers", "1", "--shard_index", "1", "--num_shards", "2"])
+    with pytest.raises(SystemExit, match="--tune fastdecode there, none here"):
+        prepare_main([*flags, "--tune", "none", "--shard_index", "1", "--num_shards", "2"])
     with pytest.raises(SystemExit, match=f"{state} holds the shares of a run in 2 shares: .*--num_shards"):
         prepare_main(flags)  # the whole list in one run
     (sources / "list.txt").write_text("c.mkv 2\na.mp4 0\n")
@@ -347,6 +369,25 @@ def test_shares_of_another_run_are_not_mixed(sources, tmp_path, capsys):
         prepare_main([*flags, "--shard_index", "1", "--num_shards", "2"])
     assert sorted(p.name for p in state.iterdir()) == claims  # the refused runs left no claim
     assert not (out / "list.txt").exists()
+
+
+def test_a_claim_from_before_the_tune_flag_is_read_as_no_tune(sources, tmp_path, capsys):
+    """Shares started by a version without --tune encoded with x264's defaults: their claims
+    (no "tune") agree with --tune none and are refused with the default, saying which to use."""
+    import json
+
+    out = tmp_path / "out"
+    flags = ["--list", str(sources / "list.txt"), "--data_root", str(sources), "--output", str(out),
+             "--short_side", "32", "--workers", "1", "--num_shards", "2"]
+    assert run(capsys, *flags, "--shard_index", "0", "--tune", "none")[0] == 0
+    claim = out / ".list.txt.shards" / "share-00000-of-00002.json"
+    old = json.loads(claim.read_text())
+    del old["tune"]
+    claim.write_text(json.dumps(old))
+    with pytest.raises(SystemExit, match="--tune none there, fastdecode here"):
+        prepare_main([*flags, "--shard_index", "1"])
+    assert run(capsys, *flags, "--shard_index", "1", "--tune", "none")[0] == 0
+    assert len(read_list(str(out / "list.txt"), data_root=str(out))) == 4
 
 
 def test_a_share_runs_once_at_a_time(sources, tmp_path):
