@@ -4,7 +4,7 @@ Reading an 8-frame clip from a video with long GOPs decodes up to a whole GOP pe
 (docs/decoding-notes.md, "What it buys"), and variable frame rates make frame numbers uneven in
 time. This re-encodes every video of a list file with PyAV: short side resized to ``--short_side``
 (aspect kept, even dimensions), H.264 (libx264, yuv420p, ``--crf``, ``--preset``, ``--tune``:
-by default ``fastdecode``, which decodes in about 30% less time) with a keyframe at least every
+by default ``fastdecode``, which decodes a frame in about 20% less time) with a keyframe at least every
 ``--keyint`` frames and no scene-cut keyframes, at a constant frame rate (the
 source's average; every decoded frame kept and timestamped by its number), video only. Each
 output is written under a temporary name, checked with ``pipelines.probe`` (keyframe interval,
@@ -45,8 +45,8 @@ __all__ = ["EncodeJob", "Share", "encode_video", "main", "output_size", "resolve
 
 DEFAULT_KEYINT = 15  # pipelines.probe warns above 15 frames between keyframes
 # x264's fastdecode tune (no CABAC, no deblocking, no weighted prediction): on Kinetics-like
-# videos at 424x320 it decodes a frame in 0.41 ms instead of 0.59, for 8% more bytes and 0.14 dB
-# less PSNR against the source (README, "Performance").
+# videos at 424x320 a frame decodes in about 0.8x the time, for about 9% more bytes and 0.14 dB
+# less PSNR against the source (README, "evl.prepare's encoding").
 DEFAULT_TUNE = "fastdecode"
 
 
@@ -419,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="veryfast", metavar="NAME", help="x264 preset (default: %(default)s)")
     p.add_argument("--tune", default=DEFAULT_TUNE, metavar="NAME",
                    help="x264 tune, or none (default: %(default)s: no CABAC, deblocking or weighted prediction, "
-                   "so decoding takes about 30%% less time, for about 8%% more disk)")
+                   "so a frame decodes in about 20%% less time, for about 9%% more disk)")
     p.add_argument("--keyint", type=int, default=DEFAULT_KEYINT, metavar="N",
                    help="at most this many frames between keyframes, <= 16 (default: %(default)s, the most "
                    "pipelines.probe accepts without a warning)")

@@ -217,3 +217,33 @@ def test_clip_cost_times_each_part_of_a_clip_in_a_worker(demo_data, capsys):
     assert r["decoded_frames"] >= 4 and r["packets"] >= r["decoded_frames"]
     assert r["read"] > r["open"] > 0 and r["crop_resize"] > 0 and r["augment"] > 0
     assert "for the policy" in capsys.readouterr().out
+
+
+def test_encodings_compares_decode_cost_size_and_fidelity(tmp_path, capsys):
+    """benchmarks/encodings.py on the same videos written twice by evl.prepare (x264's defaults
+    and the fastdecode tune) and on their source: per directory the bytes, a decode cost and
+    the PSNR against the source, with frames aligned (the source against itself is exact)."""
+    from evl.prepare import main as prepare
+
+    from videos import write_video
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(2):
+        write_video(str(src / f"v{i}.mp4"), 24, size=(96, 64), gop=24, bframes=2, pattern="bars")
+    (src / "list.txt").write_text("v0.mp4 0\nv1.mp4 1\n")
+    for tune in ("none", "fastdecode"):
+        assert prepare(["--list", str(src / "list.txt"), "--data_root", str(src), "--output", str(tmp_path / tune),
+                        "--short_side", "64", "--workers", "1", "--tune", tune]) == 0
+    spec = importlib.util.spec_from_file_location("encodings", os.path.join(ROOT, "benchmarks", "encodings.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = mod.main([str(tmp_path / "none"), str(tmp_path / "fastdecode"), str(src), "--source", str(src),
+                     "--rounds", "2"])
+    assert [r["videos"] for r in rows] == [2, 2, 2] and all(len(r["rounds_ms"]) == 2 for r in rows)
+    assert all(r["bytes"] > 0 and r["decode_ms_per_frame"] > 0 for r in rows)
+    assert rows[2]["psnr_db"] == float("inf")  # the source against itself
+    assert 25 < rows[1]["psnr_db"] < float("inf") and 25 < rows[0]["psnr_db"] < float("inf")
+    assert "ms/frame" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no video under the same relative path"):
+        mod.main([str(src), str(tmp_path / "empty_dir_that_is_missing")])
