@@ -1,20 +1,23 @@
-"""The one GPU check of the DALI path: what NVDEC decodes, whether frames are numbered right, what
-decoders cost, training throughput, evaluation memory, colour, the `gpu` tests and the benchmarks.
+"""The one GPU check of the GPU data path: what NVDEC decodes, whether frames are numbered right,
+what decoders cost (DALI's, and NVIDIA's PyNvVideoCodec where installed), training throughput,
+evaluation memory, colour, the `gpu` tests and the benchmarks.
 
-    python scripts/gpu_check.py              # on a GPU machine: about 5 minutes on one H100/H200
+    python scripts/gpu_check.py              # on a GPU machine: about 10 minutes on one H200
     python scripts/gpu_check.py --dry-run    # every part a CPU can run (VP9 through DALI's CPU
                                              # decoder, small sizes): tests/test_gpu_check.py
 
 On the lent GPU machine (``../shared/device/README.md``; its image has OpenCV, pytest and tqdm,
-so ``bash ../shared/device/pack-gpu-deps.sh`` with no extra wheels), install the parts, then run
-``PYTHONPATH=/tmp/site python scripts/gpu_check.py --data /tmp/gpu_check``. ``--only SECTION,...``
-runs those sections, in that order.
+so ``bash ../shared/device/pack-gpu-deps.sh pynvvideocodec``: DALI, open_clip, PyAV and
+PyNvVideoCodec), install the parts, then run
+``PYTHONPATH=/tmp/site python scripts/gpu_check.py --data /tmp/gpu_check --only SECTION,...``
+(the sections, in the order given): a call there may last 10 minutes, so run them in two calls,
+the measured ones last (README, "On a GPU").
 
 It writes its own test videos under ``--data`` (default: ``videos`` in the results folder) and
 its results to ``$OUT`` (else ``runs/gpu_check``): ``results.json``, one entry per section,
 rewritten after each section so a run cut short keeps what it measured, and the sections' logs
-(six files, so that all of them come back from the lent machine). A section that fails is recorded with its error and
-the others still run; the exit status is 1 when any failed.
+(six files, so that all of them come back from the lent machine). A section that fails is
+recorded with its error and the others still run; the exit status is 1 when any failed.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 SECTIONS = ("environment", "capabilities", "frame_numbering", "decoder_reuse", "colour", "training_throughput",
-            "eval_memory", "gpu_tests", "benchmarks", "decoder_threads", "decoder_cost")
+            "eval_memory", "gpu_tests", "benchmarks", "decoder_threads", "decoder_cost", "gpu_decoders")
 
 
 class Check:
@@ -496,6 +499,154 @@ def decoder_cost(check: Check) -> dict:
                 times.append(time.perf_counter() - t)
             out[f"{name}_{threads}_threads_ms_per_sample"] = round(statistics.median(times) * 1000 / batch, 2)
         del pipe
+    return out
+
+
+def _nvc_frames(nvc, decoder, indices) -> torch.Tensor:
+    """PyNvVideoCodec's frames ``indices`` of ``decoder``'s file: [F, H, W, 3] uint8 on the GPU."""
+    frames = decoder.get_batch_frames_by_index(list(indices))
+    try:
+        return torch.stack([torch.from_dlpack(f) for f in frames])
+    except (TypeError, AttributeError, RuntimeError):  # no DLPack: the CUDA array interface
+        return torch.stack([torch.as_tensor(f, device="cuda") for f in frames])
+
+
+def _training_clips(paths: list[str], count: int, seed: int = 0) -> list[tuple[str, list[int]]]:
+    """``count`` (file, frames) pairs: 8 frames at stride 16 from a random start, as training reads."""
+    from pipelines.probe import probe_video
+
+    rng = np.random.default_rng(seed)
+    lengths = {p: probe_video(p).num_frames for p in paths}
+    out = []
+    for k in range(count):
+        path = paths[k % len(paths)]
+        start = int(rng.integers(0, max(1, lengths[path] - 7 * 16)))
+        out.append((path, [min(start + 16 * i, lengths[path] - 1) for i in range(8)]))
+    return out
+
+
+def _clips_per_s(read, clips, threads: int, sync=lambda: None) -> float:
+    """Clips read per second by ``threads`` threads, each with its own reader (``read(jobs)``)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    parts = [clips[i::threads] for i in range(threads)]
+    t = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(read, parts))
+    sync()
+    return round(len(clips) / (time.perf_counter() - t), 1)
+
+
+def _pyav_clip(job) -> int:
+    from pipelines.pyav import read_frames
+
+    return len(read_frames(*job))
+
+
+def gpu_decoders(check: Check) -> dict:
+    """NVIDIA's PyNvVideoCodec, whose ``SimpleDecoder`` keeps NVDEC decoders in a cache and
+    reconfigures them from file to file, against DALI's graph decoder and PyAV, on the training
+    clips' access pattern (8 frames at stride 16 from a random start), decoding to RGB only (no
+    crop or augmentation): whether its frame numbers are PyAV's on numbered files, then clips/s
+    on short-GOP demo videos and on stock long-GOP ones. PyNvVideoCodec runs where it is
+    installed (``pack-gpu-deps.sh pynvvideocodec``), on a GPU; the dry run times the other two
+    on a few VP9 clips."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from videos import frame_number, write_video
+
+    from evl.demo import write_demo_dataset
+    from pipelines import dali as D
+    from pipelines.index import frame_index
+    from pipelines.lists import read_list
+    from pipelines.pyav import read_frames
+
+    out: dict = {}
+    nvc = None
+    if check.gpu:
+        try:
+            import PyNvVideoCodec as nvc
+        except ImportError as e:
+            out["pynvvideocodec"] = f"not installed: {e}"
+    sync = torch.cuda.synchronize if check.gpu else (lambda: None)
+    if nvc is not None:
+        rgb = nvc.OutputColorType.RGB
+        out["pynvvideocodec"] = getattr(nvc, "__version__", "installed")
+        out["numbering"] = {}
+        size = (160, 144)
+        numbered = {"h264_bframes.mp4": dict(num_frames=60, gop=12, bframes=3, size=size),
+                    "h264_long_gop.mp4": dict(num_frames=120, gop=120, bframes=2, size=size),
+                    "h264_negative_start.mp4": dict(num_frames=40, gop=8, bframes=2, start_pts=-2, size=size),
+                    "hevc.mp4": dict(codec="libx265", num_frames=40, gop=8, size=size)}
+        for name, kw in numbered.items():
+            n = kw.pop("num_frames")
+            path = write_video(check.path("nvc_" + name), n, **kw)
+            wanted = sorted({0, 1, 13, n // 2, n - 4})
+            try:
+                decoder = nvc.SimpleDecoder(path, gpu_id=0, output_color_type=rgb)
+                got = [frame_number(f) for f in _nvc_frames(nvc, decoder, wanted).cpu().numpy()]
+            except Exception as e:  # noqa: BLE001 -- the answer sought
+                out["numbering"][name] = {"ok": False, "error": str(e).splitlines()[0][:300]}
+                continue
+            pyav = [frame_number(f) for f in read_frames(path, wanted)]
+            out["numbering"][name] = {"ok": got == pyav, "nvc": got, "pyav": pyav}
+
+    cores = os.cpu_count() or 1
+    if check.gpu:
+        import importlib.util
+
+        # By file: PyNvVideoCodec's wheel installs a top-level "benchmarks" folder of its own.
+        spec = importlib.util.spec_from_file_location("stock_videos", os.path.join(ROOT, "benchmarks", "stock_videos.py"))
+        stock_videos = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(stock_videos)
+        demo = write_demo_dataset(check.path("nvc_demo"), codec="h264", num_train=64, num_val=4, num_frames=300,
+                                  size=256, workers=min(16, cores))
+        stock = os.path.dirname(stock_videos.write_stock_dataset(check.path("nvc_stock"), num_videos=32, workers=cores))
+        sets = {"demo_gop8": [r.path for r in read_list(demo.train_list, data_root=demo.root)],
+                "stock_long_gop": sorted(os.path.join(stock, "videos", f) for f in os.listdir(os.path.join(stock, "videos")))}
+        count, batch = 256, 32
+    else:
+        demo = write_demo_dataset(check.path("nvc_demo_vp9"), codec="vp9", num_train=8, num_val=4, num_frames=40)
+        sets = {"demo_vp9": [r.path for r in read_list(demo.train_list, data_root=demo.root)]}
+        count, batch = 16, 4
+    for name, paths in sets.items():
+        clips = _training_clips(paths, count)
+        row = {}
+        if nvc is not None:
+            def nvc_read(jobs):
+                decoder = None
+                for path, indices in jobs:
+                    if decoder is None:
+                        decoder = nvc.SimpleDecoder(path, gpu_id=0, output_color_type=rgb)
+                    else:
+                        decoder.reconfigure_decoder(path)
+                    _nvc_frames(nvc, decoder, indices)
+
+            try:
+                _clips_per_s(nvc_read, clips[:8], 1, sync)  # warm-up: the first decoder
+                for threads in sorted({1, 4, cores}):
+                    row[f"pynvvideocodec_{threads}_threads"] = _clips_per_s(nvc_read, clips, threads, sync)
+            except Exception as e:  # noqa: BLE001 -- recorded; DALI and PyAV still run
+                row["pynvvideocodec_error"] = str(e).splitlines()[0][:300]
+        pipe = D._reader_graph("cpu" if check.device_id is None else "mixed", batch_size=batch, num_threads=cores,
+                               device_id=check.device_id)
+        pipe.build()
+        t = time.perf_counter()
+        for i in range(0, len(clips), batch):
+            part = clips[i:i + batch]
+            pipe.feed_input("encoded", [np.fromfile(p, dtype=np.uint8) for p, _ in part])
+            pipe.feed_input("frames", [D.dali_frame_numbers(frame_index(p), np.array(ix), gpu=check.gpu).astype(np.int32)
+                                       for p, ix in part])
+            pipe.run()
+        sync()
+        row["dali_graph"] = round(len(clips) / (time.perf_counter() - t), 1)
+        del pipe
+        t = time.perf_counter()
+        with ProcessPoolExecutor(cores) as pool:
+            frames = list(pool.map(_pyav_clip, clips, chunksize=4))
+        row[f"pyav_{cores}_processes"] = round(len(clips) / (time.perf_counter() - t), 1)
+        row["frames_per_clip"] = sorted(set(frames))
+        out[name] = row
     return out
 
 

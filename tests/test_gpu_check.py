@@ -24,7 +24,7 @@ def test_dry_run_runs_every_section(tmp_path):
     failed = {k: v.get("error") for k, v in results.items() if isinstance(v, dict) and "error" in v}
     assert proc.returncode == 0 and not failed, (failed, proc.stdout[-3000:], proc.stderr[-3000:])
     sections = {"environment", "capabilities", "frame_numbering", "decoder_reuse", "colour", "training_throughput",
-                "eval_memory", "gpu_tests", "benchmarks", "decoder_threads", "decoder_cost"}
+                "eval_memory", "gpu_tests", "benchmarks", "decoder_threads", "decoder_cost", "gpu_decoders"}
     assert sections <= results.keys() and results["dry_run"] is True
     assert all(row["ok"] and row["aligned"] for row in results["capabilities"].values() if isinstance(row, dict))
     assert all(row["ok"] for name, row in results["frame_numbering"].items() if name != "seconds")
@@ -40,6 +40,8 @@ def test_dry_run_runs_every_section(tmp_path):
     assert results["benchmarks"]["augment_agreement"]["returncode"] == 0
     threads = results["decoder_threads"]
     assert threads["pyav_2_threads"] > 0 and threads["dali_2_threads"] > 0
+    decoders = results["gpu_decoders"]["demo_vp9"]  # PyNvVideoCodec is GPU only: DALI and PyAV here
+    assert decoders["dali_graph"] > 0 and decoders["pyav_2_processes"] > 0 and decoders["frames_per_clip"] == [8]
     cost = results["decoder_cost"]
     assert all(cost[f"{case}_{n}_threads_ms_per_sample"] > 0 for case in ("long_start", "long_end", "short") for n in (1, 2))
     # Results only (the lent machine gives back 8 files): the videos went to --data.
