@@ -689,9 +689,10 @@ class DALIPipeline:
         repeated), or None when no line does."""
         record, info = self.records[index], self.infos[index]
         # A file whose DALI frame numbers are not its presentation positions (a reorder-free
-        # codec with a muxer's odd timestamps, or frames an edit list hides: dali_frame_numbers)
-        # has no such range.
-        if _renumbered(info, self.device_id is not None) or info.hidden_leading or record.path in self.known_bad or any(c.isspace() for c in record.path):
+        # codec with a muxer's odd timestamps: dali_frame_numbers) has no such range; nor has one
+        # with frames an edit list hides, whose numbering in the reader is unknown.
+        renumbered = _renumbered(info, self.device_id is not None) or info.hidden_leading > 0
+        if renumbered or record.path in self.known_bad or any(c.isspace() for c in record.path):
             return None
         frames = np.asarray(spec.frame_indices)
         first, last = int(frames[0]), int(frames[-1])

@@ -596,14 +596,16 @@ def gpu_decoders(check: Check) -> dict:
         import importlib.util
 
         # By file: PyNvVideoCodec's wheel installs a top-level "benchmarks" folder of its own.
-        spec = importlib.util.spec_from_file_location("stock_videos", os.path.join(ROOT, "benchmarks", "stock_videos.py"))
+        script = os.path.join(ROOT, "benchmarks", "stock_videos.py")
+        spec = importlib.util.spec_from_file_location("stock_videos", script)
         stock_videos = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(stock_videos)
         demo = write_demo_dataset(check.path("nvc_demo"), codec="h264", num_train=64, num_val=4, num_frames=300,
                                   size=256, workers=min(16, cores))
-        stock = os.path.dirname(stock_videos.write_stock_dataset(check.path("nvc_stock"), num_videos=32, workers=cores))
+        stock = os.path.join(os.path.dirname(stock_videos.write_stock_dataset(check.path("nvc_stock"), num_videos=32,
+                                                                              workers=cores)), "videos")
         sets = {"demo_gop8": [r.path for r in read_list(demo.train_list, data_root=demo.root)],
-                "stock_long_gop": sorted(os.path.join(stock, "videos", f) for f in os.listdir(os.path.join(stock, "videos")))}
+                "stock_long_gop": sorted(os.path.join(stock, f) for f in os.listdir(stock))}
         count, batch = 256, 32
     else:
         demo = write_demo_dataset(check.path("nvc_demo_vp9"), codec="vp9", num_train=8, num_val=4, num_frames=40)
