@@ -261,7 +261,7 @@ def test_frames_an_edit_list_hides_are_numbered_for_each_decoder(tmp_path):
     vp9 = write_video(str(tmp_path / "edit_vp9.mp4"), 30, codec="libvpx-vp9", gop=8, start_pts=-2, size=(96, 64))
     h264 = write_video(str(tmp_path / "edit_h264.mp4"), 30, gop=8, bframes=2, start_pts=-3, size=(96, 64))
     plain = write_video(str(tmp_path / "plain.mp4"), 30, gop=8, bframes=2, size=(96, 64))
-    assert (probe_video(vp9).hidden_leading, probe_video(h264).hidden_leading, probe_video(plain).hidden_leading) == (2, 3, 0)
+    assert [probe_video(p).hidden_leading for p in (vp9, h264, plain)] == [2, 3, 0]
     assert probe_video(h264).num_frames == 27 and probe_video(h264).hidden_later == 0
     wanted = [0, 1, 5, 26]
     assert [frame_number(f) for f in D.read_frames(vp9, wanted, device="cpu")] == [2, 3, 7, 28]

@@ -43,7 +43,8 @@ def test_dry_run_runs_every_section(tmp_path):
     decoders = results["gpu_decoders"]["demo_vp9"]  # PyNvVideoCodec is GPU only: DALI and PyAV here
     assert decoders["dali_graph"] > 0 and decoders["pyav_2_processes"] > 0 and decoders["frames_per_clip"] == [8]
     cost = results["decoder_cost"]
-    assert all(cost[f"{case}_{n}_threads_ms_per_sample"] > 0 for case in ("long_start", "long_end", "short") for n in (1, 2))
+    assert all(cost[f"{case}_{n}_threads_ms_per_sample"] > 0
+               for case in ("long_start", "long_end", "short") for n in (1, 2))
     # Results only (the lent machine gives back 8 files): the videos went to --data.
     assert sorted(os.listdir(out)) == sorted(["results.json", "pytest.txt", "bench_operators_and_augment.json",
                                               "bench_operators_and_augment.txt", "augment_agreement.txt",
