@@ -127,7 +127,8 @@ def _read_share(ns: argparse.Namespace, predictor: Predictor, share: list[tuple[
         batch_size=ns.batch_size, train=False, num_workers=ns.num_workers, num_spatial_views=s["num_spatial_views"],
         num_temporal_views=s["num_temporal_views"], device=str(predictor.device), max_bad_fraction=1.0,
         missing_ok=True)
-    records, infos, unreadable, _ = probe_dataset(cfg)  # the probe is cached: the pipeline reads it again
+    cfg.probed = probe_dataset(cfg)  # the pipeline takes it: the list and probe cache are read once
+    records, infos, unreadable, _ = cfg.probed
     reasons = dict(unreadable)
     readable = [r.source for r, info in zip(records, infos) if info is not None]
     position = {source: j for j, source in enumerate(readable)}  # the pipeline's index of a record

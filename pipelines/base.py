@@ -69,6 +69,9 @@ class PipelineConfig:
     # the videos left out at the probe are not logged: for jobs that report what they could not
     # read themselves (feature extraction).
     missing_ok: bool = False
+    # pipelines.dataset.probe_dataset's result for this configuration, when the caller has probed
+    # the list already (to choose what to read): the pipeline takes it instead of reading again.
+    probed: tuple | None = None
     extra: dict = field(default_factory=dict)  # backend-specific options (e.g. feature_cache dir)
 
 

@@ -60,8 +60,9 @@ def probe_dataset(cfg: PipelineConfig):
 
 
 def load_dataset(cfg: PipelineConfig) -> tuple[list[VideoRecord], list[VideoInfo]]:
-    """Read and validate the list, probe its videos, exclude (and report) unreadable ones."""
-    records, infos, failures, warnings = probe_dataset(cfg)
+    """Read and validate the list, probe its videos (or take ``cfg.probed``), exclude (and report)
+    unreadable ones."""
+    records, infos, failures, warnings = cfg.probed if cfg.probed is not None else probe_dataset(cfg)
     if warnings:  # one summary, not one line per file of a large dataset
         more = f"\n  ... and {len(warnings) - 5} more" if len(warnings) > 5 else ""
         log.warning("%s: %d video warning(s):\n  %s%s", cfg.list_path, len(warnings), "\n  ".join(warnings[:5]), more)

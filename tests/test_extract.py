@@ -32,7 +32,8 @@ def run(capsys, *argv):
     return rc, out, err
 
 
-def test_features_index_resume_and_unreadable_videos(checkpoint, tiny_vit, demo_data, tmp_path, capsys):
+def test_features_index_resume_and_unreadable_videos(checkpoint, tiny_vit, demo_data, tmp_path, capsys,
+                                                     monkeypatch):
     videos = tmp_path / "videos"
     videos.mkdir()
     (videos / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(300))
@@ -42,8 +43,14 @@ def test_features_index_resume_and_unreadable_videos(checkpoint, tiny_vit, demo_
         f"{videos}/missing.mp4 3", f"{demo_data.root}/videos/val/00003.mp4 3"])
     out = tmp_path / "features"
     flags = ("--list", lst, "--checkpoint", checkpoint, "--output", out, "--batch_size", "3", "--num_workers", "0")
+    import pipelines.probe
+
+    probes = []
+    probe_videos = pipelines.probe.probe_videos
+    monkeypatch.setattr(pipelines.probe, "probe_videos", lambda *a, **k: probes.append(a[0]) or probe_videos(*a, **k))
     rc, stdout, err = run(capsys, *flags, "--cls", "--num_workers", "2")
     assert rc == 1
+    assert len(probes) == 1 and len(probes[0]) == 6  # the list is probed once, for the share and the pipeline
     assert "4 extracted, 0 already done, 2 unreadable; 4 of 6 videos" in stdout
     assert "2 unreadable video(s):" in err and f"{videos}/corrupt.mp4: " in err
     assert f"{videos}/missing.mp4: " in err
