@@ -110,7 +110,7 @@ def nvdec_problem(video, capability: tuple[int, int] | None = None) -> str | Non
         return f"{video.pix_fmt}: {bits}-bit {codec} is not read by the GPU path yet"
     if codec == "av1" and capability is not None and (capability < (8, 0) or capability[0] == 9):
         return f"av1: this GPU's NVDEC (compute capability {capability[0]}.{capability[1]}) has no AV1 decoder"
-    if getattr(video, "hidden_later", 0):
+    if video.hidden_later:
         return f"an edit list hides {video.hidden_later} frame(s) inside the video"
     low = NVDEC_MIN_SIZE.get(codec)
     if low and (video.width < low[0] or video.height < low[1]):

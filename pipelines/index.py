@@ -262,12 +262,13 @@ def _shared_index(path: str, size: int, mtime_ns: int) -> FrameIndex | None:
     for arr in arrays:
         arr.flags.writeable = False
     pts, dts, decode_pos, keyframe = arrays
+    hidden_leading, hidden_later = meta.get("hidden", (0, 0))
     return FrameIndex(pts=pts, dts=dts, decode_pos=decode_pos, keyframe=keyframe,
                       time_base=Fraction(*meta["time_base"]), fps=meta["fps"], width=meta["width"],
                       height=meta["height"], codec=meta["codec"], stream_index=meta["stream_index"],
                       has_pts=meta["has_pts"], container_format=meta.get("format"), pix_fmt=meta.get("pix_fmt"),
                       profile=meta.get("profile"), colorspace=meta.get("colorspace"),
-                      hidden_leading=meta.get("hidden", [0, 0])[0], hidden_later=meta.get("hidden", [0, 0])[1])
+                      hidden_leading=hidden_leading, hidden_later=hidden_later)
 
 
 @functools.lru_cache(maxsize=INDEX_CACHE_SIZE)

@@ -16,7 +16,7 @@ the measured ones last (README, "On a GPU").
 It writes its own test videos under ``--data`` (default: ``videos`` in the results folder) and
 its results to ``$OUT`` (else ``runs/gpu_check``): ``results.json``, one entry per section,
 rewritten after each section so a run cut short keeps what it measured, and the sections' logs
-(six files, so that all of them come back from the lent machine). A section that fails is
+(seven files, so that all of them come back from the lent machine). A section that fails is
 recorded with its error and the others still run; the exit status is 1 when any failed.
 """
 
@@ -201,7 +201,7 @@ def frame_numbering(check: Check) -> dict:
     return results
 
 
-def _read_numbers(path, read_frames, frame_number, check: Check) -> dict:
+def _read_numbers(path, read_frames, frame_number, check: Check, reader: str = "dali") -> dict:
     from pipelines.probe import probe_video
     from pipelines.pyav import read_frames as pyav_read
 
@@ -213,7 +213,7 @@ def _read_numbers(path, read_frames, frame_number, check: Check) -> dict:
         return {"ok": False, "error": str(e).splitlines()[0][:300]}
     got = [frame_number(f) for f in frames]
     pyav = [frame_number(f) for f in pyav_read(path, wanted)]
-    return {"ok": got == pyav, "wanted": wanted, "dali": got, "pyav": pyav}
+    return {"ok": got == pyav, "wanted": wanted, reader: got, "pyav": pyav}
 
 
 def decoder_reuse(check: Check) -> dict:
@@ -411,27 +411,31 @@ def _bench_videos(check: Check) -> list[str]:
             "--warmup", "1", "--min_seconds", "0"]
 
 
+def _throughput(check: Check, name: str, argv: list[str]) -> str:
+    """Runs benchmarks/throughput.py with ``argv`` on the check's device; its results go to
+    ``$OUT/bench_NAME.json`` (the path returned) and its output to ``bench_NAME.txt``. Raises
+    when it fails."""
+    path = os.path.join(check.out, f"bench_{name}.json")
+    cmd = [sys.executable, "benchmarks/throughput.py", *argv, "--device", check.device,
+           "--work_dir", check.path("bench"), "--json", path]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    with open(os.path.join(check.out, f"bench_{name}.txt"), "w") as f:
+        f.write(proc.stdout + proc.stderr)
+    if proc.returncode:
+        raise RuntimeError(f"benchmarks/throughput.py ({name}) failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return path
+
+
 def benchmarks(check: Check) -> dict:
     """benchmarks/throughput.py: our graph against DALI's readers, and RandAugment's cost in the
     graph; benchmarks/augment_agreement.py: the graph's RandAugment against the CPU execution."""
     videos = _bench_videos(check) + ["--num_workers", str(os.cpu_count() if check.gpu else 2)]
     # One run (one process, one set of videos): each decoder with and without the recipe's
     # RandAugment, so the operators compare side by side and the policy's cost is each one's ratio.
-    runs = {
-        "operators_and_augment": ["--stages", "data", "--pipelines", "dali,dali_reader,dali_legacy_reader",
-                                  "--compare_augment", "--auto_augment", "rand-m7-n4-mstd0.5-inc1"],
-    }
-    out = {}
-    for name, argv in runs.items():
-        path = os.path.join(check.out, f"bench_{name}.json")
-        cmd = [sys.executable, "benchmarks/throughput.py", *argv, "--device", check.device,
-               "--work_dir", check.path("bench"), "--json", path, *videos]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        with open(os.path.join(check.out, f"bench_{name}.txt"), "w") as f:
-            f.write(proc.stdout + proc.stderr)
-        out[name] = {"returncode": proc.returncode, "json": path if os.path.exists(path) else None}
-        if proc.returncode:
-            raise RuntimeError(f"benchmarks/throughput.py ({name}) failed: {proc.stderr.strip().splitlines()[-1:]}")
+    path = _throughput(check, "operators_and_augment", [
+        "--stages", "data", "--pipelines", "dali,dali_reader,dali_legacy_reader", "--compare_augment",
+        "--auto_augment", "rand-m7-n4-mstd0.5-inc1", *videos])
+    out = {"operators_and_augment": {"returncode": 0, "json": path}}
     # RandAugment in the graph (on the GPU: the mixed variant) against the CPU execution.
     cmd = [sys.executable, "benchmarks/augment_agreement.py", "--clips", "64" if check.gpu else "4",
            *(["--dali_device_id", "0"] if check.gpu else ["--magnitudes", "7", "--crops", "1"])]
@@ -452,16 +456,13 @@ def decoder_threads(check: Check) -> dict:
     videos = _bench_videos(check)
     counts = [cores, 2 * cores, 4 * cores] if check.gpu else [2]  # the dry run: one run, the plumbing
     out = {}
-    for n in counts:
-        pipelines = "pyav,dali" if n == counts[0] else "dali"
-        path = os.path.join(check.out, "bench_decoder_threads.json")
-        cmd = [sys.executable, "benchmarks/throughput.py", "--stages", "data", "--pipelines", pipelines,
-               "--auto_augment", "rand-m7-n4-mstd0.5-inc1", "--num_workers", str(n), "--device", check.device,
-               "--work_dir", check.path("bench"), "--json", path, *videos]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        if proc.returncode:
-            raise RuntimeError(f"benchmarks/throughput.py failed: {proc.stderr.strip().splitlines()[-1:]}")
-        for row in json.load(open(path))["results"]:
+    for n in counts:  # one JSON and log for all: the last run's (the numbers go to results.json)
+        path = _throughput(check, "decoder_threads", [
+            "--stages", "data", "--pipelines", "pyav,dali" if n == counts[0] else "dali",
+            "--auto_augment", "rand-m7-n4-mstd0.5-inc1", "--num_workers", str(n), *videos])
+        with open(path) as f:
+            rows = json.load(f)["results"]
+        for row in rows:
             out[f"{row['pipeline']}_{n}_threads"] = row["clips_per_s"]
     return out
 
@@ -559,7 +560,6 @@ def gpu_decoders(check: Check) -> dict:
     from pipelines import dali as D
     from pipelines.index import frame_index
     from pipelines.lists import read_list
-    from pipelines.pyav import read_frames
 
     out: dict = {}
     nvc = None
@@ -578,18 +578,13 @@ def gpu_decoders(check: Check) -> dict:
                     "h264_long_gop.mp4": dict(num_frames=120, gop=120, bframes=2, size=size),
                     "h264_negative_start.mp4": dict(num_frames=40, gop=8, bframes=2, start_pts=-2, size=size),
                     "hevc.mp4": dict(codec="libx265", num_frames=40, gop=8, size=size)}
+
+        def nvc_read(path, wanted, device):
+            return _nvc_frames(nvc, nvc.SimpleDecoder(path, gpu_id=0, output_color_type=rgb), wanted).cpu().numpy()
+
         for name, kw in numbered.items():
-            n = kw.pop("num_frames")
-            path = write_video(check.path("nvc_" + name), n, **kw)
-            wanted = sorted({0, 1, 13, n // 2, n - 4})
-            try:
-                decoder = nvc.SimpleDecoder(path, gpu_id=0, output_color_type=rgb)
-                got = [frame_number(f) for f in _nvc_frames(nvc, decoder, wanted).cpu().numpy()]
-            except Exception as e:  # noqa: BLE001 -- the answer sought
-                out["numbering"][name] = {"ok": False, "error": str(e).splitlines()[0][:300]}
-                continue
-            pyav = [frame_number(f) for f in read_frames(path, wanted)]
-            out["numbering"][name] = {"ok": got == pyav, "nvc": got, "pyav": pyav}
+            path = write_video(check.path("nvc_" + name), kw.pop("num_frames"), **kw)
+            out["numbering"][name] = _read_numbers(path, nvc_read, frame_number, check, reader="nvc")
 
     cores = os.cpu_count() or 1
     if check.gpu:

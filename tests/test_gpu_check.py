@@ -48,7 +48,7 @@ def test_dry_run_runs_every_section(tmp_path):
     # Results only (the lent machine gives back 8 files): the videos went to --data.
     assert sorted(os.listdir(out)) == sorted(["results.json", "pytest.txt", "bench_operators_and_augment.json",
                                               "bench_operators_and_augment.txt", "augment_agreement.txt",
-                                              "bench_decoder_threads.json"])
+                                              "bench_decoder_threads.json", "bench_decoder_threads.txt"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
