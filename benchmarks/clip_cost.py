@@ -53,8 +53,9 @@ class _Measure(torch.utils.data.Dataset):
                 fn(*clip)
             return 1e3 * (time.process_time() - t0) / len(clips)
 
-        def open_only(path, spec):
-            with open_video(path, frame_index(path).container_format):
+        def open_only(path, spec):  # as the reader opens a file it reads by pts
+            index = frame_index(path)
+            with open_video(path, index.container_format, probe=not index.has_pts or bool(index.shared_pts)):
                 pass
 
         before = read_stats()

@@ -85,8 +85,11 @@ def _decoder_threads() -> str:
 class _ClipReader:
     """Decodes one request: owns the open container and the output array."""
 
-    def __init__(self, path: str, index: FrameIndex, rows: dict[int, list[int]], num_rows: int):
+    def __init__(self, path: str, index: FrameIndex, rows: dict[int, list[int]], num_rows: int, by_pts: bool):
         self.path, self.index, self.rows, self.num_rows = path, index, rows, num_rows
+        # Frames matched by pts do not depend on the order the decoder outputs them in, which
+        # the stream probe's guess of its reordering delay could change: the file opens unprobed.
+        self.by_pts = by_pts
         self.out: np.ndarray | None = None
         self.container: av.container.InputContainer | None = None
         self.stream: av.VideoStream | None = None
@@ -99,7 +102,7 @@ class _ClipReader:
 
     def reopen(self) -> None:
         self.close()
-        self.container = open_video(self.path, self.index.container_format)
+        self.container = open_video(self.path, self.index.container_format, probe=not self.by_pts)
         self.stream = self.container.streams[self.index.stream_index]
         threads = _decoder_threads()
         self.stream.thread_type = threads
@@ -301,7 +304,7 @@ def read_frames(path: str, frame_indices: Sequence[int]) -> np.ndarray:
     rows: dict[int, list[int]] = {}
     for row, key in enumerate(keys.tolist()):
         rows.setdefault(key, []).append(row)
-    reader = _ClipReader(path, index, rows, len(positions))
+    reader = _ClipReader(path, index, rows, len(positions), by_pts)
     try:
         reader.reopen()
         if by_pts:

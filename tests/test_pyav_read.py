@@ -10,7 +10,7 @@ import torch
 
 from pipelines import pyav
 from pipelines.pyav import VideoReadError, frame_index, read_frames
-from tests.videos import decode_all, frame_number, remux_with_pts, write_video
+from tests.videos import decode_all, encode_frames, frame_number, photo_frames, remux_with_pts, write_video
 
 # name -> (file name, frames written, write_video options, frames hidden by an edit list)
 VIDEOS = {
@@ -22,6 +22,9 @@ VIDEOS = {
     "h264_mkv": ("o.mkv", 60, dict(bframes=3, gop=12, open_gop=True), 0),
     "h264_with_audio": ("av.mp4", 40, dict(bframes=2, gop=10, audio=True), 0),
     "h264_raw_no_pts": ("raw.h264", 30, dict(bframes=2, gop=12), 0),
+    "hevc_bframes_mp4": ("h.mp4", 60, dict(codec="libx265", gop=12, options={
+        "x265-params": "keyint=12:min-keyint=12:bframes=3:b-adapt=0:scenecut=0:log-level=error"}), 0),
+    "vp9_mp4": ("v9.mp4", 60, dict(codec="libvpx-vp9", gop=12), 0),
 }
 
 
@@ -128,6 +131,26 @@ def test_reader_names_the_indexed_demuxer_and_falls_back_to_probing(videos, monk
     monkeypatch.setattr(pyav, "frame_index", lambda path: wrong)
     opened.clear()
     assert np.array_equal(read_frames(mp4, [3, 7]), want) and opened == ["mpegts", None]
+
+
+def test_an_indexed_mp4_opens_without_the_stream_probe_and_reads_the_same(videos, tmp_path, monkeypatch):
+    """The probe's decoding is skipped only where frames are matched by pts in an mp4: the
+    frames read are those of a full decode, 10-bit H.264 and HEVC included."""
+    ten_bit = [encode_frames(str(tmp_path / f"{enc}10.mp4"), photo_frames(30, 64, 96), enc, pix_fmt="yuv420p10le",
+                             gop=10, options=opts)
+               for enc, opts in (("libx264", {"bf": "2"}), ("libx265", {"x265-params": "bframes=2:log-level=error"}))]
+    want = [decode_all(path)[1][[29, 0, 11, 12]] for path in ten_bit]
+    assert all(frame_index(path).pix_fmt == "yuv420p10le" for path in ten_bit)
+    opened = []
+    real_open = pyav.av.open
+    monkeypatch.setattr(pyav.av, "open", lambda path, **kw: opened.append(kw.get("options") or {}) or real_open(path, **kw))
+    for path, frames in zip(ten_bit, want):
+        assert np.array_equal(read_frames(path, [29, 0, 11, 12]), frames), path
+    assert len(opened) == 2 and all(o.get("skip_frame") == "all" for o in opened)
+    opened.clear()
+    read_frames(videos["vp9_webm"][0], [5])  # matroska: the probe costs nothing to skip
+    read_frames(videos["h264_raw_no_pts"][0], [5])  # no pts: frames are counted in output order
+    assert opened == [{}, {}]
 
 
 def test_file_change_invalidates_index(tmp_path):
