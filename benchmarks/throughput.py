@@ -332,13 +332,12 @@ def ensure_cache(cfg, work_dir: str, views: int = 4) -> str:
     return out
 
 
-def decode_ceiling(cfg, pipe, clips: int, workers: int) -> dict:
+def decode_ceiling(cfg, pipe, clips: int, workers: int, trial_seconds: float = 0.5) -> dict:
     """Frames each clip needs (pre-roll included) and the all-core sequential decode rate."""
-    import av
     from concurrent.futures import ThreadPoolExecutor
 
     from pipelines.dataset import clip_specs
-    from pipelines.index import frame_index
+    from pipelines.index import frame_index, open_video
 
     ds = pipe.dataset
     need = []
@@ -358,22 +357,22 @@ def decode_ceiling(cfg, pipe, clips: int, workers: int) -> dict:
     formats = {p: frame_index(p).container_format for p in paths}
 
     def decode_all(path, threads):
-        # Opened as the pipeline opens it (the demuxer named, not probed), so that the ceiling
-        # stays an upper bound for the pipeline's own decoding.
-        with av.open(path, format=formats[path]) as c:
+        # Opened as the pipeline opens it (the demuxer named, an mp4 without the stream probe),
+        # so that the ceiling stays an upper bound for the pipeline's own decoding.
+        with open_video(path, formats[path], probe=False) as c:
             s = c.streams.video[0]
             s.thread_type = threads
             return sum(1 for _ in c.decode(s))
 
     # The faster of one decoding thread per file (files in parallel) and FFmpeg's own threads,
-    # best of 3 trials of at least half a second each (a short run of small files is noisy).
+    # best of 3 trials of at least ``trial_seconds`` each (a short run of small files is noisy).
     rate = 0.0
     with ThreadPoolExecutor(workers) as ex:
         for threads in ("NONE", "AUTO"):
             decode_all(paths[0], threads)
             for _ in range(3):
                 frames, t0 = 0, time.perf_counter()
-                while time.perf_counter() - t0 < 0.5:
+                while not frames or time.perf_counter() - t0 < trial_seconds:  # one pass at least
                     frames += sum(ex.map(lambda p: decode_all(p, threads), paths))
                 rate = max(rate, frames / (time.perf_counter() - t0))
     per_clip = statistics.mean(need)
@@ -573,7 +572,9 @@ def main(argv=None) -> dict:
                     if hasattr(pipe, "graphs_built"):  # rebuilds within the timed batches would bias the rate
                         rec["graphs_built"] = pipe.graphs_built
                     if name == "pyav":  # the same files and clips with and without RandAugment: once
-                        ceiling = ceiling or decode_ceiling(cfg, pipe, 256, os.cpu_count() or 1)
+                        # Its trials last half a second, or a quarter of --min_seconds when shorter.
+                        ceiling = ceiling or decode_ceiling(cfg, pipe, 256, os.cpu_count() or 1,
+                                                            min(0.5, args.min_seconds / 4))
                         rec.update(ceiling)
                         rec["ceiling_fraction"] = rec["clips_per_s"] / rec["ceiling_clips_per_s"]
                     del pipe
