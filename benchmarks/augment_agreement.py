@@ -1,6 +1,6 @@
 """How close our RandAugment is to the reference's, in PSNR, on natural frames.
 
-    python benchmarks/augment_agreement.py [--clips 200] [--no_dali]
+    python benchmarks/augment_agreement.py [--clips 200] [--parts 1,2,3] [--dali_device_id 0]
 
 Prints, on 8 frames of a Kinetics-like 340x256 stock video (benchmarks/stock_videos.py):
 
@@ -47,7 +47,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policy", default="rand-m7-n4-mstd0.5-inc1")
     p.add_argument("--clips", type=int, default=200, help="decisions compared in part 2")
-    p.add_argument("--no_dali", action="store_true", help="skip part 3")
+    p.add_argument("--parts", default="1,2,3",
+                   help="parts to run, comma-separated (default: all); 1 and 2 run on the CPU alone")
     p.add_argument("--dali_device_id", type=int, help="run part 3 on this GPU (default: DALI's CPU operators)")
     p.add_argument("--magnitudes", default="1,4,7,10", help="magnitudes of part 1, comma-separated")
     p.add_argument("--crops", type=int, default=len(CROPS), choices=range(1, len(CROPS) + 1),
@@ -59,29 +60,34 @@ def main(argv=None) -> None:
     from pipelines.sampling import ClipSampler
     from stock_videos import stock_frames
 
+    parts = {int(x) for x in args.parts.split(",") if x}
+    if not parts or parts - {1, 2, 3}:
+        p.error(f"--parts: some of 1, 2 and 3, not {args.parts!r}")
     frames = np.stack(list(stock_frames(0, 8)))
     size = 224
     crops = CROPS[:args.crops]
-    print(f"1. one op, ours vs timm's in the reference order: 8 frames 340x256, {len(crops)} crops to {size}")
-    for name in dict.fromkeys(INCREASING_TRANSFORMS + TRANSFORMS):
-        row = []
-        for magnitude in (float(m) for m in args.magnitudes.split(",")):
-            op = AugOp(name, magnitude, _arg(name, magnitude, random.Random(magnitude)))
-            values = [psnr(reference_clip(frames, [op], c, size), augment_clip(frames, [op], c, size).numpy())
-                      for c in crops]
-            row.append(f"m{magnitude:g} {min(values):5.1f}")
-        print(f"   {name:<21} " + "  ".join(row).replace("  inf", "exact"))
+    if 1 in parts:
+        print(f"1. one op, ours vs timm's in the reference order: 8 frames 340x256, {len(crops)} crops to {size}")
+        for name in dict.fromkeys(INCREASING_TRANSFORMS + TRANSFORMS):
+            row = []
+            for magnitude in (float(m) for m in args.magnitudes.split(",")):
+                op = AugOp(name, magnitude, _arg(name, magnitude, random.Random(magnitude)))
+                values = [psnr(reference_clip(frames, [op], c, size), augment_clip(frames, [op], c, size).numpy())
+                          for c in crops]
+                row.append(f"m{magnitude:g} {min(values):5.1f}")
+            print(f"   {name:<21} " + "  ".join(row).replace("  inf", "exact"))
 
     policy = parse_policy(args.policy)
     sampler = ClipSampler(num_frames=8, sampling_rate=1, size=size, augment=policy)
     specs = [sampler.train_clip(i, 0, num_frames_in_video=8, height=256, width=340) for i in range(args.clips)]
-    values = [psnr(reference_clip(frames, s.augment, s.crop, size),
-                   augment_clip(frames, s.augment, s.crop, size).numpy()) for s in specs]
-    print(f"2. {args.policy}, {len(specs)} clips' decisions, ours vs the reference order: {summary(values)}")
-    worst = sorted(zip(values, (tuple(o.name for o in s.augment) for s in specs)))[:3]
-    print("   lowest: " + "; ".join(f"{v:.1f} {', '.join(n)}" for v, n in worst))
+    if 2 in parts:
+        values = [psnr(reference_clip(frames, s.augment, s.crop, size),
+                       augment_clip(frames, s.augment, s.crop, size).numpy()) for s in specs]
+        print(f"2. {args.policy}, {len(specs)} clips' decisions, ours vs the reference order: {summary(values)}")
+        worst = sorted(zip(values, (tuple(o.name for o in s.augment) for s in specs)))[:3]
+        print("   lowest: " + "; ".join(f"{v:.1f} {', '.join(n)}" for v, n in worst))
 
-    if not args.no_dali:
+    if 3 in parts:
         from pipelines.dali_augment import augment_frames
 
         n = min(len(specs), 64)
@@ -90,7 +96,6 @@ def main(argv=None) -> None:
         values = [psnr(g, augment_clip(frames, s.augment, s.crop, size).numpy()) for g, s in zip(got, specs)]
         where = "CPU operators" if args.dali_device_id is None else f"GPU {args.dali_device_id}"
         print(f"3. DALI graph ({where}) vs ours, same frames, {n} clips' decisions: {summary(values)}")
-
 
 if __name__ == "__main__":
     main()
