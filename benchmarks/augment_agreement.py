@@ -97,5 +97,6 @@ def main(argv=None) -> None:
         where = "CPU operators" if args.dali_device_id is None else f"GPU {args.dali_device_id}"
         print(f"3. DALI graph ({where}) vs ours, same frames, {n} clips' decisions: {summary(values)}")
 
+
 if __name__ == "__main__":
     main()

@@ -25,6 +25,8 @@ VIDEOS = {
     "hevc_bframes_mp4": ("h.mp4", 60, dict(codec="libx265", gop=12, options={
         "x265-params": "keyint=12:min-keyint=12:bframes=3:b-adapt=0:scenecut=0:log-level=error"}), 0),
     "vp9_mp4": ("v9.mp4", 60, dict(codec="libvpx-vp9", gop=12), 0),
+    "h264_fragmented_mp4": ("frag.mp4", 60, dict(bframes=3, gop=12, container_options={
+        "movflags": "frag_keyframe+empty_moov"}), 0),
 }
 
 
