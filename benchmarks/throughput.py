@@ -332,12 +332,13 @@ def ensure_cache(cfg, work_dir: str, views: int = 4) -> str:
     return out
 
 
-def decode_ceiling(cfg, pipe, clips: int, workers: int, trial_seconds: float = 0.5) -> dict:
-    """Frames each clip needs (pre-roll included) and the all-core sequential decode rate."""
-    from concurrent.futures import ThreadPoolExecutor
-
+def decode_work(pipe, clips: int, workers: int) -> dict:
+    """What the decode ceiling of ``pipe``'s clips counts: the frames each clip needs from its
+    keyframe (pre-roll included), what the PyAV reader decodes for the same clips, and the files
+    :func:`decode_rate` decodes."""
     from pipelines.dataset import clip_specs
-    from pipelines.index import frame_index, open_video
+    from pipelines.index import frame_index
+    from pipelines.pyav import read_frames, read_stats
 
     ds = pipe.dataset
     need = []
@@ -352,7 +353,25 @@ def decode_ceiling(cfg, pipe, clips: int, workers: int, trial_seconds: float = 0
             first = int(idx.decode_pos[keys[0]]) if len(keys) else 0
             decoded.update(range(first, int(idx.decode_pos[f]) + 1))
         need.append(len(decoded))
+    # What the PyAV reader actually decodes for the same clips (it skips the B-frames no other
+    # frame references and nobody wants), on a sample.
+    sample, before = min(32, len(ds)), read_stats()
+    for i in range(sample):
+        for s in clip_specs(ds.sampler, True, (0, i), ds.records[i], ds.infos[i]):
+            read_frames(ds.records[i].path, s.frame_indices)
+    cost = read_stats() - before
     paths = [r.path for r in ds.records[:max(64, workers * 8)]]
+    return {"frames_per_clip": statistics.mean(need), "pyav_decoded_frames_per_clip": cost.frames / sample,
+            "pyav_packets_per_clip": cost.packets / sample, "paths": paths}
+
+
+def decode_rate(paths: list[str], workers: int, trial_seconds: float = 0.5) -> float:
+    """Frames per second decoding ``paths`` whole on ``workers`` threads: the faster of one
+    decoding thread per file (files in parallel) and FFmpeg's own threads, best of 3 trials of
+    at least ``trial_seconds`` each (a short run of small files is noisy)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipelines.index import frame_index, open_video
 
     formats = {p: frame_index(p).container_format for p in paths}
 
@@ -364,8 +383,6 @@ def decode_ceiling(cfg, pipe, clips: int, workers: int, trial_seconds: float = 0
             s.thread_type = threads
             return sum(1 for _ in c.decode(s))
 
-    # The faster of one decoding thread per file (files in parallel) and FFmpeg's own threads,
-    # best of 3 trials of at least ``trial_seconds`` each (a short run of small files is noisy).
     rate = 0.0
     with ThreadPoolExecutor(workers) as ex:
         for threads in ("NONE", "AUTO"):
@@ -375,18 +392,7 @@ def decode_ceiling(cfg, pipe, clips: int, workers: int, trial_seconds: float = 0
                 while not frames or time.perf_counter() - t0 < trial_seconds:  # one pass at least
                     frames += sum(ex.map(lambda p: decode_all(p, threads), paths))
                 rate = max(rate, frames / (time.perf_counter() - t0))
-    per_clip = statistics.mean(need)
-    # What the PyAV reader actually decodes for the same clips (it skips the B-frames no other
-    # frame references and nobody wants), on a sample.
-    from pipelines.pyav import read_frames, read_stats
-
-    sample, before = min(32, len(ds)), read_stats()
-    for i in range(sample):
-        for s in clip_specs(ds.sampler, True, (0, i), ds.records[i], ds.infos[i]):
-            read_frames(ds.records[i].path, s.frame_indices)
-    cost = read_stats() - before
-    return {"frames_per_clip": per_clip, "decode_fps": rate, "ceiling_clips_per_s": rate / per_clip,
-            "pyav_decoded_frames_per_clip": cost.frames / sample, "pyav_packets_per_clip": cost.packets / sample}
+    return rate
 
 
 def merge_passes(results: list[dict]) -> list[dict]:
@@ -404,8 +410,10 @@ def merge_passes(results: list[dict]) -> list[dict]:
         rec = dict(ok[(len(ok) - 1) // 2])  # the median pass (the lower one of an even count)
         rec["clips_per_s_passes"] = [r["clips_per_s"] for r in runs if "clips_per_s" in r]
         rec["first_batch_s"] = runs[0].get("first_batch_s", rec.get("first_batch_s"))
-        if "ceiling_clips_per_s" in rec:
-            rec["ceiling_fraction"] = rec["clips_per_s"] / rec["ceiling_clips_per_s"]
+        shares = [r["ceiling_fraction"] for r in runs if "ceiling_fraction" in r]
+        if shares:  # each pass beside its own ceiling: the median share
+            rec["ceiling_fraction_passes"] = shares
+            rec["ceiling_fraction"] = statistics.median(shares)
         merged.append(rec)
     return merged
 
@@ -531,7 +539,7 @@ def main(argv=None) -> dict:
         jobs += [("train", name, policy) for name in args.pipelines if name not in data_only]
     if "cache" in stages and "cache" in args.pipelines:
         jobs.append(("cache", "cache", policy))
-    base_cfg, ceiling = cfg, None
+    base_cfg, work = cfg, None
     for stage, name, augment in tqdm(jobs, desc="benchmark", disable=None):
         cfg = type(base_cfg)(**{**base_cfg.to_dict(), "auto_augment": augment})
         rec = {"stage": stage, "pipeline": name, "augment": augment}
@@ -571,11 +579,16 @@ def main(argv=None) -> dict:
                     rec["frames_per_s"] = rec["clips_per_s"] * cfg.num_frames
                     if hasattr(pipe, "graphs_built"):  # rebuilds within the timed batches would bias the rate
                         rec["graphs_built"] = pipe.graphs_built
-                    if name == "pyav":  # the same files and clips with and without RandAugment: once
-                        # Its trials last half a second, or a quarter of --min_seconds when shorter.
-                        ceiling = ceiling or decode_ceiling(cfg, pipe, 256, os.cpu_count() or 1,
-                                                            min(0.5, args.min_seconds / 4))
-                        rec.update(ceiling)
+                    if name == "pyav":
+                        # The decode ceiling is measured right after each job, its workers stopped,
+                        # so that a drift of the machine's speed moves both. Its trials last half a
+                        # second, or a quarter of --min_seconds when shorter.
+                        pipe.close()
+                        cores = os.cpu_count() or 1
+                        work = work or decode_work(pipe, 256, cores)  # the same clips for every job
+                        rate = decode_rate(work["paths"], cores, min(0.5, args.min_seconds / 4))
+                        rec.update({k: v for k, v in work.items() if k != "paths"}, decode_fps=rate,
+                                   ceiling_clips_per_s=rate / work["frames_per_clip"])
                         rec["ceiling_fraction"] = rec["clips_per_s"] / rec["ceiling_clips_per_s"]
                     del pipe
                 else:
@@ -644,7 +657,9 @@ def main(argv=None) -> dict:
         notes = []
         if "ceiling_clips_per_s" in r:
             note = (f"decode ceiling {r['ceiling_clips_per_s']:.0f} clips/s ({r['frames_per_clip']:.1f} frames/clip "
-                    f"at {r['decode_fps']:.0f} fps): {100 * r['ceiling_fraction']:.0f}%; PyAV decodes "
+                    f"at {r['decode_fps']:.0f} fps): {100 * r['ceiling_fraction']:.0f}%"
+                    + (" (median of its passes: " + ", ".join(f"{100 * x:.0f}%" for x in r["ceiling_fraction_passes"])
+                       + ")" if "ceiling_fraction_passes" in r else "") + "; PyAV decodes "
                     f"{r['pyav_decoded_frames_per_clip']:.1f} frames/clip")
             if "workers_cpu_ms_per_clip" in r:  # the ceiling spends cores / ceiling rate per clip
                 note += (f"; CPU per clip: workers {r['workers_cpu_ms_per_clip']:.2f} ms + main "

@@ -177,10 +177,13 @@ def test_compare_augment_measures_each_pipeline_with_and_without_the_policy(tmp_
     rows = {(r["pipeline"], r["augment"]): r for r in report["results"]}
     assert len(rows) == len(report["results"]) == 2  # one record per job, whatever the passes
     assert rows["pyav", "rand-m7-n4-mstd0.5-inc1"]["clips_per_s"] > 0 and rows["pyav", None]["clips_per_s"] > 0
-    assert rows["pyav", None]["ceiling_clips_per_s"] == rows["pyav", "rand-m7-n4-mstd0.5-inc1"]["ceiling_clips_per_s"]
+    assert rows["pyav", None]["frames_per_clip"] == rows["pyav", "rand-m7-n4-mstd0.5-inc1"]["frames_per_clip"]
     for r in rows.values():  # each job ran 3 times, and the median pass is reported
         assert len(r["clips_per_s_passes"]) == 3
         assert r["clips_per_s"] == sorted(r["clips_per_s_passes"])[1]
+        # each pass beside its own decode ceiling, measured after it: the median share
+        assert len(r["ceiling_fraction_passes"]) == 3 and all(x > 0 for x in r["ceiling_fraction_passes"])
+        assert r["ceiling_fraction"] == sorted(r["ceiling_fraction_passes"])[1]
     out = capsys.readouterr().out
     assert "x without RandAugment" in out and "median of 3 passes" in out
 
