@@ -91,13 +91,13 @@ class MetricsLog:
     def plot(self) -> None:
         if not self.path or not os.path.exists(self.path):
             return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
 
         train, evals = curves(self.events())
-        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+        fig = Figure(figsize=(10, 4))
+        FigureCanvasAgg(fig)  # Agg, without pyplot's global state (and its import)
+        a, b = fig.subplots(1, 2)
         a.plot([e["step"] for e in train], [e["loss"] for e in train])
         a.set(xlabel="step", ylabel="training loss", yscale="log")
         b.plot([e["step"] for e in evals], [e["top1"] for e in evals], "o-", label="top-1")
@@ -110,8 +110,6 @@ class MetricsLog:
             fig.savefig(png, dpi=100)
         except OSError as e:  # a picture is not worth stopping a run for
             log.warning("could not write %s (%s)", png, e.strerror or e)
-        finally:
-            plt.close(fig)
 
 
 def curves(events: list[dict]) -> tuple[list[dict], list[dict]]:
