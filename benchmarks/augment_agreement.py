@@ -99,4 +99,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from evl.cli import run_program
+
+    run_program(main)

@@ -102,4 +102,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from evl.cli import run_program
+
+    run_program(main)

@@ -717,4 +717,6 @@ def versions() -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from evl.cli import run_program
+
+    run_program(main)

@@ -471,4 +471,6 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import run_program
+
+    run_program(main)

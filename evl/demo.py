@@ -353,4 +353,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import run_program
+
+    run_program(main)

@@ -127,4 +127,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m evl.eval") -> dic
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import run_program
+
+    run_program(main)

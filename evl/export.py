@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 from typing import Any, Mapping
 
 import torch
@@ -348,4 +347,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .cli import run_program
+
+    run_program(main)

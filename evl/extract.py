@@ -225,4 +225,6 @@ def _extract(ns: argparse.Namespace, world, group: PatientGroup) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .cli import run_program
+
+    run_program(main)

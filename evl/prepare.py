@@ -585,4 +585,6 @@ def _prepare(ns: argparse.Namespace, share: Share, records: list[VideoRecord], t
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .cli import run_program
+
+    run_program(main)

@@ -535,4 +535,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m evl.train") -> di
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import run_program
+
+    run_program(main)

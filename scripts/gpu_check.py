@@ -681,4 +681,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from evl.cli import run_program
+
+    run_program(main)

@@ -13,4 +13,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.p
 from evl.prepare import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from evl.cli import run_program
+
+    run_program(main)

@@ -595,6 +595,27 @@ def test_bad_numbers_in_flags_are_refused_up_front(tiny_vit, demo_data, tmp_path
     assert not (tmp_path / "run").exists()  # before anything is written
 
 
+def test_a_program_exits_with_its_mains_status_and_freezes_what_is_left():
+    """``python -m evl.JOB`` runs ``run_program(main)``: an int main returns is the exit status,
+    a result (a dict) or None is 0, a SystemExit (a stopped run's 143) passes through; what is
+    alive is then out of the interpreter's last garbage collections."""
+    import gc
+
+    from evl.cli import run_program
+
+    def stopped():
+        raise SystemExit(143)
+
+    try:
+        for main, status in ((lambda: 3, 3), (lambda: {"top1": 1.0}, 0), (lambda: None, 0), (stopped, 143)):
+            gc.unfreeze()
+            with pytest.raises(SystemExit) as exit_:
+                run_program(main)
+            assert exit_.value.code == status and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()  # the rest of the suite collects as usual
+
+
 def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tiny_vit, demo_data, tmp_path, capsys):
     bad = tmp_path / "bad.txt"
     bad.write_text("clip.mp4 1\nclip.mp4 x\n")
