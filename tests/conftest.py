@@ -54,3 +54,12 @@ def train_argv(tiny_vit, demo, out, *extra):
             "--batch_size", "8", "--num_workers", "0", "--auto_augment", "none", "--crop_scale", "0.5", "1",
             "--num_temporal_views", "2", "--lr", "1e-3", "--print_freq", "1", "--eval_freq", "1000",
             "--save_freq", "1000", "--device", "cpu", "--output_dir", str(out), *extra]
+
+
+def pytest_unconfigure(config):
+    """As ``evl.cli.run_program`` does for the entry points: the objects left at the end are kept
+    out of the interpreter's last garbage collections, which otherwise walk every object torch
+    and open_clip made at import (over a second at exit)."""
+    import gc
+
+    gc.freeze()
