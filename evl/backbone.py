@@ -88,8 +88,6 @@ def resolve_backbone(backbone: str, pretrained: str | None = None) -> BackboneSp
     Otherwise QuickGELU, which the EVL paper's OpenAI CLIP uses, unless the config says
     ``"quick_gelu": false`` explicitly (LAION-style weights trained with GELU).
     """
-    import open_clip
-
     from .pretrained import hub_config, is_hf_hub, tag_config, warn_normalisation
 
     quick_gelu_default = True
@@ -109,6 +107,8 @@ def resolve_backbone(backbone: str, pretrained: str | None = None) -> BackboneSp
                 raise ValueError(f"{backbone}: not a valid open_clip model-config JSON: {e}") from None
         cfg = cfg.get("model_cfg", cfg)
     else:
+        import open_clip  # only here: a config file is read without it (4 s of a process's start)
+
         cfg = open_clip.get_model_config(backbone)
         if cfg is None:
             vits = [m for m in open_clip.list_models() if m.startswith("ViT-")]
