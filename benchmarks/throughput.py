@@ -707,12 +707,20 @@ def main(argv=None) -> dict:
 
 
 def versions() -> dict:
+    """The libraries' versions, from their installed metadata: a job that did not use open_clip or
+    DALI does not import them (4 s for open_clip) to say which it has."""
+    from importlib import metadata
+
     out = {"python": platform.python_version(), "torch": torch.__version__}
-    for mod in ("av", "open_clip", "nvidia.dali", "numpy"):
-        try:
-            out[mod] = __import__(mod, fromlist=["__version__"]).__version__
-        except ImportError:
-            out[mod] = None
+    for mod, dists in (("av", ["av"]), ("open_clip", ["open_clip_torch"]), ("numpy", ["numpy"]),
+                       ("nvidia.dali", ["nvidia-dali-cuda130", "nvidia-dali-cuda120", "nvidia-dali-cuda110"])):
+        out[mod] = None
+        for dist in dists:
+            try:
+                out[mod] = metadata.version(dist)
+                break
+            except metadata.PackageNotFoundError:
+                continue
     return out
 
 
