@@ -55,7 +55,7 @@ class _Measure(torch.utils.data.Dataset):
 
         def open_only(path, spec):  # as the reader opens a file it reads by pts
             index = frame_index(path)
-            with open_video(path, index.container_format, probe=not index.has_pts or bool(index.shared_pts)):
+            with open_video(path, index.container_format, probe=not index.matched_by_pts):
                 pass
 
         before = read_stats()

@@ -82,6 +82,12 @@ class FrameIndex:
         same = self.pts[1:] == self.pts[:-1]
         return int(same.sum() + (same[1:] & ~same[:-1]).sum() + same[0])
 
+    @property
+    def matched_by_pts(self) -> bool:
+        """Whether every frame has a pts of its own, so that a decoded frame is known by its pts;
+        otherwise frames are numbered in the order a sequential decode outputs them."""
+        return self.has_pts and not self.shared_pts
+
     @functools.cached_property
     def _keys_by_decode(self) -> tuple[np.ndarray, np.ndarray]:
         """(presentation positions, decode positions) of the keyframes, in decode order."""

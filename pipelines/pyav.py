@@ -85,11 +85,8 @@ def _decoder_threads() -> str:
 class _ClipReader:
     """Decodes one request: owns the open container and the output array."""
 
-    def __init__(self, path: str, index: FrameIndex, rows: dict[int, list[int]], num_rows: int, by_pts: bool):
+    def __init__(self, path: str, index: FrameIndex, rows: dict[int, list[int]], num_rows: int):
         self.path, self.index, self.rows, self.num_rows = path, index, rows, num_rows
-        # Frames matched by pts do not depend on the order the decoder outputs them in, which
-        # the stream probe's guess of its reordering delay could change: the file opens unprobed.
-        self.by_pts = by_pts
         self.out: np.ndarray | None = None
         self.container: av.container.InputContainer | None = None
         self.stream: av.VideoStream | None = None
@@ -102,7 +99,9 @@ class _ClipReader:
 
     def reopen(self) -> None:
         self.close()
-        self.container = open_video(self.path, self.index.container_format, probe=not self.by_pts)
+        # Frames matched by pts do not depend on the order the decoder outputs them in, which
+        # the stream probe's guess of its reordering delay could change: the file opens unprobed.
+        self.container = open_video(self.path, self.index.container_format, probe=not self.index.matched_by_pts)
         self.stream = self.container.streams[self.index.stream_index]
         threads = _decoder_threads()
         self.stream.thread_type = threads
@@ -299,12 +298,12 @@ def read_frames(path: str, frame_indices: Sequence[int]) -> np.ndarray:
         return np.empty((0, index.height, index.width, 3), dtype=np.uint8)
     frames = np.unique(positions)
     # Output rows per decoded frame, keyed the way frames are matched: by pts, or by count.
-    by_pts = index.has_pts and not index.shared_pts  # else frames are numbered as they are decoded
+    by_pts = index.matched_by_pts
     keys = index.pts[positions] if by_pts else positions
     rows: dict[int, list[int]] = {}
     for row, key in enumerate(keys.tolist()):
         rows.setdefault(key, []).append(row)
-    reader = _ClipReader(path, index, rows, len(positions), by_pts)
+    reader = _ClipReader(path, index, rows, len(positions))
     try:
         reader.reopen()
         if by_pts:
