@@ -332,10 +332,9 @@ def ensure_cache(cfg, work_dir: str, views: int = 4) -> str:
     return out
 
 
-def decode_work(pipe, clips: int, workers: int) -> dict:
+def decode_work(pipe, clips: int) -> dict:
     """What the decode ceiling of ``pipe``'s clips counts: the frames each clip needs from its
-    keyframe (pre-roll included), what the PyAV reader decodes for the same clips, and the files
-    :func:`decode_rate` decodes."""
+    keyframe (pre-roll included), and what the PyAV reader decodes for the same clips."""
     from pipelines.dataset import clip_specs
     from pipelines.index import frame_index
     from pipelines.pyav import read_frames, read_stats
@@ -360,19 +359,19 @@ def decode_work(pipe, clips: int, workers: int) -> dict:
         for s in clip_specs(ds.sampler, True, (0, i), ds.records[i], ds.infos[i]):
             read_frames(ds.records[i].path, s.frame_indices)
     cost = read_stats() - before
-    paths = [r.path for r in ds.records[:max(64, workers * 8)]]
     return {"frames_per_clip": statistics.mean(need), "pyav_decoded_frames_per_clip": cost.frames / sample,
-            "pyav_packets_per_clip": cost.packets / sample, "paths": paths}
+            "pyav_packets_per_clip": cost.packets / sample}
 
 
-def decode_rate(paths: list[str], workers: int, trial_seconds: float = 0.5) -> float:
-    """Frames per second decoding ``paths`` whole on ``workers`` threads: the faster of one
-    decoding thread per file (files in parallel) and FFmpeg's own threads, best of 3 trials of
-    at least ``trial_seconds`` each (a short run of small files is noisy)."""
+def decode_rate(records, workers: int, trial_seconds: float = 0.5) -> float:
+    """Frames per second decoding the first videos of ``records`` whole on ``workers`` threads:
+    the faster of one decoding thread per file (files in parallel) and FFmpeg's own threads,
+    best of 3 trials of at least ``trial_seconds`` each (a short run of small files is noisy)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from pipelines.index import frame_index, open_video
 
+    paths = [r.path for r in records[:max(64, workers * 8)]]
     formats = {p: frame_index(p).container_format for p in paths}
 
     def decode_all(path, threads):
@@ -585,10 +584,9 @@ def main(argv=None) -> dict:
                         # second, or a quarter of --min_seconds when shorter.
                         pipe.close()
                         cores = os.cpu_count() or 1
-                        work = work or decode_work(pipe, 256, cores)  # the same clips for every job
-                        rate = decode_rate(work["paths"], cores, min(0.5, args.min_seconds / 4))
-                        rec.update({k: v for k, v in work.items() if k != "paths"}, decode_fps=rate,
-                                   ceiling_clips_per_s=rate / work["frames_per_clip"])
+                        work = work or decode_work(pipe, 256)  # the same clips for every job
+                        rate = decode_rate(pipe.dataset.records, cores, min(0.5, args.min_seconds / 4))
+                        rec.update(work, decode_fps=rate, ceiling_clips_per_s=rate / work["frames_per_clip"])
                         rec["ceiling_fraction"] = rec["clips_per_s"] / rec["ceiling_clips_per_s"]
                     del pipe
                 else:
