@@ -291,9 +291,9 @@ def _claims(state: str) -> dict[str, dict]:
 def _first_conflict(claims: dict[str, dict], mine: dict) -> str | None:
     """What the first claim that differs from ``mine`` differs in, or None."""
     for name, other in claims.items():
-        diff = [f"--{k} {other.get(k, _BEFORE_SETTING.get(k))} there, {mine[k]} here" if k != "list_sha256"
-                else "another list file"
-                for k in _SHARED_SETTINGS if other.get(k, _BEFORE_SETTING.get(k)) != mine[k]]
+        theirs = {k: other.get(k, _BEFORE_SETTING.get(k)) for k in _SHARED_SETTINGS}
+        diff = [f"--{k} {theirs[k]} there, {mine[k]} here" if k != "list_sha256" else "another list file"
+                for k in _SHARED_SETTINGS if theirs[k] != mine[k]]
         if diff:
             return f"{name}: {'; '.join(diff)}"
     return None
