@@ -49,7 +49,7 @@ import torch
 from .augment import plan_clip
 from .base import (CLIP_MEAN, CLIP_STD, Batch, PipelineConfig, check_bad_videos, report_bad_videos,
                    row_ids_to_device, summarise_bad_videos)
-from .dali_augment import augment_columns, augment_graph, column_types
+from .dali_augment import augment_columns, augment_graph, column_types, untraced_definition
 from .dataset import clip_specs, load_dataset, make_sampler
 from .epoch import EpochKeys, batches_per_epoch, replacements, training_epoch
 from .index import VideoReadError, frame_index, requested_positions
@@ -599,13 +599,14 @@ class DALIPipeline:
     # -- running -----------------------------------------------------------------------------
 
     def _build(self, feeder: _Feeder) -> dali.Pipeline:
-        pipe = _clip_graph(feeder, self.num_views, self.sampler.size,
-                           "cpu" if self.device_id is None else "mixed", self.num_slots,
-                           crop_first=self.cfg.train or self.sampler.num_temporal_views == 1,
-                           correct=self.correct_colours, batch_size=self.cfg.batch_size,
-                           num_threads=max(1, self.cfg.num_workers), device_id=self.device_id,
-                           prefetch_queue_depth=2, enable_conditionals=self.num_slots > 0)
-        pipe.build()
+        with untraced_definition(self.num_slots > 0):
+            pipe = _clip_graph(feeder, self.num_views, self.sampler.size,
+                               "cpu" if self.device_id is None else "mixed", self.num_slots,
+                               crop_first=self.cfg.train or self.sampler.num_temporal_views == 1,
+                               correct=self.correct_colours, batch_size=self.cfg.batch_size,
+                               num_threads=max(1, self.cfg.num_workers), device_id=self.device_id,
+                               prefetch_queue_depth=2, enable_conditionals=self.num_slots > 0)
+            pipe.build()
         return pipe
 
     def _find_bad(self, pending: Sequence[_Pending], error: Exception) -> None:
@@ -719,13 +720,14 @@ class DALIPipeline:
                 f.writelines(lines)
             feed = _ReaderFeed(self, [keys for keys, use in zip(batches, by_reader) if use], specs)
             try:  # the reader opens every file of its list here
-                pipe = _reader_graph_of_clips(
-                    feed, list_path, self.cfg.num_frames, self.cfg.sampling_rate, self.sampler.size,
-                    self.device_id is not None, self.num_slots, self.correct_colours,
-                    batch_size=self.cfg.batch_size,
-                    num_threads=max(1, self.cfg.num_workers), device_id=self.device_id, prefetch_queue_depth=2,
-                    enable_conditionals=self.num_slots > 0)
-                pipe.build()
+                with untraced_definition(self.num_slots > 0):
+                    pipe = _reader_graph_of_clips(
+                        feed, list_path, self.cfg.num_frames, self.cfg.sampling_rate, self.sampler.size,
+                        self.device_id is not None, self.num_slots, self.correct_colours,
+                        batch_size=self.cfg.batch_size,
+                        num_threads=max(1, self.cfg.num_workers), device_id=self.device_id, prefetch_queue_depth=2,
+                        enable_conditionals=self.num_slots > 0)
+                    pipe.build()
             except Exception as e:  # noqa: BLE001 -- the graph finds and replaces what failed
                 log.warning("DALI's video reader could not start (%s); the graph decodes this epoch", _first_line(e))
                 yield from self._graph_batches(batches, stream)

@@ -23,7 +23,8 @@ frame's, as in the reference: a second, half-resolution copy of the frames repla
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+from typing import Iterator, Sequence
 
 import numpy as np
 import nvidia.dali.fn as fn
@@ -34,7 +35,8 @@ from nvidia.dali.pipeline import do_not_convert
 from .augment import STATS_STRIDE, ClipPlan, equalize_lut, op_matrix
 from .randaugment import FILL, GEOMETRIC, AugOp
 
-__all__ = ["COLUMNS_PER_SLOT", "COLUMNS_PER_VIEW", "augment_columns", "augment_graph", "column_types"]
+__all__ = ["COLUMNS_PER_SLOT", "COLUMNS_PER_VIEW", "augment_columns", "augment_graph", "column_types",
+           "untraced_definition"]
 
 # Slot codes: which colour op a sample's slot applies (geometric ops are 0 here: the warp does them).
 NONE, BLEND, CONTRAST, AUTOCONTRAST, THRESHOLD, COLOR, SHARPNESS, EQUALIZE = range(8)
@@ -247,6 +249,31 @@ def _select(lo: int, hi: int, code, xs, w, par, mat, gpu: bool):
     return out
 
 
+@contextlib.contextmanager
+def untraced_definition(enabled: bool = True) -> Iterator[None]:
+    """Defines and builds a DALI graph without recording each operator's Python stack.
+
+    DALI keeps, for every operator it creates, the stack that created it, so that an error can
+    say where the failing operator was defined. RandAugment's slots are about 1,100 operators,
+    and those records are about a third of the time it takes to define and build the graph. The
+    graph is this module's, so an error in it is our bug and its origin is known: it is defined
+    without them. Uses DALI's private ``set_tracing``; where a DALI lacks it, nothing changes.
+    """
+    try:
+        from nvidia.dali._utils import dali_trace
+    except ImportError:
+        dali_trace = None
+    if not enabled or not hasattr(dali_trace, "set_tracing"):
+        yield
+        return
+    was = dali_trace.is_tracing_enabled()
+    dali_trace.set_tracing(enabled=False)
+    try:
+        yield
+    finally:
+        dali_trace.set_tracing(enabled=was)
+
+
 def augment_graph(clip, cols: Sequence, size: int, num_slots: int, gpu: bool):
     """``clip`` (FHWC uint8) RandAugmented, cropped and resized to ``size``: FHWC uint8.
 
@@ -302,8 +329,9 @@ def augment_frames(frames: Sequence[np.ndarray], ops: Sequence[Sequence[AugOp]],
         cols = [fn.external_source(name=f"c{i}", dtype=kind) for i, kind in enumerate(kinds)]
         return augment_graph(clip, cols, size, num_slots, gpu)
 
-    pipe = graph()
-    pipe.build()
+    with untraced_definition():
+        pipe = graph()
+        pipe.build()
     pipe.feed_input("frames", [np.ascontiguousarray(f) for f in frames])
     columns = []
     for f, o, crop in zip(frames, ops, crops):

@@ -351,6 +351,23 @@ def test_a_training_pipeline_builds_its_graph_once(dataset):
     assert same(collect(evaluation), collect(evaluation)) and evaluation.graphs_built == 2
 
 
+def test_the_randaugment_graph_is_defined_without_origin_records_and_dalis_setting_comes_back():
+    """DALI records each operator's Python stack as it is created; the RandAugment graph (about
+    1,100 operators) is defined without, and the user's own graphs get DALI's setting back, also
+    when a definition fails."""
+    dali_trace = pytest.importorskip("nvidia.dali._utils.dali_trace")
+    from pipelines.dali_augment import untraced_definition
+
+    assert dali_trace.is_tracing_enabled()
+    with untraced_definition():
+        assert not dali_trace.is_tracing_enabled()
+    with pytest.raises(RuntimeError, match="graph"), untraced_definition():
+        raise RuntimeError("a graph that fails to build")
+    with untraced_definition(enabled=False):  # a graph without RandAugment keeps the records
+        assert dali_trace.is_tracing_enabled()
+    assert dali_trace.is_tracing_enabled()
+
+
 @pytest.mark.parametrize("policy", [None, "rand-m7-n4-mstd0.5-inc1"], ids=["plain", "randaugment"])
 def test_the_reader_gives_the_graphs_clips(dataset, policy):
     """dali_decoder="reader": fn.experimental.readers.video over a per-epoch list of the
