@@ -311,17 +311,14 @@ def test_train_main_from_the_cache(data, tmp_path):
 def test_build_under_torchrun_shares_the_shards(data, tmp_path):
     """Two processes build one cache: each writes its share of the shards, rank 0 the manifest;
     the cache equals the one-process build (fp16 features within rounding of the batches)."""
-    import subprocess
-    import sys
+    import launch
 
     from pipelines.cache import read_manifest
 
     root = tmp_path / "two"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "evl.cache", *build_argv(data, "train", root)], capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    log = proc.stdout + proc.stderr
+    codes, out, err = launch.run_ranks("evl.cache", build_argv(data, "train", root), tmp_path / "logs")
+    log = out + err
+    assert codes == [0, 0], log
     assert "rank 0: 2 shard(s) to write [0, 2]" in log and "rank 1: 1 shard(s) to write [1]" in log
     one, two = os.path.join(data.root, "train"), str(root / "train")
     m1, m2 = read_manifest(one), read_manifest(two)

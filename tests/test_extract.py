@@ -112,20 +112,17 @@ def test_bad_list_or_checkpoint_fail_before_any_work(checkpoint, tmp_path):
 def test_extract_under_torchrun_shares_the_videos(checkpoint, demo_data, tmp_path, capsys):
     """Two processes extract every other remaining video each; rank 0 writes one index and
     reports every process's unreadable videos; the features equal one process's."""
-    import subprocess
-    import sys
+    import launch
 
     lst = write_list(tmp_path / "list.txt", [f"{demo_data.root}/videos/val/{i:05d}.mp4 {i % 4}" for i in range(5)]
                      + [f"{tmp_path}/missing.mp4 1"])
     flags = ["--list", lst, "--checkpoint", checkpoint, "--batch_size", "2", "--num_workers", "0", "--device", "cpu"]
     rc, _, _ = run(capsys, *flags, "--output", tmp_path / "one")
     assert rc == 1
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "evl.extract", *flags, "--output", str(tmp_path / "two")], capture_output=True,
-                          text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
-    assert proc.returncode != 0  # a video is unreadable: both processes exit 1
-    assert "5 extracted, 0 already done, 1 unreadable; 5 of 6 videos" in proc.stdout
-    assert proc.stderr.count(f"{tmp_path}/missing.mp4: ") == 1
+    codes, out, err = launch.run_ranks("evl.extract", [*flags, "--output", tmp_path / "two"], tmp_path / "logs")
+    assert codes == [1, 1], out + err  # a video is unreadable: both processes exit 1
+    assert "5 extracted, 0 already done, 1 unreadable; 5 of 6 videos" in out
+    assert err.count(f"{tmp_path}/missing.mp4: ") == 1
     one = (tmp_path / "one" / "index.jsonl").read_text()
     assert (tmp_path / "two" / "index.jsonl").read_text() == one
     for entry in map(json.loads, one.splitlines()):

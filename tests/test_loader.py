@@ -197,11 +197,11 @@ def test_one_rank_per_node_probes_the_others_read_its_cache(demo_data, tmp_path)
     import json
     import shutil
 
-    import torch.multiprocessing as mp
+    import launch
 
     list_path = str(tmp_path / "train.txt")
     shutil.copy(demo_data.train_list, list_path)  # a list with no probe cache yet
-    mp.spawn(_probe_rank, args=(str(tmp_path / "init"), list_path, demo_data.root, str(tmp_path)), nprocs=2)
+    launch.spawn(_probe_rank, args=(str(tmp_path / "init"), list_path, demo_data.root, str(tmp_path)), nprocs=2)
     ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
     assert ranks[0]["probed"] == ranks[0]["videos"] == 32 and ranks[1]["probed"] == 0
     assert ranks[0]["frames"] == ranks[1]["frames"]

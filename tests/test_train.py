@@ -19,6 +19,7 @@ from evl.weights import WeightsError, safe_load
 from pipelines.base import TooManyBadVideos
 from pipelines.lists import ListFileError
 
+import launch
 from conftest import TINY_VIT, train_argv
 
 
@@ -144,11 +145,10 @@ def test_resume_under_ddp_continues_every_ranks_dropout(tiny_vit, demo_data, tmp
     flags = ("--num_steps", "6", "--save_freq", "3", "--keep_last", "3", "--cls_dropout", "0.5")
 
     def ddp(out, *extra):
-        proc = run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "evl.train",
-                        *train_argv(tiny_vit, demo_data, out, *flags, *extra)])
-        log, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, log
-        return log
+        codes, log, err = launch.run_ranks("evl.train", train_argv(tiny_vit, demo_data, out, *flags, *extra),
+                                          tmp_path / "logs" / out.name)
+        assert codes == [0, 0], log + err
+        return log + err
 
     full, part = tmp_path / "full", tmp_path / "part"
     ddp(full)
@@ -300,15 +300,15 @@ def test_sigterm_to_the_process_group_saves_with_decoding_workers(tiny_vit, demo
     stopped run is not a finished one: it exits with 128 + the signal (143; it exited 0), so
     that `train && eval` and schedulers can tell."""
     out = tmp_path / "sig_pg"
-    proc = run_cli(["-m", "evl.train", *train_argv(tiny_vit, demo_data, out, "--num_steps", "100000",
-                                                  "--num_workers", "2")], start_new_session=True)
-    wait_for_training(out)
-    time.sleep(1)  # well into the loop, workers busy
-    os.killpg(proc.pid, signal.SIGTERM)
+    proc = launch.start("evl.train", train_argv(tiny_vit, demo_data, out, "--num_steps", "100000", "--num_workers", "2"),
+                       tmp_path / "logs", new_session=True)
     try:
-        log, _ = proc.communicate(timeout=120)
+        wait_for_training(out)
+        time.sleep(1)  # well into the loop, workers busy
+        os.killpg(proc.pid, signal.SIGTERM)
     finally:
-        proc.kill()
+        launch.wait_all([proc], timeout=120)
+    log = proc.output
     assert proc.returncode == 128 + signal.SIGTERM, log
     assert "stopped by signal 15" in log and "exited unexpectedly" not in log
     saved = [f for f in os.listdir(out) if f.startswith("checkpoint-")]
@@ -345,26 +345,16 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tiny_vit, demo_da
     """``scancel`` of one task, a drained node: only rank 1 gets the signal. Every rank stops
     after the same step and rank 0 saves it; a rank that stopped alone left the others hanging
     in the next gradient all-reduce, without a checkpoint."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "ddp_sig"
-    ranks = []
-    for rank in range(2):
-        env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
-                   LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
-        ranks.append(run_cli(["-m", "evl.train", *train_argv(tiny_vit, demo_data, out, "--num_steps", "100000")],
-                             env=env))
-    wait_for_training(out)
-    ranks[1].send_signal(signal.SIGTERM)
+    procs = launch.start_ranks("evl.train", train_argv(tiny_vit, demo_data, out, "--num_steps", "100000"),
+                              tmp_path / "logs")
     try:
-        logs = [p.communicate(timeout=120)[0] for p in ranks]
+        wait_for_training(out)
+        procs[1].send_signal(signal.SIGTERM)
     finally:
-        for p in ranks:
-            p.kill()
-    assert [p.returncode for p in ranks] == [128 + signal.SIGTERM] * 2, logs
+        codes = launch.wait_all(procs, timeout=120)
+    logs = [p.output for p in procs]
+    assert codes == [128 + signal.SIGTERM] * 2, logs
     saved = [f for f in os.listdir(out) if f.startswith("checkpoint-")]
     assert len(saved) == 1 and f"stopped by a signal to another rank after step {saved[0][11:-4]};" in logs[0]
     assert 0 < safe_load(str(out / saved[0]))["next_step"] < 100000
@@ -393,9 +383,7 @@ def test_stop_agreement_is_the_same_on_every_rank(tmp_path, gloo_fails):
     """Rank 1 alone asks to stop at step 2: both ranks stop at step 3 (the flag of step 2, read
     a step later without waiting on it), or at step 2 where no gloo group could be made and
     the flag is reduced in step."""
-    import torch.multiprocessing as mp
-
-    mp.spawn(_agreement_rank, args=(str(tmp_path / "init"), str(tmp_path), gloo_fails), nprocs=2)
+    launch.spawn(_agreement_rank, args=(str(tmp_path / "init"), str(tmp_path), gloo_fails), nprocs=2)
     ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
     first = 2 if gloo_fails else 3
     assert ranks[0]["seen"] == ranks[1]["seen"] == [i >= first for i in range(5)]
