@@ -4,7 +4,8 @@ evaluation memory, colour, the `gpu` tests and the benchmarks.
 
     python scripts/gpu_check.py              # on a GPU machine: about 10 minutes on one H200
     python scripts/gpu_check.py --dry-run    # every part a CPU can run (VP9 through DALI's CPU
-                                             # decoder, small sizes): tests/test_gpu_check.py
+                                             # decoder, small sizes; the benchmark scripts in
+                                             # this process): tests/test_gpu_check.py
 
 On the lent GPU machine (``../shared/device/README.md``; its image has OpenCV, pytest and tqdm,
 so ``bash ../shared/device/pack-gpu-deps.sh pynvvideocodec``: DALI, open_clip, PyAV and
@@ -55,6 +56,9 @@ class Check:
         self.data = data or os.path.join(out, "videos")
         os.makedirs(self.data, exist_ok=True)
         self.capability = tuple(torch.cuda.get_device_capability(0)) if self.gpu else None
+        # Processes that encode the test videos: the dry run's clips are tiny, and encoding them
+        # here costs less than starting interpreters to do it.
+        self.writers = min(16, os.cpu_count() or 1) if self.gpu else 1
 
     def path(self, name: str) -> str:
         return os.path.join(self.data, name)
@@ -318,7 +322,7 @@ def training_throughput(check: Check) -> dict:
     codec, size, clips, batch, frames, stride = (("h264", 320, 256, 32, 8, 16) if check.gpu
                                                  else ("vp9", 64, 16, 4, 8, 2))
     ds = write_demo_dataset(check.path("train_" + codec), codec=codec, num_train=clips, num_val=4, size=size,
-                            num_frames=frames * stride + 8, workers=min(16, os.cpu_count() or 1))
+                            num_frames=frames * stride + 8, workers=check.writers)
     results = {}
     # dali: fn.decoders.video on each batch's frame lists; dali_reader: the same clips read by
     # fn.experimental.readers.video, which keeps its decoders from clip to clip.
@@ -373,7 +377,7 @@ def eval_memory(check: Check) -> dict:
 
     codec, size, videos, frames, stride = ("h264", 720, 16, 140, 16) if check.gpu else ("vp9", 64, 4, 24, 2)
     ds = write_demo_dataset(check.path("eval_" + codec), codec=codec, num_train=4, num_val=videos, size=size,
-                            num_frames=frames, workers=min(16, os.cpu_count() or 1))
+                            num_frames=frames, workers=check.writers)
     cfg = PipelineConfig(list_path=ds.val_list, data_root=ds.root, num_classes=4, num_frames=8, sampling_rate=stride,
                          input_size=224 if check.gpu else 64, batch_size=8 if check.gpu else 2, train=False,
                          num_workers=4, device=check.device, num_spatial_views=1, num_temporal_views=3)
@@ -411,18 +415,54 @@ def _bench_videos(check: Check) -> list[str]:
             "--warmup", "1", "--min_seconds", "0"]
 
 
+def run_tool(script: str, argv: list[str], log: str, separate: bool) -> tuple[int, str, str]:
+    """``python SCRIPT ARGV`` from the repository root, its output also written to ``log``:
+    (exit status, stdout, stderr).
+
+    ``separate``: in a process of its own, as on the GPU, where a crash in a decoder then ends
+    that tool and not the check. Otherwise (the dry run) the script's ``main(argv)`` runs in
+    this process: the same code on the same arguments, without starting torch and DALI again
+    for each tool.
+    """
+    if separate:
+        proc = subprocess.run([sys.executable, script, *argv], cwd=ROOT, capture_output=True, text=True)
+        status, out, err = proc.returncode, proc.stdout, proc.stderr
+    else:
+        import contextlib
+        import importlib.util
+        import io
+
+        # By file: PyNvVideoCodec's wheel installs a top-level "benchmarks" folder of its own.
+        name = "gpu_check_" + os.path.splitext(os.path.basename(script))[0]
+        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, script))
+        module = importlib.util.module_from_spec(spec)
+        out_buf, err_buf = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out_buf), contextlib.redirect_stderr(err_buf):
+            try:
+                spec.loader.exec_module(module)
+                result = module.main(argv)
+                status = result if isinstance(result, int) and not isinstance(result, bool) else 0
+            except SystemExit as e:
+                status = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+            except Exception:  # noqa: BLE001 -- as the interpreter would: the traceback, status 1
+                traceback.print_exc()
+                status = 1
+        out, err = out_buf.getvalue(), err_buf.getvalue()
+    with open(log, "w") as f:
+        f.write(out + err)
+    return status, out, err
+
+
 def _throughput(check: Check, name: str, argv: list[str]) -> str:
     """Runs benchmarks/throughput.py with ``argv`` on the check's device; its results go to
     ``$OUT/bench_NAME.json`` (the path returned) and its output to ``bench_NAME.txt``. Raises
     when it fails."""
     path = os.path.join(check.out, f"bench_{name}.json")
-    cmd = [sys.executable, "benchmarks/throughput.py", *argv, "--device", check.device,
-           "--work_dir", check.path("bench"), "--json", path]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    with open(os.path.join(check.out, f"bench_{name}.txt"), "w") as f:
-        f.write(proc.stdout + proc.stderr)
-    if proc.returncode:
-        raise RuntimeError(f"benchmarks/throughput.py ({name}) failed: {proc.stderr.strip().splitlines()[-1:]}")
+    status, _, err = run_tool("benchmarks/throughput.py", [*argv, "--device", check.device, "--work_dir",
+                                                           check.path("bench"), "--json", path],
+                              os.path.join(check.out, f"bench_{name}.txt"), separate=check.gpu)
+    if status:
+        raise RuntimeError(f"benchmarks/throughput.py ({name}) failed: {err.strip().splitlines()[-1:]}")
     return path
 
 
@@ -438,14 +478,13 @@ def benchmarks(check: Check) -> dict:
     out = {"operators_and_augment": {"returncode": 0, "json": path}}
     # RandAugment in the graph (on the GPU: the mixed variant) against the CPU execution: part 3
     # alone (parts 1 and 2 compare CPU code with timm's, the same on any machine).
-    cmd = [sys.executable, "benchmarks/augment_agreement.py", "--parts", "3", "--clips", "64" if check.gpu else "4",
-           *(["--dali_device_id", "0"] if check.gpu else [])]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    with open(os.path.join(check.out, "augment_agreement.txt"), "w") as f:
-        f.write(proc.stdout + proc.stderr)
-    out["augment_agreement"] = {"returncode": proc.returncode, "summary": proc.stdout.strip().splitlines()[-3:]}
-    if proc.returncode:
-        raise RuntimeError(f"benchmarks/augment_agreement.py failed: {proc.stderr.strip().splitlines()[-1:]}")
+    status, stdout, err = run_tool(
+        "benchmarks/augment_agreement.py",
+        ["--parts", "3", "--clips", "64" if check.gpu else "4", *(["--dali_device_id", "0"] if check.gpu else [])],
+        os.path.join(check.out, "augment_agreement.txt"), separate=check.gpu)
+    out["augment_agreement"] = {"returncode": status, "summary": stdout.strip().splitlines()[-3:]}
+    if status:
+        raise RuntimeError(f"benchmarks/augment_agreement.py failed: {err.strip().splitlines()[-1:]}")
     return out
 
 

@@ -51,7 +51,32 @@ def test_dry_run_runs_every_section(tmp_path):
                                               "bench_decoder_threads.json", "bench_decoder_threads.txt"])
 
 
+@pytest.fixture(scope="module")
+def gpu_check():
+    """scripts/gpu_check.py as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check_under_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_without_a_gpu_it_says_to_dry_run(tmp_path):
-    proc = subprocess.run([sys.executable, SCRIPT, "--out", str(tmp_path)], capture_output=True, text=True)
-    assert proc.returncode == 2 and "--dry-run" in proc.stderr
+def test_without_a_gpu_it_says_to_dry_run(tmp_path, gpu_check, capsys):
+    with pytest.raises(SystemExit) as e:
+        gpu_check.main(["--out", str(tmp_path)])
+    assert e.value.code == 2 and "--dry-run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("separate", [True, False], ids=["own_process", "this_process"])
+def test_a_tool_gives_its_status_and_output_in_either_process(tmp_path, gpu_check, separate):
+    """On the GPU each benchmark runs in a process of its own; the dry run calls its main in the
+    check's process. Either way the check gets its exit status and output, and keeps a log."""
+    log = str(tmp_path / "tool.txt")
+    status, out, err = gpu_check.run_tool("benchmarks/augment_agreement.py", ["--no_such_flag"], log,
+                                          separate=separate)
+    assert status == 2 and "unrecognized arguments: --no_such_flag" in err and open(log).read() == out + err
+    if not separate:  # what a tool prints on stdout (one more interpreter start was not worth it)
+        status, out, err = gpu_check.run_tool("benchmarks/augment_agreement.py", ["--help"], log, separate=False)
+        assert status == 0 and out.startswith("usage: ") and "--parts" in out and open(log).read() == out + err
