@@ -8,8 +8,22 @@ what a pipeline yields.
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-from .base import Batch, Pipeline, PipelineConfig, TooManyBadVideos
+if TYPE_CHECKING:
+    from .base import Batch, Pipeline, PipelineConfig, TooManyBadVideos
+
+_FROM_BASE = ("Batch", "Pipeline", "PipelineConfig", "TooManyBadVideos")
+
+
+def __getattr__(name: str):
+    """The batch types, imported on first use: they import torch, which a process that only
+    lists, probes or re-encodes videos (an ``evl.prepare`` worker) does not need."""
+    if name in _FROM_BASE:
+        from . import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # name -> (module, class); "cache" reads features written by `python -m evl.cache build`.
 BACKENDS = {
@@ -56,3 +70,7 @@ def build_pipeline(name: str, cfg: PipelineConfig) -> Pipeline:
 
 __all__ = ["Batch", "Pipeline", "PipelineConfig", "TooManyBadVideos", "build_pipeline", "available_backends",
            "cpu_workers", "BACKENDS"]
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_FROM_BASE])
