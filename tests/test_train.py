@@ -306,8 +306,10 @@ def test_sigterm_to_the_process_group_saves_with_decoding_workers(tiny_vit, demo
         wait_for_training(out)
         time.sleep(1)  # well into the loop, workers busy
         os.killpg(proc.pid, signal.SIGTERM)
-    finally:
-        launch.wait_all([proc], timeout=120)
+    except BaseException:
+        proc.kill()
+        raise
+    launch.wait_all([proc], timeout=120)
     log = proc.output
     assert proc.returncode == 128 + signal.SIGTERM, log
     assert "stopped by signal 15" in log and "exited unexpectedly" not in log
@@ -351,8 +353,11 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tiny_vit, demo_da
     try:
         wait_for_training(out)
         procs[1].send_signal(signal.SIGTERM)
-    finally:
-        codes = launch.wait_all(procs, timeout=120)
+    except BaseException:
+        for p in procs:
+            p.kill()
+        raise
+    codes = launch.wait_all(procs, timeout=120)
     logs = [p.output for p in procs]
     assert codes == [128 + signal.SIGTERM] * 2, logs
     saved = [f for f in os.listdir(out) if f.startswith("checkpoint-")]
