@@ -436,7 +436,10 @@ def run_tool(script: str, argv: list[str], log: str, separate: bool) -> tuple[in
         name = "gpu_check_" + os.path.splitext(os.path.basename(script))[0]
         spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, script))
         module = importlib.util.module_from_spec(spec)
+        import logging
+
         out_buf, err_buf = io.StringIO(), io.StringIO()
+        handlers = logging.root.handlers[:]  # a tool's logging.basicConfig writes to its own log only
         with contextlib.redirect_stdout(out_buf), contextlib.redirect_stderr(err_buf):
             try:
                 spec.loader.exec_module(module)
@@ -447,6 +450,8 @@ def run_tool(script: str, argv: list[str], log: str, separate: bool) -> tuple[in
             except Exception:  # noqa: BLE001 -- as the interpreter would: the traceback, status 1
                 traceback.print_exc()
                 status = 1
+            finally:
+                logging.root.handlers[:] = handlers
         out, err = out_buf.getvalue(), err_buf.getvalue()
     with open(log, "w") as f:
         f.write(out + err)

@@ -80,3 +80,20 @@ def test_a_tool_gives_its_status_and_output_in_either_process(tmp_path, gpu_chec
     if not separate:  # what a tool prints on stdout (one more interpreter start was not worth it)
         status, out, err = gpu_check.run_tool("benchmarks/augment_agreement.py", ["--help"], log, separate=False)
         assert status == 0 and out.startswith("usage: ") and "--parts" in out and open(log).read() == out + err
+
+
+def test_a_tool_run_in_this_process_logs_to_its_own_log(tmp_path, gpu_check, monkeypatch):
+    """A tool that configures logging (benchmarks/throughput.py does) writes its records to its
+    own log, and the next tool's records go to the next log; its int return is its status."""
+    import logging
+
+    monkeypatch.setattr(logging.root, "handlers", [])  # as in the check's process: pytest's are not there
+    tool = tmp_path / "tool.py"
+    tool.write_text("import logging\n\ndef main(argv):\n    logging.basicConfig(level=logging.ERROR)\n"
+                    "    logging.error('run %s', argv[0])\n    return 3\n")
+    before = logging.root.handlers[:]
+    for run in ("first", "second"):
+        log = tmp_path / f"{run}.txt"
+        status, _, err = gpu_check.run_tool(str(tool), [run], str(log), separate=False)
+        assert status == 3 and f"run {run}" in err and log.read_text().strip() == f"ERROR:root:run {run}"
+    assert logging.root.handlers == before
