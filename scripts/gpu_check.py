@@ -439,7 +439,8 @@ def run_tool(script: str, argv: list[str], log: str, separate: bool) -> tuple[in
         import logging
 
         out_buf, err_buf = io.StringIO(), io.StringIO()
-        handlers = logging.root.handlers[:]  # a tool's logging.basicConfig writes to its own log only
+        # A tool's logging.basicConfig writes to its own log only, and sets its own level only.
+        handlers, level = logging.root.handlers[:], logging.root.level
         with contextlib.redirect_stdout(out_buf), contextlib.redirect_stderr(err_buf):
             try:
                 spec.loader.exec_module(module)
@@ -452,6 +453,7 @@ def run_tool(script: str, argv: list[str], log: str, separate: bool) -> tuple[in
                 status = 1
             finally:
                 logging.root.handlers[:] = handlers
+                logging.root.setLevel(level)
         out, err = out_buf.getvalue(), err_buf.getvalue()
     with open(log, "w") as f:
         f.write(out + err)

@@ -88,6 +88,7 @@ def test_a_tool_run_in_this_process_logs_to_its_own_log(tmp_path, gpu_check, mon
     import logging
 
     monkeypatch.setattr(logging.root, "handlers", [])  # as in the check's process: pytest's are not there
+    monkeypatch.setattr(logging.root, "level", logging.WARNING)
     tool = tmp_path / "tool.py"
     tool.write_text("import logging\n\ndef main(argv):\n    logging.basicConfig(level=logging.ERROR)\n"
                     "    logging.error('run %s', argv[0])\n    return 3\n")
@@ -96,4 +97,4 @@ def test_a_tool_run_in_this_process_logs_to_its_own_log(tmp_path, gpu_check, mon
         log = tmp_path / f"{run}.txt"
         status, _, err = gpu_check.run_tool(str(tool), [run], str(log), separate=False)
         assert status == 3 and f"run {run}" in err and log.read_text().strip() == f"ERROR:root:run {run}"
-    assert logging.root.handlers == before
+    assert logging.root.handlers == before and logging.root.level == logging.WARNING
