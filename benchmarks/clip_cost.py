@@ -1,8 +1,10 @@
 """Where one training clip's CPU time goes, measured inside a DataLoader worker (one decoding
 thread, as the PyAV pipeline's workers decode): opening its file, reading its frames (open,
-seeks, decoding, RGB conversion), the crop and resize, and the RandAugment policy's decisions
-executed instead of the plain crop. CPU time per clip, each part timed on its own over the same
-clips.
+seeks, decoding, RGB conversion), the RGB conversion alone, the crop and resize, the RandAugment
+policy's decisions executed instead of the plain crop, and what the training process then
+spends on the clip on a CPU (normalising it to float). CPU time per clip, each part timed on its
+own over the same clips, beside what decoding the clip's frames from its keyframe costs at the
+rate of a decode from the start (the throughput benchmark's decode ceiling).
 
     python benchmarks/clip_cost.py --train_list runs/stock_k1/train.txt --data_root runs/stock_k1 \\
         --sampling_rate 16 [--auto_augment rand-m7-n4-mstd0.5-inc1] [--epochs 3]
@@ -32,9 +34,10 @@ class _Measure(torch.utils.data.Dataset):
     def __getitem__(self, _) -> dict:
         from pipelines import PipelineConfig, build_pipeline
         from pipelines.augment import augment_clip, crop_resize
+        from pipelines.base import thwc_uint8_to_bcthw
         from pipelines.dataset import clip_specs
         from pipelines.index import frame_index, open_video
-        from pipelines.pyav import read_frames, read_stats
+        from pipelines.pyav import _to_rgb, read_frames, read_stats
 
         a = self.args
         torch.set_num_threads(1)
@@ -63,12 +66,32 @@ class _Measure(torch.utils.data.Dataset):
         cost = read_stats() - before
         out.update(decoded_frames=cost.frames / len(clips), packets=cost.packets / len(clips),
                    seeks=cost.seeks / len(clips), open=cpu_ms(open_only))
+        # Decoding from the start, as the decode ceiling of benchmarks/throughput.py does, and the
+        # RGB conversion of those frames: the first videos, 512 frames.
+        decoded, t0 = [], time.process_time()
+        for path in dict.fromkeys(p for p, _ in clips):
+            with open_video(path, frame_index(path).container_format) as c:
+                c.streams.video[0].thread_type = "NONE"
+                decoded += [f for _, f in zip(range(512 - len(decoded)), c.decode(video=0))]
+            if len(decoded) >= 512:
+                break
+        out["sequential_frame"] = 1e3 * (time.process_time() - t0) / len(decoded)
+        t0 = time.process_time()
+        for f in decoded:
+            _to_rgb(f)
+        out["rgb"] = 1e3 * (time.process_time() - t0) / len(decoded) * a.num_frames
         frames = [read_frames(p, s.frame_indices) for p, s in clips]
         specs = [s for _, s in clips]
         t0 = time.process_time()
-        for f, s in zip(frames, specs):
-            crop_resize(f, s.crop, a.input_size, s.flip)
+        cropped = [crop_resize(f, s.crop, a.input_size, s.flip) for f, s in zip(frames, specs)]
         out["crop_resize"] = 1e3 * (time.process_time() - t0) / len(clips)
+        # The training process's part on a CPU: batches of 8 clips to normalised float.
+        batches = [torch.stack(cropped[i:i + 8]) for i in range(0, len(cropped) - 7, 8)] or [torch.stack(cropped)]
+        thwc_uint8_to_bcthw(batches[0], "cpu")  # warm: OpenCV's import and the table
+        t0 = time.process_time()
+        for b in batches:
+            thwc_uint8_to_bcthw(b, "cpu")
+        out["normalise"] = 1e3 * (time.process_time() - t0) / sum(len(b) for b in batches)
         if a.auto_augment:
             t0 = time.process_time()
             for f, s in zip(frames, specs):
@@ -94,10 +117,15 @@ def main(argv=None) -> dict:
     print(f"  read (open, seeks, decoding, RGB)   {r['read']:7.2f}   ({r['decoded_frames']:.1f} frames decoded, "
           f"{r['packets']:.1f} packets, {r['seeks']:.1f} seeks)")
     print(f"    of which opening the file         {r['open']:7.2f}")
+    print(f"    of which the RGB conversion       {r['rgb']:7.2f}")
+    print(f"  against the same {r['packets']:.1f} frames decoded from the start (the decode ceiling's "
+          f"rate, {r['sequential_frame']:.3f} ms a frame): {r['sequential_frame'] * r['packets']:.2f}")
     print(f"  crop and resize to {args.input_size}              {r['crop_resize']:7.2f}")
     if "augment" in r:
         print(f"  {args.auto_augment} instead   {r['augment']:7.2f}   "
               f"(+{r['augment'] - r['crop_resize']:.2f} for the policy)")
+    print(f"then in the training process, on a CPU (on a GPU it runs on the device):\n"
+          f"  normalising to float                {r['normalise']:7.2f}")
     return r
 
 
