@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterator, NamedTuple, Protocol, Sequence
 
@@ -134,8 +136,9 @@ def thwc_uint8_to_bcthw(clips: torch.Tensor, device: torch.device | str) -> torc
         # then scaling and shifting in place, the same values.
         from .augment import opencv
 
-        table = _normalise_table()
-        y = torch.from_numpy(opencv().LUT(x.numpy().reshape(-1, w, 3), table)).view(*lead, w, 3)
+        src = x.numpy().reshape(-1, w, 3)
+        dst = _float_batches.take(src.shape)
+        y = torch.from_numpy(opencv().LUT(src, _normalise_table(), dst=dst)).view(*lead, w, 3)
         return y.permute(0, 4, 1, 2, 3)
     mean = torch.tensor(CLIP_MEAN, dtype=torch.float64)
     std = torch.tensor(CLIP_STD, dtype=torch.float64)
@@ -145,6 +148,45 @@ def thwc_uint8_to_bcthw(clips: torch.Tensor, device: torch.device | str) -> torc
     shift = (-mean / std).float().repeat(w).to(x.device)
     y = x.view(*lead, w * 3).float().mul_(scale).add_(shift)
     return y.view(*lead, w, 3).permute(0, 4, 1, 2, 3)
+
+
+class _ReusedArrays:
+    """float32 arrays for the CPU's normalised batches, each reused once nothing refers to it.
+
+    A batch is large (38 MB for 8 clips of 8 frames at 224 px), and fresh memory of that size
+    comes from the kernel as zeroed pages: handing them over cost about as much as writing the
+    batch. An array is reused only when no tensor, view or array of its batch is left: the
+    tensor ``torch.from_numpy`` makes holds its array until the last of those is gone, so the
+    array's reference count says whether anyone still reads it. A loop that keeps its current
+    batch while the next is made finds the one before free; a caller that keeps every batch
+    gets fresh arrays.
+    """
+
+    def __init__(self, keep: int):
+        self.keep = keep
+        self.arrays: list = []
+        self.lock = threading.Lock()
+
+    def take(self, shape: tuple[int, ...]):
+        import numpy as np
+
+        with self.lock:
+            spare = None
+            for a in self.arrays:
+                # Referenced by the list, this loop and getrefcount's argument: by nothing else.
+                if sys.getrefcount(a) == 3:
+                    if a.shape == shape:
+                        return a
+                    spare = a
+            a = np.empty(shape, np.float32)
+            if spare is not None:  # another batch size (the last batch, evaluation): replaced
+                self.arrays[self.arrays.index(spare)] = a
+            elif len(self.arrays) < self.keep:
+                self.arrays.append(a)
+            return a
+
+
+_float_batches = _ReusedArrays(keep=2)
 
 
 @functools.lru_cache(maxsize=1)

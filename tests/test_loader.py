@@ -41,6 +41,40 @@ def test_batches_shape_dtype_and_normalisation(demo_data):
     assert labels.tolist() == [records[i].label for i in index.tolist()]
 
 
+def test_cpu_batches_reuse_their_memory_only_once_nothing_refers_to_it(monkeypatch):
+    """The float batches' memory is reused, but never while a batch, a view of it or an array
+    made from it is still held: what a loop keeps stays as it was made."""
+    from pipelines import base
+
+    monkeypatch.setattr(base, "_float_batches", base._ReusedArrays(keep=2))  # this test's own
+    gen = torch.Generator().manual_seed(0)
+    frames = [torch.randint(0, 256, (2, 4, 16, 16, 3), dtype=torch.uint8, generator=gen) for _ in range(2)]
+
+    def fresh(x):  # the same normalisation, in new memory
+        mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1, 1)
+        return (x.permute(0, 4, 1, 2, 3).double() / 255 - mean) / std
+
+    a = base.thwc_uint8_to_bcthw(frames[0], "cpu")
+    b = base.thwc_uint8_to_bcthw(frames[1], "cpu")
+    c = base.thwc_uint8_to_bcthw(frames[1], "cpu")  # a and b are held: new memory
+    assert len({a.data_ptr(), b.data_ptr(), c.data_ptr()}) == 3
+    where = a.data_ptr()
+    view, array = a[:, :, ::2], a.numpy()
+    del a
+    d = base.thwc_uint8_to_bcthw(frames[1], "cpu")  # a's view and array are held
+    assert d.data_ptr() != where
+    del view
+    e = base.thwc_uint8_to_bcthw(frames[1], "cpu")  # the array still is
+    assert e.data_ptr() != where
+    torch.testing.assert_close(torch.from_numpy(array.copy()).double(), fresh(frames[0]),
+                               atol=1e-5, rtol=0)
+    del array
+    f = base.thwc_uint8_to_bcthw(frames[0], "cpu")  # nothing refers to a's memory now: reused
+    assert f.data_ptr() == where
+    for got, x in ((b, frames[1]), (c, frames[1]), (d, frames[1]), (e, frames[1]), (f, frames[0])):
+        torch.testing.assert_close(got.double(), fresh(x), atol=1e-5, rtol=0)
+
+
 def test_clip_is_the_samplers_decision(demo_data):
     c = cfg(demo_data)
     pipe = build_pipeline("pyav", c)
