@@ -172,15 +172,16 @@ class _ReusedArrays:
 
         with self.lock:
             spare = None
-            for a in self.arrays:
-                # Referenced by the list, this loop and getrefcount's argument: by nothing else.
+            for i in range(len(self.arrays)):
+                a = self.arrays[i]
+                # Referenced by the list, this name and getrefcount's argument: by nothing else.
                 if sys.getrefcount(a) == 3:
                     if a.shape == shape:
                         return a
-                    spare = a
+                    spare = i
             a = np.empty(shape, np.float32)
             if spare is not None:  # another batch size (the last batch, evaluation): replaced
-                self.arrays[self.arrays.index(spare)] = a
+                self.arrays[spare] = a
             elif len(self.arrays) < self.keep:
                 self.arrays.append(a)
             return a

@@ -73,6 +73,13 @@ def test_cpu_batches_reuse_their_memory_only_once_nothing_refers_to_it(monkeypat
     assert f.data_ptr() == where
     for got, x in ((b, frames[1]), (c, frames[1]), (d, frames[1]), (e, frames[1]), (f, frames[0])):
         torch.testing.assert_close(got.double(), fresh(x), atol=1e-5, rtol=0)
+    # Another batch size (an epoch's last batch, evaluation) takes the place of a free array.
+    del b, f
+    small = frames[0][:1]
+    g = base.thwc_uint8_to_bcthw(small, "cpu")
+    h = base.thwc_uint8_to_bcthw(frames[1], "cpu")
+    torch.testing.assert_close(g.double(), fresh(small), atol=1e-5, rtol=0)
+    torch.testing.assert_close(h.double(), fresh(frames[1]), atol=1e-5, rtol=0)
 
 
 def test_clip_is_the_samplers_decision(demo_data):
