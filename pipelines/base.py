@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import functools
 import logging
-import sys
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterator, NamedTuple, Protocol, Sequence
 
@@ -155,36 +155,40 @@ class _ReusedArrays:
 
     A batch is large (38 MB for 8 clips of 8 frames at 224 px), and fresh memory of that size
     comes from the kernel as zeroed pages: handing them over cost about as much as writing the
-    batch. An array is reused only when no tensor, view or array of its batch is left: the
-    tensor ``torch.from_numpy`` makes holds its array until the last of those is gone, so the
-    array's reference count says whether anyone still reads it. A loop that keeps its current
-    batch while the next is made finds the one before free; a caller that keeps every batch
-    gets fresh arrays.
+    batch. Each batch is written into a new view of a kept buffer, and the tensor
+    ``torch.from_numpy`` makes of that view holds it until the last tensor, view or array of the
+    batch is gone: the buffer is reused only once a weak reference says the view has died. A
+    loop that keeps its current batch while the next is made finds the one before free; a
+    caller that keeps every batch gets new memory.
     """
 
     def __init__(self, keep: int):
         self.keep = keep
-        self.arrays: list = []
+        self.slots: list = []  # (buffer, weak reference to the view its last batch was written to)
         self.lock = threading.Lock()
 
     def take(self, shape: tuple[int, ...]):
+        """An array of ``shape`` to write a batch into, which the caller must keep (or hand to
+        ``torch.from_numpy``) for as long as the batch is used."""
         import numpy as np
 
         with self.lock:
             spare = None
-            for i in range(len(self.arrays)):
-                a = self.arrays[i]
-                # Referenced by the list, this name and getrefcount's argument: by nothing else.
-                if sys.getrefcount(a) == 3:
-                    if a.shape == shape:
-                        return a
+            for i, (buffer, user) in enumerate(self.slots):
+                if user() is None:
+                    if buffer.shape == shape:
+                        view = buffer.view()
+                        self.slots[i] = (buffer, weakref.ref(view))
+                        return view
                     spare = i
-            a = np.empty(shape, np.float32)
+            buffer = np.empty(shape, np.float32)
+            view = buffer.view()
+            slot = (buffer, weakref.ref(view))
             if spare is not None:  # another batch size (the last batch, evaluation): replaced
-                self.arrays[spare] = a
-            elif len(self.arrays) < self.keep:
-                self.arrays.append(a)
-            return a
+                self.slots[spare] = slot
+            elif len(self.slots) < self.keep:
+                self.slots.append(slot)
+            return view
 
 
 _float_batches = _ReusedArrays(keep=2)
