@@ -431,13 +431,12 @@ def run_tool(script: str, argv: list[str], log: str, separate: bool) -> tuple[in
         import contextlib
         import importlib.util
         import io
+        import logging
 
         # By file: PyNvVideoCodec's wheel installs a top-level "benchmarks" folder of its own.
         name = "gpu_check_" + os.path.splitext(os.path.basename(script))[0]
         spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, script))
         module = importlib.util.module_from_spec(spec)
-        import logging
-
         out_buf, err_buf = io.StringIO(), io.StringIO()
         # A tool's logging.basicConfig writes to its own log only, and sets its own level only.
         handlers, level = logging.root.handlers[:], logging.root.level
