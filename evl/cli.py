@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-__all__ = ["STOPPED", "SetupError", "run_program", "safe_stdio", "user_errors"]
+__all__ = ["STOPPED", "SetupError", "exit_status", "run_program", "safe_stdio", "user_errors"]
 
 STOPPED = 128  # + the signal's number: the exit status of a run stopped by SIGTERM / SIGINT
 
@@ -103,6 +103,12 @@ def safe_stdio() -> None:
             setattr(sys, name, _SafeStream(stream))
 
 
+def exit_status(result: object) -> int:
+    """The exit status of an entry point's ``main`` that returned ``result``: an int as it is
+    (not a bool), anything else 0."""
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
 def run_program(main: Callable[[], object]) -> NoReturn:
     """Runs an entry point's ``main`` as the program: an int it returns is the exit status
     (anything else is 0; ``SystemExit`` passes through).
@@ -117,4 +123,4 @@ def run_program(main: Callable[[], object]) -> NoReturn:
         status = main()
     finally:
         gc.freeze()
-    sys.exit(status if isinstance(status, int) and not isinstance(status, bool) else 0)
+    sys.exit(exit_status(status))

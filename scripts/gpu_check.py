@@ -415,6 +415,18 @@ def _bench_videos(check: Check) -> list[str]:
             "--warmup", "1", "--min_seconds", "0"]
 
 
+def _script_module(script: str):
+    """The project's ``script`` (a path from the repository root) imported as a module, by file:
+    PyNvVideoCodec's wheel installs a top-level "benchmarks" folder of its own."""
+    import importlib.util
+
+    name = "gpu_check_" + os.path.splitext(os.path.basename(script))[0]
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, script))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_tool(script: str, argv: list[str], log: str, separate: bool) -> tuple[int, str, str]:
     """``python SCRIPT ARGV`` from the repository root, its output also written to ``log``:
     (exit status, stdout, stderr).
@@ -429,22 +441,17 @@ def run_tool(script: str, argv: list[str], log: str, separate: bool) -> tuple[in
         status, out, err = proc.returncode, proc.stdout, proc.stderr
     else:
         import contextlib
-        import importlib.util
         import io
         import logging
 
-        # By file: PyNvVideoCodec's wheel installs a top-level "benchmarks" folder of its own.
-        name = "gpu_check_" + os.path.splitext(os.path.basename(script))[0]
-        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, script))
-        module = importlib.util.module_from_spec(spec)
+        from evl.cli import exit_status
+
         out_buf, err_buf = io.StringIO(), io.StringIO()
         # A tool's logging.basicConfig writes to its own log only, and sets its own level only.
         handlers, level = logging.root.handlers[:], logging.root.level
         with contextlib.redirect_stdout(out_buf), contextlib.redirect_stderr(err_buf):
             try:
-                spec.loader.exec_module(module)
-                result = module.main(argv)
-                status = result if isinstance(result, int) and not isinstance(result, bool) else 0
+                status = exit_status(_script_module(script).main(argv))
             except SystemExit as e:
                 status = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
             except Exception:  # noqa: BLE001 -- as the interpreter would: the traceback, status 1
@@ -634,15 +641,9 @@ def gpu_decoders(check: Check) -> dict:
 
     cores = os.cpu_count() or 1
     if check.gpu:
-        import importlib.util
-
-        # By file: PyNvVideoCodec's wheel installs a top-level "benchmarks" folder of its own.
-        script = os.path.join(ROOT, "benchmarks", "stock_videos.py")
-        spec = importlib.util.spec_from_file_location("stock_videos", script)
-        stock_videos = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(stock_videos)
+        stock_videos = _script_module("benchmarks/stock_videos.py")
         demo = write_demo_dataset(check.path("nvc_demo"), codec="h264", num_train=64, num_val=4, num_frames=300,
-                                  size=256, workers=min(16, cores))
+                                  size=256, workers=check.writers)
         stock = os.path.join(os.path.dirname(stock_videos.write_stock_dataset(check.path("nvc_stock"), num_videos=32,
                                                                               workers=cores)), "videos")
         sets = {"demo_gop8": [r.path for r in read_list(demo.train_list, data_root=demo.root)],
