@@ -417,12 +417,14 @@ def _bench_videos(check: Check) -> list[str]:
 
 def _script_module(script: str):
     """The project's ``script`` (a path from the repository root) imported as a module, by file:
-    PyNvVideoCodec's wheel installs a top-level "benchmarks" folder of its own."""
+    PyNvVideoCodec's wheel installs a top-level "benchmarks" folder of its own. It is registered
+    under its name, so that its functions pickle for a process pool (stock_videos.py's)."""
     import importlib.util
 
     name = "gpu_check_" + os.path.splitext(os.path.basename(script))[0]
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, script))
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 

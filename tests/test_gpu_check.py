@@ -98,3 +98,12 @@ def test_a_tool_run_in_this_process_logs_to_its_own_log(tmp_path, gpu_check, mon
         status, _, err = gpu_check.run_tool(str(tool), [run], str(log), separate=False)
         assert status == 3 and f"run {run}" in err and log.read_text().strip() == f"ERROR:root:run {run}"
     assert logging.root.handlers == before and logging.root.level == logging.WARNING
+
+
+def test_a_script_loaded_by_file_runs_its_process_pool(tmp_path, gpu_check):
+    """gpu_decoders writes its stock videos with benchmarks/stock_videos.py's process pool, from
+    the script loaded by file: its function must pickle (it did not, and that part runs on a
+    GPU only)."""
+    stock_videos = gpu_check._script_module("benchmarks/stock_videos.py")
+    list_path = stock_videos.write_stock_dataset(str(tmp_path), num_videos=2, num_frames=8, size=(64, 48), workers=2)
+    assert sorted(os.listdir(tmp_path / "videos")) == ["000.mp4", "001.mp4"] and os.path.exists(list_path)
