@@ -12,8 +12,11 @@ reported, never duplicated, so metrics count every readable video exactly once.
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import os
+import weakref
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
@@ -30,7 +33,7 @@ from .transforms import decode_clips
 if TYPE_CHECKING:
     from .probe import VideoInfo
 
-__all__ = ["DecodingPipeline", "ClipDataset", "WorkerSignals", "cat_for_transfer", "collate"]
+__all__ = ["BatchSlots", "DecodingPipeline", "ClipDataset", "WorkerSignals", "cat_for_transfer", "collate"]
 
 log = logging.getLogger(__name__)
 
@@ -122,28 +125,138 @@ class WorkerSignals:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def cat_for_transfer(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """``torch.cat`` of a batch's clips; inside a DataLoader worker straight into shared memory,
-    as torch's default_collate does, so that the batch leaves the worker without another copy."""
-    into = None
-    if torch.utils.data.get_worker_info() is not None:
-        first = tensors[0]
-        shared = first._typed_storage()._new_shared(sum(t.numel() for t in tensors), device=first.device)
-        into = first.new(shared).view(sum(len(t) for t in tensors), *first.shape[1:])
-    return torch.cat(tensors, out=into)
+class BatchSlots:
+    """Shared memory that each DataLoader worker reuses for its batches, lent to the training
+    process one batch at a time.
+
+    A batch leaves a worker in shared memory. A new segment for every batch, as torch's default
+    collate makes, costs the worker the segment and a page fault for every 4 KiB it writes,
+    and the training process a fresh mapping of it: about 1 ms per 8-frame 224 px clip, as much
+    as the clip's crop and resize. Here a worker keeps up to ``per_worker`` segments and writes
+    a batch into one that the training process no longer reads. The batch carries a lease
+    (``out["lease"]``) that gives its slot back when the training process drops it: once it has
+    copied the clips (``thwc_uint8_to_bcthw`` does), or when the batch is discarded (a restarted
+    iterator drops the batches in flight). A worker with no slot free allocates a new segment,
+    as before, so a lease that is kept costs memory, never a batch.
+
+    Who holds a slot is in one shared array, one entry per worker and slot: 0 or the random
+    token of the worker process that lent it. A worker restarted with the same id has another
+    token, so a slot left busy by its predecessor (its batch never received) is taken over,
+    and a late lease of the predecessor cannot free the slot of its successor.
+    """
+
+    def __init__(self, num_workers: int, per_worker: int):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context()
+        self.per_worker = per_worker
+        self.holder = ctx.Array("q", num_workers * per_worker, lock=False)
+        self.lock = ctx.Lock()
+        self.key = int.from_bytes(os.urandom(8), "little") >> 1
+        _slots_here[self.key] = self  # the training process's side: where leases come back
+
+    def lend(self, nbytes: int) -> tuple[torch.UntypedStorage, _Lease] | None:
+        """In a worker: a shared segment of at least ``nbytes`` to write a batch into and the
+        lease to send with it, or None when every slot of this worker is lent."""
+        info = torch.utils.data.get_worker_info()
+        if info is None:
+            return None
+        token, storages = _lender(self.key)
+        first = info.id * self.per_worker
+        if not self.lock.acquire(timeout=1):
+            return None
+        try:
+            for slot in range(first, first + self.per_worker):
+                if self.holder[slot] != token:  # free, or left busy by a predecessor
+                    self.holder[slot] = token
+                    break
+            else:
+                return None
+        finally:
+            self.lock.release()
+        storage = storages.get(slot)
+        if storage is None or storage.nbytes() < nbytes:
+            storage = storages[slot] = torch.UntypedStorage._new_shared(nbytes)
+        return storage, _Lease(self.key, slot, token)
+
+    def give_back(self, slot: int, token: int) -> None:
+        """In the training process: the worker may write into ``slot`` again."""
+        if self.lock.acquire(timeout=1):  # a worker killed holding the lock: the slot stays lent
+            try:
+                if self.holder[slot] == token:
+                    self.holder[slot] = 0
+            finally:
+                self.lock.release()
 
 
-def collate(items: list[dict]) -> dict:
+_slots_here: weakref.WeakValueDictionary[int, BatchSlots] = weakref.WeakValueDictionary()
+_lenders: dict[tuple[int, int], tuple[int, dict]] = {}
+
+
+def _lender(key: int) -> tuple[int, dict[int, torch.UntypedStorage]]:
+    """This worker process's token and segments for the :class:`BatchSlots` ``key``."""
+    state = _lenders.get((key, os.getpid()))
+    if state is None:
+        state = _lenders[key, os.getpid()] = (int.from_bytes(os.urandom(8), "little") >> 1 or 1, {})
+    return state
+
+
+class _Lease:
+    """Sent with a batch written into a lent slot; arrives in the training process as a
+    :class:`_HeldSlot`."""
+
+    def __init__(self, key: int, slot: int, token: int):
+        self.key, self.slot, self.token = key, slot, token
+
+    def __reduce__(self):
+        return _HeldSlot, (self.key, self.slot, self.token)
+
+
+class _HeldSlot:
+    """A lent slot in the training process: given back when the last reference to it dies."""
+
+    def __init__(self, key: int, slot: int, token: int):
+        self.slots, self.slot, self.token = _slots_here.get(key), slot, token
+
+    def __del__(self):
+        if self.slots is not None:
+            self.slots.give_back(self.slot, self.token)
+
+
+def cat_for_transfer(tensors: list[torch.Tensor], slots: BatchSlots | None = None) -> tuple[torch.Tensor, _Lease | None]:
+    """``torch.cat`` of a batch's clips and its lease. Inside a DataLoader worker the clips go
+    straight into shared memory, as torch's default_collate does, so that the batch leaves the
+    worker without another copy: into a lent slot of ``slots`` where one is free (see
+    :class:`BatchSlots`), else into a new segment."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.cat(tensors), None
+    first = tensors[0]
+    shape = (sum(len(t) for t in tensors), *first.shape[1:])
+    numel = math.prod(shape)
+    lent = slots.lend(numel * first.element_size()) if slots is not None else None
+    if lent is None:
+        storage, lease = torch.UntypedStorage._new_shared(numel * first.element_size()), None
+    else:
+        storage, lease = lent
+    into = first.new_empty(0).set_(storage, 0, shape)
+    return torch.cat(tensors, out=into), lease
+
+
+def collate(items: list[dict], slots: BatchSlots | None = None) -> dict:
     """One batch: the clips as one tensor, labels, indexes and views as numpy arrays.
 
     Every tensor leaves a worker through a shared-memory segment and a file descriptor sent
     over a socket (about 0.3 ms each for the main process); the three small per-clip arrays
-    travel inside the pickled message instead, and become tensors in the main process.
+    travel inside the pickled message instead, and become tensors in the main process. The
+    clips' segment is one of ``slots`` where a slot is free; the batch's ``lease`` then gives
+    it back when the main process drops it.
     """
     good = [it for it in items if it["clips"] is not None]
     out = {"failures": [f for it in items for f in it["failures"]]}
     if good:
-        out["clips"] = cat_for_transfer([it["clips"] for it in good])
+        out["clips"], lease = cat_for_transfer([it["clips"] for it in good], slots)
+        if lease is not None:
+            out["lease"] = lease
         out["labels"] = np.array([it["label"] for it in good for _ in it["index"]], dtype=np.int64)
         out["index"] = np.array([i for it in good for i in it["index"]], dtype=np.int64)
         out["view"] = np.array([v for it in good for v in it["view"]], dtype=np.int64)
@@ -167,10 +280,15 @@ class DecodingPipeline:
         self.stream = KeyStream(self.keys) if training_epoch(cfg) and cfg.num_workers > 0 else None
         self._batches = None  # the stream's DataLoader iterator
         self._stream_at: tuple[int, int] | None = None  # the (epoch, skip) it yields next
+        prefetch = 4
+        # Each worker has up to `prefetch` batches in flight and the training process reads one
+        # more: a slot to spare, and a batch is never written into new memory.
+        slots = BatchSlots(cfg.num_workers, prefetch + 2) if cfg.num_workers > 0 else None
         self.loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=cfg.batch_size, sampler=self.stream or self.keys, num_workers=cfg.num_workers,
-            collate_fn=collate, pin_memory=torch.device(cfg.device).type == "cuda", drop_last=training_epoch(cfg),
-            persistent_workers=cfg.num_workers > 0, prefetch_factor=4 if cfg.num_workers > 0 else None,
+            collate_fn=functools.partial(collate, slots=slots), pin_memory=torch.device(cfg.device).type == "cuda",
+            drop_last=training_epoch(cfg), persistent_workers=cfg.num_workers > 0,
+            prefetch_factor=prefetch if cfg.num_workers > 0 else None,
             worker_init_fn=WorkerSignals() if cfg.num_workers > 0 else None,
             # Its own generator: a new iterator (each epoch, or a resume mid-epoch) must not draw
             # from the global RNG that dropout uses, or a resumed run would diverge.
@@ -220,5 +338,8 @@ class DecodingPipeline:
                 continue
             device = self.cfg.device
             labels, index, view = row_ids_to_device(out["labels"], out["index"], out["view"], device)
-            yield Batch(thwc_uint8_to_bcthw(out["clips"], device), labels, index, view)
+            lease = out.pop("lease", None)
+            clips = thwc_uint8_to_bcthw(out.pop("clips"), device)  # a copy: on the device, or float
+            del lease  # the worker may write another batch where these clips were
+            yield Batch(clips, labels, index, view)
         summarise_bad_videos(self.keys.epoch, self.bad, training_epoch(self.cfg))

@@ -82,6 +82,67 @@ def test_cpu_batches_reuse_their_memory_only_once_nothing_refers_to_it(monkeypat
     torch.testing.assert_close(h.double(), fresh(frames[1]), atol=1e-5, rtol=0)
 
 
+class _Numbered(torch.utils.data.Dataset):
+    """Item i: a clip whose every value is i, as ClipDataset's items look."""
+
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, i):
+        return {"clips": torch.full((1, 2, 4, 4, 3), i, dtype=torch.uint8), "label": 0, "index": [i], "view": [0],
+                "failures": []}
+
+
+def test_worker_batches_reuse_shared_memory_only_once_the_training_process_gives_it_back():
+    """A worker writes a batch into a slot the training process has given back, never into one
+    whose batch it still holds: what it keeps stays as it arrived, and with every slot held the
+    worker uses new memory."""
+    import functools
+
+    from pipelines.workers import BatchSlots, collate
+
+    def loader(slots):
+        return torch.utils.data.DataLoader(_Numbered(), batch_size=1, num_workers=1, prefetch_factor=2,
+                                           collate_fn=functools.partial(collate, slots=slots))
+
+    slots = BatchSlots(num_workers=1, per_worker=3)
+    kept = list(loader(slots))  # every batch and its lease kept
+    assert [int(b["clips"].min()) for b in kept] == [int(b["clips"].max()) for b in kept] == list(range(12))
+    assert sum("lease" in b for b in kept) == 3  # the rest came in new memory
+
+    slots = BatchSlots(num_workers=1, per_worker=3)
+    seen = []
+    for b in loader(slots):
+        assert b["clips"].unique().tolist() == [len(seen)]
+        seen.append(b.pop("lease").slot)  # dropped here: the slot is given back
+        del b
+    assert len(seen) == 12 and set(seen) <= {0, 1, 2}  # every batch in a lent slot
+
+
+def test_a_restarted_workers_slots_are_its_own(monkeypatch):
+    """A worker that replaces another (same id, after a restart) takes over the slots its
+    predecessor left lent, and a late lease of the predecessor does not free them."""
+    import pickle
+    import types
+
+    from pipelines import workers
+
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: types.SimpleNamespace(id=0))
+    monkeypatch.setattr(workers, "_lenders", {})
+    slots = workers.BatchSlots(num_workers=1, per_worker=1)
+    _, first = slots.lend(64)
+    assert slots.lend(64) is None  # its only slot is lent
+    workers._lenders.clear()  # another process in the same worker's place
+    storage, second = slots.lend(64)
+    assert storage.nbytes() >= 64 and slots.lend(64) is None
+    late = pickle.loads(pickle.dumps(first))  # the predecessor's batch reaches the training process
+    del late
+    assert slots.lend(64) is None  # still lent to the successor
+    back = pickle.loads(pickle.dumps(second))
+    del back
+    assert slots.lend(64) is not None
+
+
 def test_clip_is_the_samplers_decision(demo_data):
     c = cfg(demo_data)
     pipe = build_pipeline("pyav", c)
