@@ -13,7 +13,6 @@ shards hold every video exactly once.
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 import weakref
@@ -131,22 +130,24 @@ def thwc_uint8_to_bcthw(clips: torch.Tensor, device: torch.device | str) -> torc
     """
     x = clips.to(device, non_blocking=True)
     *lead, w, _ = x.shape
-    if x.device.type == "cpu":
-        # One pass through a float table per channel (OpenCV's LUT): half the time of converting
-        # then scaling and shifting in place, the same values.
-        from .augment import opencv
-
-        src = x.numpy().reshape(-1, w, 3)
-        dst = _float_batches.take(src.shape)
-        y = torch.from_numpy(opencv().LUT(src, _normalise_table(), dst=dst)).view(*lead, w, 3)
-        return y.permute(0, 4, 1, 2, 3)
+    rows = x.reshape(-1, w * 3)
+    # (x / 255 - mean) / std as x * scale + shift, on rows of W*3 values: a factor per channel
+    # on a last dimension of 3 does not vectorise.
     mean = torch.tensor(CLIP_MEAN, dtype=torch.float64)
     std = torch.tensor(CLIP_STD, dtype=torch.float64)
-    # (x / 255 - mean) / std as x * scale + shift, in place on rows of W*3 values: a factor
-    # per channel on a last dimension of 3 does not vectorise.
     scale = (1 / (255 * std)).float().repeat(w).to(x.device)
     shift = (-mean / std).float().repeat(w).to(x.device)
-    y = x.view(*lead, w * 3).float().mul_(scale).add_(shift)
+    if x.device.type != "cpu":
+        y = rows.float()
+        return torch.addcmul(shift, y, scale, out=y).view(*lead, w, 3).permute(0, 4, 1, 2, 3)
+    # On a CPU, into reused memory (see _ReusedArrays), a megabyte at a time, converted and then
+    # scaled while it is in the core's cache: the batch goes to memory once. Faster than a
+    # float table per channel (OpenCV's LUT), which gathers every value.
+    y = torch.from_numpy(_float_batches.take(tuple(rows.shape)))
+    step = max(1, (1 << 18) // (w * 3))
+    for i in range(0, len(rows), step):
+        part = y[i:i + step]
+        torch.addcmul(shift, part.copy_(rows[i:i + step]), scale, out=part)
     return y.view(*lead, w, 3).permute(0, 4, 1, 2, 3)
 
 
@@ -192,14 +193,3 @@ class _ReusedArrays:
 
 
 _float_batches = _ReusedArrays(keep=2)
-
-
-@functools.lru_cache(maxsize=1)
-def _normalise_table():
-    """``[256, 1, 3]`` float32: level v of channel c -> (v / 255 - mean_c) / std_c, computed as the
-    GPU path computes it (float32 scale and shift)."""
-    import numpy as np
-
-    mean, std = np.array(CLIP_MEAN), np.array(CLIP_STD)
-    scale, shift = (1 / (255 * std)).astype(np.float32), (-mean / std).astype(np.float32)
-    return np.ascontiguousarray((np.arange(256, dtype=np.float32)[:, None] * scale + shift)[:, None, :])

@@ -293,6 +293,7 @@ class DecodingPipeline:
             # Its own generator: a new iterator (each epoch, or a resume mid-epoch) must not draw
             # from the global RNG that dropout uses, or a resumed run would diverge.
             generator=torch.Generator().manual_seed(cfg.seed))
+        self._mapped: dict[int, torch.UntypedStorage] = {}  # lent slot -> its segment, mapped here
         if cfg.num_workers > 0:
             WorkerSignals._pipelines.add(self)
         self.bad: list[tuple[str, str]] = []
@@ -304,6 +305,7 @@ class DecodingPipeline:
             it._shutdown_workers()
         self.loader._iterator = None
         self._batches = self._stream_at = None
+        self._mapped.clear()
 
     def __len__(self) -> int:
         return self.batches_per_epoch  # a full epoch, whatever a resume skips
@@ -339,6 +341,8 @@ class DecodingPipeline:
             device = self.cfg.device
             labels, index, view = row_ids_to_device(out["labels"], out["index"], out["view"], device)
             lease = out.pop("lease", None)
+            if lease is not None:  # the slot's segment stays mapped: its next batch needs no new mapping
+                self._mapped[lease.slot] = out["clips"].untyped_storage()
             clips = thwc_uint8_to_bcthw(out.pop("clips"), device)  # a copy: on the device, or float
             del lease  # the worker may write another batch where these clips were
             yield Batch(clips, labels, index, view)
