@@ -137,7 +137,9 @@ class BatchSlots:
     (``out["lease"]``) that gives its slot back when the training process drops it: once it has
     copied the clips (``thwc_uint8_to_bcthw`` does), or when the batch is discarded (a restarted
     iterator drops the batches in flight). A worker with no slot free allocates a new segment,
-    as before, so a lease that is kept costs memory, never a batch.
+    as before, so a lease that is kept costs memory, never a batch. A worker allocates a slot
+    only when the others are lent: it keeps as many segments as it had batches in flight at
+    most, until it exits.
 
     Who holds a slot is in one shared array, one entry per worker and slot: 0 or the random
     token of the worker process that lent it. A worker restarted with the same id has another
@@ -281,9 +283,9 @@ class DecodingPipeline:
         self._batches = None  # the stream's DataLoader iterator
         self._stream_at: tuple[int, int] | None = None  # the (epoch, skip) it yields next
         prefetch = 4
-        # Each worker has up to `prefetch` batches in flight and the training process reads one
-        # more: a slot to spare, and a batch is never written into new memory.
-        slots = BatchSlots(cfg.num_workers, prefetch + 2) if cfg.num_workers > 0 else None
+        # Each worker has up to `prefetch` batches in flight, and the training process reads one
+        # more: as much shared memory as the batches in flight took before slots, now kept.
+        slots = BatchSlots(cfg.num_workers, prefetch + 1) if cfg.num_workers > 0 else None
         self.loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=cfg.batch_size, sampler=self.stream or self.keys, num_workers=cfg.num_workers,
             collate_fn=functools.partial(collate, slots=slots), pin_memory=torch.device(cfg.device).type == "cuda",
