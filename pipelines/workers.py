@@ -12,6 +12,7 @@ reported, never duplicated, so metrics count every readable video exactly once.
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import math
@@ -33,7 +34,8 @@ from .transforms import decode_clips
 if TYPE_CHECKING:
     from .probe import VideoInfo
 
-__all__ = ["BatchSlots", "DecodingPipeline", "ClipDataset", "WorkerSignals", "cat_for_transfer", "collate"]
+__all__ = ["BatchSlots", "DecodingPipeline", "ClipDataset", "SharedMemoryFull", "WorkerSignals", "cat_for_transfer",
+           "collate"]
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +180,12 @@ class BatchSlots:
             self.lock.release()
         storage = storages.get(slot)
         if storage is None or storage.nbytes() < nbytes:
-            storage = storages[slot] = torch.UntypedStorage._new_shared(nbytes)
+            storages.pop(slot, None)  # freed before its successor is allocated
+            try:
+                storage = storages[slot] = _new_shared(nbytes)
+            except SharedMemoryFull:
+                self.give_back(slot, token)
+                raise
         return storage, _Lease(self.key, slot, token)
 
     def give_back(self, slot: int, token: int) -> None:
@@ -189,6 +196,22 @@ class BatchSlots:
                     self.holder[slot] = 0
             finally:
                 self.lock.release()
+
+
+class SharedMemoryFull(OSError):
+    """A worker could not allocate a batch's shared memory: /dev/shm is full."""
+
+
+def _new_shared(nbytes: int) -> torch.UntypedStorage:
+    try:
+        return torch.UntypedStorage._new_shared(nbytes)
+    except RuntimeError as e:  # torch: "unable to allocate shared memory(shm) ...: No space left on device (28)"
+        if "No space left on device" not in str(e):
+            raise
+        raise SharedMemoryFull(
+            errno.ENOSPC, f"no space left in shared memory (/dev/shm) for a batch of {nbytes / 2**20:.1f} MiB "
+            f"from a DataLoader worker: give it more (docker run --shm-size, a larger /dev/shm) or lower "
+            f"--num_workers or --batch_size") from e
 
 
 _slots_here: weakref.WeakValueDictionary[int, BatchSlots] = weakref.WeakValueDictionary()
@@ -237,7 +260,7 @@ def cat_for_transfer(tensors: list[torch.Tensor], slots: BatchSlots | None = Non
     numel = math.prod(shape)
     lent = slots.lend(numel * first.element_size()) if slots is not None else None
     if lent is None:
-        storage, lease = torch.UntypedStorage._new_shared(numel * first.element_size()), None
+        storage, lease = _new_shared(numel * first.element_size()), None
     else:
         storage, lease = lent
     into = first.new_empty(0).set_(storage, 0, shape)
@@ -256,7 +279,11 @@ def collate(items: list[dict], slots: BatchSlots | None = None) -> dict:
     good = [it for it in items if it["clips"] is not None]
     out = {"failures": [f for it in items for f in it["failures"]]}
     if good:
-        out["clips"], lease = cat_for_transfer([it["clips"] for it in good], slots)
+        try:
+            out["clips"], lease = cat_for_transfer([it["clips"] for it in good], slots)
+        except SharedMemoryFull as e:  # raised again by the training process, as one line
+            out["shm_full"] = e.strerror
+            return out
         if lease is not None:
             out["lease"] = lease
         out["labels"] = np.array([it["label"] for it in good for _ in it["index"]], dtype=np.int64)
@@ -334,6 +361,8 @@ class DecodingPipeline:
     def __iter__(self) -> Iterator[Batch]:
         self.bad = []
         for out in self._epoch_outputs():
+            if "shm_full" in out:
+                raise SharedMemoryFull(errno.ENOSPC, out["shm_full"])
             if out["failures"]:
                 report_bad_videos(out["failures"], training_epoch(self.cfg))
                 self.bad += out["failures"]

@@ -143,6 +143,27 @@ def test_a_restarted_workers_slots_are_its_own(monkeypatch):
     assert slots.lend(64) is not None
 
 
+def test_a_full_dev_shm_is_one_clear_error(demo_data, monkeypatch):
+    """Workers that cannot allocate a batch's shared memory end the epoch with an OSError that
+    names /dev/shm and what to change (the CLI prints an OSError as one line), not a worker's
+    traceback."""
+    import errno
+
+    from pipelines.workers import SharedMemoryFull
+
+    def full(nbytes):
+        raise RuntimeError("unable to allocate shared memory(shm) for file </torch_1_2_3>: "
+                           "No space left on device (28)")
+
+    monkeypatch.setattr(torch.UntypedStorage, "_new_shared", staticmethod(full))  # the workers fork with it
+    pipe = build_pipeline("pyav", cfg(demo_data, num_workers=1))
+    with pytest.raises(SharedMemoryFull) as e:
+        collect(pipe)
+    assert isinstance(e.value, OSError) and e.value.errno == errno.ENOSPC
+    assert "/dev/shm" in str(e.value) and "--num_workers" in str(e.value) and "\n" not in str(e.value)
+    pipe.close()
+
+
 def test_clip_is_the_samplers_decision(demo_data):
     c = cfg(demo_data)
     pipe = build_pipeline("pyav", c)
