@@ -372,7 +372,8 @@ class DecodingPipeline:
             device = self.cfg.device
             labels, index, view = row_ids_to_device(out["labels"], out["index"], out["view"], device)
             lease = out.pop("lease", None)
-            if lease is not None:  # the slot's segment stays mapped: its next batch needs no new mapping
+            if lease is not None and out["clips"].is_shared():  # not a pinned copy (pin_memory's thread)
+                # The slot's segment stays mapped: its next batch needs no new mapping.
                 self._mapped[lease.slot] = out["clips"].untyped_storage()
             clips = thwc_uint8_to_bcthw(out.pop("clips"), device)  # a copy: on the device, or float
             del lease  # the worker may write another batch where these clips were
