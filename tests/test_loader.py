@@ -209,6 +209,20 @@ def test_same_batches_with_any_worker_count_and_epochs_differ(demo_data):
     assert not torch.equal(a[0][2], c[0][2])
 
 
+@pytest.mark.gpu
+def test_cuda_batches_through_pinned_memory_match_the_cpus(demo_data):
+    """On CUDA each batch goes through pin_memory's thread and its slot is given back after the
+    copy to the device: three epochs of batches match the CPU pipeline's, none written over."""
+    cpu = build_pipeline("pyav", cfg(demo_data, num_workers=0))
+    gpu = build_pipeline("pyav", cfg(demo_data, num_workers=2, device="cuda"))
+    for epoch in range(3):
+        for a, b in zip(collect(cpu, epoch), collect(gpu, epoch)):
+            torch.testing.assert_close(b[0].cpu(), a[0], atol=1e-5, rtol=0)
+            for u, v in zip(a[1:], b[1:]):
+                assert torch.equal(u, v.cpu())
+    gpu.close()
+
+
 def test_augmented_clips_do_not_depend_on_workers_or_processes(demo_data):
     """RandAugment's ops are the clip's (seed, epoch, index) decision, like its frames and crop:
     the same pixels from 2 workers in 1 process as from 2 processes of 1 worker each."""
