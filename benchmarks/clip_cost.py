@@ -1,7 +1,8 @@
 """Where one training clip's CPU time goes, measured inside a DataLoader worker (one decoding
 thread, as the PyAV pipeline's workers decode): opening its file, reading its frames (open,
 seeks, decoding, RGB conversion), the RGB conversion alone, the crop and resize, the RandAugment
-policy's decisions executed instead of the plain crop, and what the training process then
+policy's decisions executed instead of the plain crop, the batch's hand-over in shared memory,
+and what the training process then
 spends on the clip on a CPU (normalising it to float). CPU time per clip, each part timed on its
 own over the same clips, beside what decoding the clip's frames from its keyframe costs at the
 rate of a decode from the start (the throughput benchmark's decode ceiling).
@@ -38,6 +39,7 @@ class _Measure(torch.utils.data.Dataset):
         from pipelines.dataset import clip_specs
         from pipelines.index import frame_index, open_video
         from pipelines.pyav import _to_rgb, read_frames, read_stats
+        from pipelines.workers import BatchSlots, cat_for_transfer
 
         a = self.args
         torch.set_num_threads(1)
@@ -85,9 +87,28 @@ class _Measure(torch.utils.data.Dataset):
         t0 = time.process_time()
         cropped = [crop_resize(f, s.crop, a.input_size, s.flip) for f, s in zip(frames, specs)]
         out["crop_resize"] = 1e3 * (time.process_time() - t0) / len(clips)
+        # Handing batches of 8 clips over: into a new shared-memory segment each, as torch's
+        # default collate does, or into one the training process gave back (BatchSlots).
+        groups = [cropped[i:i + 8] for i in range(0, len(cropped) - 7, 8)] or [cropped]
+        slots = BatchSlots(num_workers=1, per_worker=1)
+        lent = []
+
+        def hand_over(g, lender):
+            batch, lease = cat_for_transfer(g, lender)
+            lent.append(lease is not None)
+            if lease is not None:
+                slots.give_back(lease.slot, lease.token)  # as the training process does once it has read it
+
+        for name, lender in (("handover_new", None), ("handover_reused", slots)):
+            hand_over(groups[0], lender)  # warm: the reused segment exists
+            t0 = time.process_time()
+            for g in groups:
+                hand_over(g, lender)
+            out[name] = 1e3 * (time.process_time() - t0) / sum(len(g) for g in groups)
+        assert all(lent[len(groups) + 1:]), "a batch was not handed over in the slot given back"
         # The training process's part on a CPU: batches of 8 clips to normalised float.
         batches = [torch.stack(cropped[i:i + 8]) for i in range(0, len(cropped) - 7, 8)] or [torch.stack(cropped)]
-        thwc_uint8_to_bcthw(batches[0], "cpu")  # warm: OpenCV's import and the table
+        thwc_uint8_to_bcthw(batches[0], "cpu")  # warm: the reused float memory
         t0 = time.process_time()
         for b in batches:
             thwc_uint8_to_bcthw(b, "cpu")
@@ -124,6 +145,8 @@ def main(argv=None) -> dict:
     if "augment" in r:
         print(f"  {args.auto_augment} instead   {r['augment']:7.2f}   "
               f"(+{r['augment'] - r['crop_resize']:.2f} for the policy)")
+    print(f"  {'the batch into new shared memory':<35}{r['handover_new']:7.2f}   "
+          f"(into a segment given back, as the pipeline's workers do: {r['handover_reused']:.2f})")
     print(f"then in the training process, on a CPU (on a GPU it runs on the device):\n"
           f"  normalising to float                {r['normalise']:7.2f}")
     return r
