@@ -133,8 +133,8 @@ class BatchSlots:
 
     A batch leaves a worker in shared memory. A new segment for every batch, as torch's default
     collate makes, costs the worker the segment and a page fault for every 4 KiB it writes,
-    and the training process a fresh mapping of it: about 1 ms per 8-frame 224 px clip, as much
-    as the clip's crop and resize. Here a worker keeps up to ``per_worker`` segments and writes
+    and the training process a fresh mapping of it: about 1 ms per 8-frame 224 px clip, half as
+    much as the clip's crop and resize. Here a worker keeps up to ``per_worker`` segments and writes
     a batch into one that the training process no longer reads. The batch carries a lease
     (``out["lease"]``) that gives its slot back when the training process drops it: once it has
     copied the clips (``thwc_uint8_to_bcthw`` does), or when the batch is discarded (a restarted
@@ -248,7 +248,8 @@ class _HeldSlot:
             self.slots.give_back(self.slot, self.token)
 
 
-def cat_for_transfer(tensors: list[torch.Tensor], slots: BatchSlots | None = None) -> tuple[torch.Tensor, _Lease | None]:
+def cat_for_transfer(tensors: list[torch.Tensor],
+                     slots: BatchSlots | None = None) -> tuple[torch.Tensor, _Lease | None]:
     """``torch.cat`` of a batch's clips and its lease. Inside a DataLoader worker the clips go
     straight into shared memory, as torch's default_collate does, so that the batch leaves the
     worker without another copy: into a lent slot of ``slots`` where one is free (see
