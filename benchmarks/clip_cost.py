@@ -107,7 +107,7 @@ class _Measure(torch.utils.data.Dataset):
             out[name] = 1e3 * (time.process_time() - t0) / sum(len(g) for g in groups)
         assert all(lent[len(groups) + 1:]), "a batch was not handed over in the slot given back"
         # The training process's part on a CPU: batches of 8 clips to normalised float.
-        batches = [torch.stack(cropped[i:i + 8]) for i in range(0, len(cropped) - 7, 8)] or [torch.stack(cropped)]
+        batches = [torch.stack(g) for g in groups]
         thwc_uint8_to_bcthw(batches[0], "cpu")  # warm: the reused float memory
         t0 = time.process_time()
         for b in batches:
