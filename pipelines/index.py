@@ -11,6 +11,7 @@ raises :class:`VideoReadError` naming it.
 
 from __future__ import annotations
 
+import base64
 import errno
 import functools
 import os
@@ -69,10 +70,28 @@ class FrameIndex:
     # first frame, and the others. NVDEC outputs them, so DALI's GPU numbering counts them.
     hidden_leading: int = 0
     hidden_later: int = 0
+    # Where each frame's packet lies in the file (byte offset and size, presentation order), in a
+    # file whose packets are its own bytes (an mp4 without edit-list-hidden frames or in-band
+    # side data): the reader then reads packets itself instead of seeking the demuxer. None
+    # elsewhere (matroska and MPEG-TS frame their packets).
+    offset: np.ndarray | None = None
+    packet_size: np.ndarray | None = None
+    # What a decoder needs beyond the packets: the codec's setup bytes (parameter sets) and
+    # the colour range tag (the matrix is ``colorspace``), which the container may carry instead
+    # of the stream. With them the reader decodes in-place packets without opening the file.
+    extradata: bytes | None = None
+    color_range: int | None = None
 
     @property
     def num_frames(self) -> int:
         return len(self.keyframe)
+
+    @functools.cached_property
+    def by_decode(self) -> np.ndarray:
+        """The presentation position of the frame at each decode position."""
+        order = np.empty(self.num_frames, dtype=np.int64)
+        order[self.decode_pos] = np.arange(self.num_frames)
+        return order
 
     @functools.cached_property
     def shared_pts(self) -> int:
@@ -168,19 +187,25 @@ def _build_index(path: str) -> FrameIndex:
             if other.index != stream.index:
                 # Lets the demuxer skip audio etc. instead of returning it.
                 other.discard = av.stream.Discard.all
-        pts, dts, key = [], [], []
+        pts, dts, key, offset, size = [], [], [], [], []
         hidden_pts = []
+        in_place = container.format.name.startswith("mov")
         try:
-            for packet in container.demux(stream):
-                # Empty packets are flush markers; discarded ones are hidden by an edit list
-                # (mp4) and never displayed, so neither is a frame.
-                if packet.size == 0 or packet.is_discard:
-                    if packet.size > 0:
-                        hidden_pts.append(packet.pts)
-                    continue
-                pts.append(packet.pts)
-                dts.append(packet.dts)
-                key.append(packet.is_keyframe)
+            with open(path, "rb", buffering=0) as raw:
+                for packet in container.demux(stream):
+                    # Empty packets are flush markers; discarded ones are hidden by an edit list
+                    # (mp4) and never displayed, so neither is a frame.
+                    if packet.size == 0 or packet.is_discard:
+                        if packet.size > 0:
+                            hidden_pts.append(packet.pts)
+                        continue
+                    pts.append(packet.pts)
+                    dts.append(packet.dts)
+                    key.append(packet.is_keyframe)
+                    if in_place:
+                        in_place = _in_place(packet, raw)
+                        offset.append(packet.pos)
+                        size.append(packet.size)
         except av.FFmpegError as e:
             raise VideoReadError(path, f"cannot demux: {e}") from e
         if not key:
@@ -191,11 +216,18 @@ def _build_index(path: str) -> FrameIndex:
         decode_pos = np.arange(n, dtype=np.int64)
         dts_arr = np.array([NO_TS if d is None else d for d in dts], dtype=np.int64)
         key_arr = np.array(key, dtype=bool)
+        # The reader only reads packets itself for frames it matches by pts, with every packet
+        # the decoder needs in the index (none hidden).
+        in_place = in_place and has_pts and not hidden_pts
+        offset_arr = np.array(offset, dtype=np.int64) if in_place else None
+        size_arr = np.array(size, dtype=np.int64) if in_place else None
         if has_pts:
             pts_arr = np.array(pts, dtype=np.int64)
             order = np.argsort(pts_arr, kind="stable")
             pts_arr, dts_arr, decode_pos, key_arr = (
                 pts_arr[order], dts_arr[order], decode_pos[order], key_arr[order])
+            if in_place:
+                offset_arr, size_arr = offset_arr[order], size_arr[order]
         else:
             pts_arr = np.full(n, NO_TS, dtype=np.int64)
         time_base = stream.time_base or Fraction(1, 1)
@@ -213,18 +245,36 @@ def _build_index(path: str) -> FrameIndex:
         if declared and declared - (n + hidden) > max(2, TRUNCATED_SHARE * declared):
             raise VideoReadError(path, f"truncated: its header declares {declared} frames, the file holds {n + hidden} "
                                        "(an interrupted download or copy?)")
-        for arr in (pts_arr, dts_arr, decode_pos, key_arr):
-            arr.flags.writeable = False  # shared by every reader of the cached index
+        for arr in (pts_arr, dts_arr, decode_pos, key_arr, offset_arr, size_arr):
+            if arr is not None:
+                arr.flags.writeable = False  # shared by every reader of the cached index
         return FrameIndex(
             pts=pts_arr, dts=dts_arr, decode_pos=decode_pos, keyframe=key_arr,
             time_base=time_base, fps=fps, width=ctx.width, height=ctx.height,
             codec=ctx.name, stream_index=stream.index, has_pts=has_pts,
             container_format=container.format.name.split(",")[0], pix_fmt=ctx.pix_fmt, profile=ctx.profile,
-            colorspace=_colorspace(ctx), hidden_leading=leading, hidden_later=hidden - leading)
+            colorspace=_colorspace(ctx), hidden_leading=leading, hidden_later=hidden - leading,
+            offset=offset_arr, packet_size=size_arr, extradata=ctx.extradata,
+            color_range=_int_or_none(getattr(ctx, "color_range", None)))
+
+
+def _in_place(packet: av.Packet, raw) -> bool:
+    """Whether ``packet`` is the bytes of the file ``raw`` at its position, with nothing the
+    demuxer adds (side data: a new parameter set or palette; decryption changes the bytes)."""
+    if packet.pos is None or packet.pos < 0 or next(iter(packet.iter_sidedata()), None) is not None:
+        return False
+    try:
+        raw.seek(packet.pos)
+        return raw.read(packet.size) == bytes(packet)
+    except OSError:
+        return False
 
 
 def _colorspace(ctx) -> int | None:
-    value = getattr(ctx, "colorspace", None)
+    return _int_or_none(getattr(ctx, "colorspace", None))
+
+
+def _int_or_none(value) -> int | None:
     try:
         return int(value) if value is not None else None
     except (TypeError, ValueError):
@@ -233,8 +283,10 @@ def _colorspace(ctx) -> int | None:
 
 # -- frame indexes shared through the probe cache -------------------------------------------
 
-# One record per frame, in presentation order: what FrameIndex holds per frame.
-FRAME_RECORD = np.dtype([("pts", "<i8"), ("dts", "<i8"), ("decode_pos", "<i4"), ("keyframe", "u1")])
+# One record per frame, in presentation order: what FrameIndex holds per frame (offset -1 and
+# size 0 where the reader does not read packets itself).
+FRAME_RECORD = np.dtype([("pts", "<i8"), ("dts", "<i8"), ("decode_pos", "<i4"), ("keyframe", "u1"),
+                         ("offset", "<i8"), ("size", "<i4")])
 
 
 def index_records(index: FrameIndex) -> np.ndarray:
@@ -242,6 +294,7 @@ def index_records(index: FrameIndex) -> np.ndarray:
     rec = np.empty(index.num_frames, dtype=FRAME_RECORD)
     rec["pts"], rec["dts"], rec["decode_pos"], rec["keyframe"] = (
         index.pts, index.dts, index.decode_pos, index.keyframe)
+    rec["offset"], rec["size"] = (index.offset, index.packet_size) if index.offset is not None else (-1, 0)
     return rec
 
 
@@ -251,7 +304,9 @@ def index_meta(index: FrameIndex) -> dict:
             "width": index.width, "height": index.height, "codec": index.codec,
             "stream_index": index.stream_index, "has_pts": index.has_pts, "format": index.container_format,
             "pix_fmt": index.pix_fmt, "profile": index.profile, "colorspace": index.colorspace,
-            "hidden": [index.hidden_leading, index.hidden_later]}
+            "hidden": [index.hidden_leading, index.hidden_later], "in_place": index.offset is not None,
+            "extradata": None if index.extradata is None else base64.b64encode(index.extradata).decode("ascii"),
+            "color_range": index.color_range}
 
 
 # abspath -> (size, mtime_ns, frames file, first row, rows, meta): registered by the probe in
@@ -282,14 +337,19 @@ def _shared_index(path: str, size: int, mtime_ns: int) -> FrameIndex | None:
     arrays = [rows[name].astype(np.int64 if name != "keyframe" else bool) for name in FRAME_RECORD.names]
     for arr in arrays:
         arr.flags.writeable = False
-    pts, dts, decode_pos, keyframe = arrays
+    pts, dts, decode_pos, keyframe, offset, packet_size = arrays
+    if not meta.get("in_place"):
+        offset = packet_size = None
     hidden_leading, hidden_later = meta.get("hidden", (0, 0))
+    extradata = meta.get("extradata")
     return FrameIndex(pts=pts, dts=dts, decode_pos=decode_pos, keyframe=keyframe,
                       time_base=Fraction(*meta["time_base"]), fps=meta["fps"], width=meta["width"],
                       height=meta["height"], codec=meta["codec"], stream_index=meta["stream_index"],
                       has_pts=meta["has_pts"], container_format=meta.get("format"), pix_fmt=meta.get("pix_fmt"),
                       profile=meta.get("profile"), colorspace=meta.get("colorspace"),
-                      hidden_leading=hidden_leading, hidden_later=hidden_later)
+                      hidden_leading=hidden_leading, hidden_later=hidden_later, offset=offset,
+                      packet_size=packet_size, extradata=None if extradata is None else base64.b64decode(extradata),
+                      color_range=meta.get("color_range"))
 
 
 @functools.lru_cache(maxsize=INDEX_CACHE_SIZE)

@@ -7,7 +7,7 @@ once; ``check_videos`` flags files that random access will be slow or inexact on
 variable frame rate; see docs/decoding-notes.md, "What it buys").
 
 The frame indexes themselves (every frame's pts, dts, decode position and keyframe flag) are
-kept too, in a binary file beside the JSON (``<list>.probe.json.frames-<token>``, 21 bytes per
+kept too, in a binary file beside the JSON (``<list>.probe.json.frames-<token>``, 33 bytes per
 frame), and registered with ``pipelines.pyav``: DataLoader workers then read a file's index from
 it instead of demuxing the whole video again before decoding a clip (a large share of the
 time of a short clip's read).
@@ -32,8 +32,9 @@ from .files import atomic_write
 __all__ = ["VideoInfo", "check_videos", "probe_video", "probe_videos", "video_info"]
 
 # 2: frame indexes kept in a frames file; 3: truncated files, shared timestamps; 4: pix_fmt;
-# 5: the colour matrix tag; 6: frames an edit list hides.
-CACHE_VERSION = 6
+# 5: the colour matrix tag; 6: frames an edit list hides; 7: where each packet lies in the file
+# and what a decoder needs beyond the packets.
+CACHE_VERSION = 7
 MAX_KEYFRAME_INTERVAL = 15  # a clip frame then costs at most ~15 decoded frames
 VFR_TOLERANCE = 0.05  # relative pts-delta jitter still called constant (ms-rounded mkv pts)
 

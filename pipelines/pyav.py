@@ -2,8 +2,9 @@
 
 ``read_frames(path, indices)`` returns the requested frames, numbered by the file's
 :class:`~pipelines.index.FrameIndex`, without decoding the whole file: it seeks to the right
-keyframe, matches decoded frames by pts and stops once the last requested one is out. The rules
-it follows, and why, are in docs/decoding-notes.md ("Numbering frames", "Seeking").
+keyframe (in an mp4, it reads the packets from there itself, at the offsets the index holds),
+matches decoded frames by pts and stops once the last requested one is out. The rules it
+follows, and why, are in docs/decoding-notes.md ("Numbering frames", "Seeking").
 """
 
 from __future__ import annotations
@@ -82,39 +83,81 @@ def _decoder_threads() -> str:
     return "NONE" if torch.utils.data.get_worker_info() is not None else "AUTO"
 
 
+# Decoders that take everything they need from the packets, the codec's setup bytes (extradata)
+# and the colour tags: for these, a file whose packets are read in place is never opened.
+_STANDALONE_DECODERS = {"h264", "hevc", "vp9", "av1", "libdav1d"}
+
+
 class _ClipReader:
-    """Decodes one request: owns the open container and the output array."""
+    """Decodes one request: owns the decoder (and the open container, if any) and the output array."""
 
     def __init__(self, path: str, index: FrameIndex, rows: dict[int, list[int]], num_rows: int):
         self.path, self.index, self.rows, self.num_rows = path, index, rows, num_rows
         self.out: np.ndarray | None = None
         self.container: av.container.InputContainer | None = None
         self.stream: av.VideoStream | None = None
+        self.ctx: av.VideoCodecContext | None = None
         self.fresh = False  # nothing demuxed yet: decoding from the start needs no seek
+        self.fd: int | None = None  # the file, where packets are read from it by the index's offsets
+        # Packets read in place: only for frames matched by pts (the others are counted from the start).
+        self.in_place = index.offset is not None and index.matched_by_pts
 
     def close(self) -> None:
         if self.container is not None:
             self.container.close()
             self.container = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
     def reopen(self) -> None:
         self.close()
-        # Frames matched by pts do not depend on the order the decoder outputs them in, which
-        # the stream probe's guess of its reordering delay could change: the file opens unprobed.
-        self.container = open_video(self.path, self.index.container_format, probe=not self.index.matched_by_pts)
-        self.stream = self.container.streams[self.index.stream_index]
+        index = self.index
+        if self.in_place and index.codec in _STANDALONE_DECODERS:
+            # The packets come from the file's bytes: the decoder alone, set up as the container
+            # would set it up (opening an mp4 costs about 0.5 ms, as much as a small frame's decoding).
+            self.ctx = av.CodecContext.create(index.codec, "r")
+            if index.extradata:
+                self.ctx.extradata = index.extradata
+            for name in ("colorspace", "color_range"):
+                if getattr(index, name) is not None:
+                    setattr(self.ctx, name, getattr(index, name))
+        else:
+            # Frames matched by pts do not depend on the order the decoder outputs them in, which
+            # the stream probe's guess of its reordering delay could change: the file opens unprobed.
+            self.container = open_video(self.path, index.container_format, probe=not index.matched_by_pts)
+            self.stream = self.container.streams[index.stream_index]
+            self.ctx = self.stream.codec_context
         threads = _decoder_threads()
-        self.stream.thread_type = threads
+        self.ctx.thread_type = threads
         self.fresh = True
         _stats.opens += 1
         _stats.threaded += threads != "NONE"
 
     def _decode(self, packet: av.Packet | None) -> list[av.VideoFrame]:
         """The frames the decoder returns for ``packet`` (None: drain it)."""
-        frames = self.stream.decode(packet)
+        frames = self.ctx.decode(packet)
         _stats.packets += packet is not None and packet.size > 0
         _stats.frames += len(frames)
         return frames
+
+    def _packets_in_place(self, first: int, last: int):
+        """The stream's packets at decode positions ``first`` to ``last``, read from the file at
+        the offsets of the index: what the demuxer returns after seeking to that keyframe, without
+        the seek and the demuxer's per-packet work."""
+        index = self.index
+        if self.fd is None:
+            self.fd = os.open(self.path, os.O_RDONLY)
+        for i in index.by_decode[first:last + 1].tolist():
+            size = int(index.packet_size[i])
+            data = os.pread(self.fd, size, int(index.offset[i]))
+            if len(data) != size:
+                raise VideoReadError(self.path, "shorter than its index says (changed while being read?)")
+            packet = av.Packet(data)
+            dts = int(index.dts[i])
+            packet.pts, packet.dts = int(index.pts[i]), None if dts == NO_TS else dts
+            packet.is_keyframe = bool(index.keyframe[i])
+            yield packet
 
     def _store(self, key: int, frame: av.VideoFrame) -> None:
         rgb = _to_rgb(frame)
@@ -149,25 +192,35 @@ class _ClipReader:
         frames nobody wants are decoded with ``skip_frame = "NONREF"``: a frame no other frame
         predicts from (most B-frames, a third of a typical H.264 stream) is then not decoded.
         Returns the wanted pts that did not come out, or None when the seek landed after the
-        keyframe (the demuxer seeks by dts, or ignores keyframe flags: MPEG-TS).
+        keyframe (the demuxer seeks by dts, or ignores keyframe flags: MPEG-TS). Packets read in
+        place need no seek: the index says where each one is.
         """
-        if seek_ts is None and not self.fresh:
+        in_place = self.in_place
+        if seek_ts is None and not self.fresh and not in_place:
             self.reopen()
-        stream = self.stream
-        if seek_ts is not None:
-            try:
-                self.container.seek(seek_ts, stream=stream, backward=True, any_frame=False)
-            except av.FFmpegError:
-                return None
-            _stats.seeks += 1
+        stream, ctx = self.stream, self.ctx
+        if in_place:  # the packets from the keyframe on, read where the index says they are
+            if not self.fresh:
+                ctx.flush_buffers()  # as a seek does
+            index = self.index
+            last = int(index.decode_pos[np.searchsorted(index.pts, drain_at)])  # pts are unique here
+            packets = self._packets_in_place(int(index.decode_pos[key]) if key is not None else 0, last)
+            _stats.seeks += key is not None
+        else:
+            if seek_ts is not None:
+                try:
+                    self.container.seek(seek_ts, stream=stream, backward=True, any_frame=False)
+                except av.FFmpegError:
+                    return None
+                _stats.seeks += 1
+            packets = self.container.demux(stream)
         self.fresh = False
         missing = set(want)
-        ctx = stream.codec_context
-        check_landing = seek_ts is not None
+        check_landing = seek_ts is not None and not in_place
         # Demuxers may land a keyframe or more early (mp4 with an edit list does): demuxing is
         # cheap, decoding is not, so packets before the chosen keyframe are skipped.
         skip_to = int(self.index.pts[key]) if key is not None else None
-        for packet in self.container.demux(stream):
+        for packet in packets:
             if check_landing and packet.size:
                 check_landing = False
                 if not self._landed_at_or_before(packet, key):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
+import numpy as np
 import pytest
 
 from pipelines import index as frame_indexes, probe, pyav
@@ -122,9 +124,9 @@ def test_check_videos(dataset):
 
 
 def _index_fields(index):
-    return (index.pts.tolist(), index.dts.tolist(), index.decode_pos.tolist(), index.keyframe.tolist(),
-            index.time_base, index.fps, index.width, index.height, index.codec, index.stream_index, index.has_pts,
-            index.container_format)
+    """Every field of a frame index, arrays as lists."""
+    return {f.name: (v.tolist() if isinstance(v := getattr(index, f.name), np.ndarray) else v)
+            for f in dataclasses.fields(index)}
 
 
 def test_readers_take_frame_indexes_from_the_probe_cache(dataset, tmp_path, monkeypatch):
@@ -137,6 +139,9 @@ def test_readers_take_frame_indexes_from_the_probe_cache(dataset, tmp_path, monk
              for name in ("short", "vp9", "vfr")}
     paths = [str(p) for p in files.values()]
     want = {p: _index_fields(frame_indexes._build_index(os.path.abspath(p))) for p in paths}
+    # The mp4's packets are read in place: where they are, and the decoder's set-up, come along.
+    assert [want[p]["offset"] is not None for p in paths] == [True, False, False]
+    assert want[paths[0]]["extradata"] and want[paths[0]]["color_range"] is not None
     frames = {p: pyav.read_frames(p, [0, 5, 3]) for p in paths}
     cache = str(tmp_path / "list.txt.probe.json")
     probe_videos(paths, cache_path=cache)

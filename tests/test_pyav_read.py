@@ -122,7 +122,8 @@ def test_a_read_seeks_only_past_frames_nobody_wants(tmp_path):
 def test_reader_names_the_indexed_demuxer_and_falls_back_to_probing(videos, monkeypatch):
     import dataclasses
 
-    mp4, webm = videos["h264_bframes"][0], videos["vp9_webm"][0]
+    # An mp4 whose packets are not all in the index (an edit list hides some) is read through its demuxer.
+    mp4, webm = videos["h264_edit_list"][0], videos["vp9_webm"][0]
     assert frame_index(mp4).container_format == "mov" and frame_index(webm).container_format == "matroska"
     want = decode_all(mp4)[1][[3, 7]]
     opened = []
@@ -136,26 +137,90 @@ def test_reader_names_the_indexed_demuxer_and_falls_back_to_probing(videos, monk
     assert np.array_equal(read_frames(mp4, [3, 7]), want) and opened == ["mpegts", None]
 
 
-def test_an_indexed_mp4_opens_without_the_stream_probe_and_reads_the_same(videos, tmp_path, monkeypatch):
-    """The probe's decoding is skipped only where frames are matched by pts in an mp4: the
-    frames read are those of a full decode, 10-bit H.264 and HEVC included."""
+def test_an_indexed_mp4_is_read_without_the_stream_probe(videos, tmp_path, monkeypatch):
+    """Where frames are matched by pts in an mp4, the probe's decoding is skipped: H.264 and HEVC
+    packets (10-bit included) are read in place by a decoder set up from the index, without
+    opening the file; other codecs and files with frames an edit list hides open without the
+    probe. The frames read are those of a full decode."""
     ten_bit = [encode_frames(str(tmp_path / f"{enc}10.mp4"), photo_frames(30, 64, 96), enc, pix_fmt="yuv420p10le",
                              gop=10, options=opts)
                for enc, opts in (("libx264", {"bf": "2"}), ("libx265", {"x265-params": "bframes=2:log-level=error"}))]
     want = [decode_all(path)[1][[29, 0, 11, 12]] for path in ten_bit]
     assert all(frame_index(path).pix_fmt == "yuv420p10le" for path in ten_bit)
+    opened_mp4 = [videos[name][:2] for name in ("h264_edit_list", "mpeg4_bframes_mp4")]
     webm, raw = videos["vp9_webm"][0], videos["h264_raw_no_pts"][0]
-    frame_index(webm), frame_index(raw)  # indexed (opened with the probe) before the opens are counted
+    for path in (*(path for path, _ in opened_mp4), webm, raw):
+        frame_index(path)  # indexed (opened with the probe) before the opens are counted
     opened = []
     real_open = pyav.av.open
     monkeypatch.setattr(pyav.av, "open", lambda path, **kw: opened.append(kw.get("options") or {}) or real_open(path, **kw))
     for path, frames in zip(ten_bit, want):
         assert np.array_equal(read_frames(path, [29, 0, 11, 12]), frames), path
+    assert opened == []
+    for path, ref in opened_mp4:
+        assert np.array_equal(read_frames(path, [29, 0, 11, 12]), ref[[29, 0, 11, 12]]), path
     assert len(opened) == 2 and all(o.get("skip_frame") == "all" for o in opened)
     opened.clear()
     read_frames(webm, [5])  # matroska: the probe costs nothing to skip
     read_frames(raw, [5])  # no pts: frames are counted in output order
     assert opened == [{}, {}]
+
+
+def test_mp4_packets_are_read_in_place_where_the_file_holds_them_as_they_are(videos):
+    """An mp4's packets are bytes of the file at offsets its header gives: the reader reads them
+    itself, without the demuxer's seeks. Not where an edit list hides frames (their packets are
+    not in the index) nor in matroska, MPEG-TS or raw streams, which frame their packets."""
+    in_place = {name for name in VIDEOS if frame_index(videos[name][0]).offset is not None}
+    assert in_place == {"h264_bframes", "h264_open_gop", "h264_start_pts", "h264_with_audio", "hevc_bframes_mp4",
+                        "vp9_mp4", "mpeg4_bframes_mp4", "h264_fragmented_mp4"}
+    path = videos["h264_with_audio"][0]  # video packets between audio ones
+    index = frame_index(path)
+    with open(path, "rb") as f, pyav.av.open(path) as container:
+        for packet in (p for p in container.demux(video=0) if p.size):
+            i = int(np.searchsorted(index.pts, packet.pts))
+            f.seek(int(index.offset[i]))
+            assert f.read(int(index.packet_size[i])) == bytes(packet)
+
+
+def test_a_packet_is_read_in_place_only_if_the_file_holds_it_as_the_demuxer_returns_it(videos):
+    """What the index checks of each packet: the bytes at its offset are the packet's, and the
+    demuxer added nothing (side data such as a new parameter set)."""
+    from av.packet import PacketSideData, packet_sidedata_type_from_literal
+
+    from pipelines.index import _in_place
+
+    path, other = videos["h264_bframes"][0], videos["h264_open_gop"][0]
+    with pyav.av.open(path) as container, open(path, "rb") as raw, open(other, "rb") as wrong:
+        packet = next(p for p in container.demux(video=0) if p.size)
+        assert _in_place(packet, raw) and not _in_place(packet, wrong)
+        side_data = PacketSideData(packet_sidedata_type_from_literal("new_extradata"), 4)
+        side_data.update(b"\0\0\0\1")
+        packet.set_sidedata(side_data)
+        assert not _in_place(packet, raw)
+
+
+def test_a_colour_tag_only_the_mp4_carries_reaches_a_decoder_that_never_opens_it(tmp_path, monkeypatch):
+    """The YUV -> RGB matrix and range can be tagged in the mp4 header alone (not in the H.264
+    stream); a decoder set up from the index converts with them, as one opened from the file does."""
+    src = write_video(str(tmp_path / "untagged.mp4"), 12, gop=4, bframes=2)
+    path = str(tmp_path / "tagged.mp4")
+    with pyav.av.open(src) as source, pyav.av.open(path, "w") as target:
+        stream = source.streams.video[0]
+        out = target.add_stream_from_template(stream)
+        ctx = out.codec_context
+        # BT.709 throughout (the muxer writes the tag whole), full range
+        ctx.colorspace = ctx.color_primaries = ctx.color_trc = 1
+        ctx.color_range = 2
+        for packet in (p for p in source.demux(stream) if p.size):
+            packet.stream = out
+            target.mux(packet)
+    ref = decode_all(path)[1]
+    assert not np.array_equal(ref, decode_all(src)[1])  # the tags change the pixels
+    assert frame_index(path).offset is not None
+    opened = []
+    real_open = pyav.av.open
+    monkeypatch.setattr(pyav.av, "open", lambda path, **kw: opened.append(path) or real_open(path, **kw))
+    assert np.array_equal(read_frames(path, [11, 0, 5]), ref[[11, 0, 5]]) and opened == []
 
 
 def test_file_change_invalidates_index(tmp_path):
@@ -244,14 +309,15 @@ def test_no_frames(tmp_path, ext):
 
 def test_bad_landing_falls_back(videos, monkeypatch):
     # As if the demuxer ignored keyframe flags (MPEG-TS): every seek is rejected.
-    path, ref, _ = videos["h264_open_gop"]
+    path, ref, _ = videos["h264_mkv"]
     monkeypatch.setattr(pyav._ClipReader, "_landed_at_or_before", lambda self, packet, key: False)
     assert np.array_equal(read_frames(path, [40, 30]), ref[[40, 30]])
 
 
-def test_missing_frames_retry_from_earlier(videos, monkeypatch):
+@pytest.mark.parametrize("name", ["h264_bframes", "h264_mkv"])  # packets read in place, and demuxed
+def test_missing_frames_retry_from_earlier(videos, monkeypatch, name):
     # A start keyframe after the wanted frames decodes none of them: the reader must notice.
-    path, ref, _ = videos["h264_bframes"]
+    path, ref, _ = videos[name]
     monkeypatch.setattr(pyav.FrameIndex, "start_keyframes",
                         lambda self, first, min_decode_pos: np.array([48, 24]))
     assert np.array_equal(read_frames(path, [30, 5]), ref[[30, 5]])
