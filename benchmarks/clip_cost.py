@@ -1,5 +1,6 @@
 """Where one training clip's CPU time goes, measured inside a DataLoader worker (one decoding
-thread, as the PyAV pipeline's workers decode): opening its file, reading its frames (open,
+thread, as the PyAV pipeline's workers decode): setting up its decoder (opening the file, or
+for an mp4 whose packets are read in place, the decoder alone), reading its frames (set-up,
 seeks, decoding, RGB conversion), the RGB conversion alone, the crop and resize, the RandAugment
 policy's decisions executed instead of the plain crop, the batch's hand-over in shared memory,
 and what the training process then
@@ -38,7 +39,7 @@ class _Measure(torch.utils.data.Dataset):
         from pipelines.base import thwc_uint8_to_bcthw
         from pipelines.dataset import clip_specs
         from pipelines.index import frame_index, open_video
-        from pipelines.pyav import _to_rgb, read_frames, read_stats
+        from pipelines.pyav import _ClipReader, _to_rgb, read_frames, read_stats
         from pipelines.workers import BatchSlots, cat_for_transfer
 
         a = self.args
@@ -58,16 +59,18 @@ class _Measure(torch.utils.data.Dataset):
                 fn(*clip)
             return 1e3 * (time.process_time() - t0) / len(clips)
 
-        def open_only(path, spec):  # as the reader opens a file it reads by pts
-            index = frame_index(path)
-            with open_video(path, index.container_format, probe=not index.matched_by_pts):
-                pass
+        def open_only(path, spec):  # as the reader sets up its decoder (FFmpeg opens it at the first packet)
+            reader = _ClipReader(path, frame_index(path), {}, 0)
+            reader.reopen()
+            reader.ctx.open(strict=False)
+            reader.close()
 
         before = read_stats()
         out = {"clips": len(clips), "read": cpu_ms(lambda p, s: read_frames(p, s.frame_indices))}
         cost = read_stats() - before
         out.update(decoded_frames=cost.frames / len(clips), packets=cost.packets / len(clips),
-                   seeks=cost.seeks / len(clips), open=cpu_ms(open_only))
+                   seeks=cost.seeks / len(clips), open=cpu_ms(open_only),
+                   in_place=sum(frame_index(p).offset is not None for p, _ in clips) / len(clips))
         # Decoding from the start, as the decode ceiling of benchmarks/throughput.py does, and the
         # RGB conversion of those frames: the first videos, 512 frames.
         decoded, t0 = [], time.process_time()
@@ -135,9 +138,10 @@ def main(argv=None) -> dict:
     r = next(iter(loader))
     print(f"{r['clips']} clips of {args.num_frames} frames at stride {args.sampling_rate}, CPU ms per clip "
           f"in a DataLoader worker:")
-    print(f"  read (open, seeks, decoding, RGB)   {r['read']:7.2f}   ({r['decoded_frames']:.1f} frames decoded, "
+    print(f"  read (set-up, seeks, decoding, RGB) {r['read']:7.2f}   ({r['decoded_frames']:.1f} frames decoded, "
           f"{r['packets']:.1f} packets, {r['seeks']:.1f} seeks)")
-    print(f"    of which opening the file         {r['open']:7.2f}")
+    print(f"    of which setting up the decoder   {r['open']:7.2f}   ({r['in_place']:.0%} of the files' packets read "
+          "in place, without the demuxer)")
     print(f"    of which the RGB conversion       {r['rgb']:7.2f}")
     print(f"  against the same {r['packets']:.1f} frames decoded from the start (the decode ceiling's "
           f"rate, {r['sequential_frame']:.3f} ms a frame): {r['sequential_frame'] * r['packets']:.2f}")
