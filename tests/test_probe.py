@@ -214,7 +214,7 @@ def test_full_disk_keeps_the_old_cache_and_the_results(dataset, tmp_path, monkey
 
 def test_a_cache_of_another_version_leaves_no_frames_file_behind(dataset, tmp_path):
     """A probe cache written by another version of the code is probed again, and the frames file
-    it named is deleted with it (on Kinetics-400 it is about a gigabyte)."""
+    it named is deleted with it (on Kinetics-400 it is a few gigabytes)."""
     import json
 
     from pipelines import probe
