@@ -264,8 +264,7 @@ def _in_place(packet: av.Packet, raw) -> bool:
     if packet.pos is None or packet.pos < 0 or next(iter(packet.iter_sidedata()), None) is not None:
         return False
     try:
-        raw.seek(packet.pos)
-        return raw.read(packet.size) == bytes(packet)
+        return os.pread(raw.fileno(), packet.size, packet.pos) == bytes(packet)
     except OSError:
         return False
 
