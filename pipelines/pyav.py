@@ -149,11 +149,13 @@ class _ClipReader:
         if self.fd is None:
             self.fd = os.open(self.path, os.O_RDONLY)
         for i in index.by_decode[first:last + 1].tolist():
+            # Read straight into memory FFmpeg owns: a packet made from a Python bytes object is
+            # freed by a callback that takes the GIL, which deadlocks with a frame-threaded
+            # decoder freed while the GIL is held (it waits for the thread that frees the packet).
             size = int(index.packet_size[i])
-            data = os.pread(self.fd, size, int(index.offset[i]))
-            if len(data) != size:
+            packet = av.Packet(size)
+            if os.preadv(self.fd, [packet], int(index.offset[i])) != size:
                 raise VideoReadError(self.path, "shorter than its index says (changed while being read?)")
-            packet = av.Packet(data)
             dts = int(index.dts[i])
             packet.pts, packet.dts = int(index.pts[i]), None if dts == NO_TS else dts
             packet.is_keyframe = bool(index.keyframe[i])

@@ -199,6 +199,20 @@ def test_a_packet_is_read_in_place_only_if_the_file_holds_it_as_the_demuxer_retu
         assert not _in_place(packet, raw)
 
 
+def test_packets_read_in_place_live_in_memory_ffmpeg_owns(videos, monkeypatch):
+    """A packet made from a Python bytes object is freed by a callback that takes the GIL. A
+    frame-threaded decoder freed while the GIL is held (a read in the main process) waits for
+    its threads, one of which may be freeing such a packet: reads of a 10-bit HEVC mp4 hung that
+    way, now and then. So the reader reads packets straight into packets FFmpeg allocates."""
+    path, ref, _ = videos["hevc_bframes_mp4"]
+    assert frame_index(path).offset is not None
+    made = []
+    real = pyav.av.Packet
+    monkeypatch.setattr(pyav.av, "Packet", lambda input=None: made.append(type(input)) or real(input))
+    assert np.array_equal(read_frames(path, [59, 0, 30]), ref[[59, 0, 30]])
+    assert made and set(made) == {int}
+
+
 def test_a_colour_tag_only_the_mp4_carries_reaches_a_decoder_that_never_opens_it(tmp_path, monkeypatch):
     """The YUV -> RGB matrix and range can be tagged in the mp4 header alone (not in the H.264
     stream); a decoder set up from the index converts with them, as one opened from the file does."""
