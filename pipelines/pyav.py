@@ -130,6 +130,9 @@ class _ClipReader:
             self.ctx = self.stream.codec_context
         threads = _decoder_threads()
         self.ctx.thread_type = threads
+        # Opened now, before a packet nobody wants sets skip_frame: libdav1d (AV1) takes it once,
+        # when it opens, and would then drop every non-reference frame of the read.
+        self.ctx.open(strict=False)
         self.fresh = True
         _stats.opens += 1
         _stats.threaded += threads != "NONE"

@@ -237,6 +237,18 @@ def test_a_colour_tag_only_the_mp4_carries_reaches_a_decoder_that_never_opens_it
     assert np.array_equal(read_frames(path, [11, 0, 5]), ref[[11, 0, 5]]) and opened == []
 
 
+@pytest.mark.parametrize("ext", ["mp4", "mkv"])  # packets read in place, and demuxed
+def test_av1_frames_are_read_whatever_the_first_packet_asks_the_decoder_to_skip(tmp_path, ext):
+    """libdav1d (FFmpeg's AV1 decoder here) takes ``skip_frame`` once, when it opens: opened by a
+    packet nobody wants (skip non-reference frames), it dropped every non-reference frame of the
+    read, and a sparse read of an AV1 file failed."""
+    path = encode_frames(str(tmp_path / f"av1.{ext}"), photo_frames(24, 64, 96), "libsvtav1", gop=8)
+    assert frame_index(path).codec == "libdav1d"
+    ref = decode_all(path)[1]
+    for want in ([1], [3, 9], [23, 0, 12, 12]):
+        assert np.array_equal(read_frames(path, want), ref[want]), want
+
+
 def test_file_change_invalidates_index(tmp_path):
     path = str(tmp_path / "v.mp4")
     write_video(path, 20, gop=5)
