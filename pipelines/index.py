@@ -190,24 +190,27 @@ def _build_index(path: str) -> FrameIndex:
         pts, dts, key, offset, size = [], [], [], [], []
         hidden_pts = []
         in_place = container.format.name.startswith("mov")
+        fd = os.open(path, os.O_RDONLY) if in_place else -1  # to compare the packets with the file's bytes
         try:
-            with open(path, "rb", buffering=0) as raw:
-                for packet in container.demux(stream):
-                    # Empty packets are flush markers; discarded ones are hidden by an edit list
-                    # (mp4) and never displayed, so neither is a frame.
-                    if packet.size == 0 or packet.is_discard:
-                        if packet.size > 0:
-                            hidden_pts.append(packet.pts)
-                        continue
-                    pts.append(packet.pts)
-                    dts.append(packet.dts)
-                    key.append(packet.is_keyframe)
-                    if in_place:
-                        in_place = _in_place(packet, raw)
-                        offset.append(packet.pos)
-                        size.append(packet.size)
+            for packet in container.demux(stream):
+                # Empty packets are flush markers; discarded ones are hidden by an edit list
+                # (mp4) and never displayed, so neither is a frame.
+                if packet.size == 0 or packet.is_discard:
+                    if packet.size > 0:
+                        hidden_pts.append(packet.pts)
+                    continue
+                pts.append(packet.pts)
+                dts.append(packet.dts)
+                key.append(packet.is_keyframe)
+                if in_place:
+                    in_place = _in_place(packet, fd)
+                    offset.append(packet.pos)
+                    size.append(packet.size)
         except av.FFmpegError as e:
             raise VideoReadError(path, f"cannot demux: {e}") from e
+        finally:
+            if fd >= 0:
+                os.close(fd)
         if not key:
             raise VideoReadError(path, "no video frames")
         ctx = stream.codec_context
@@ -258,13 +261,13 @@ def _build_index(path: str) -> FrameIndex:
             color_range=_int_or_none(getattr(ctx, "color_range", None)))
 
 
-def _in_place(packet: av.Packet, raw) -> bool:
-    """Whether ``packet`` is the bytes of the file ``raw`` at its position, with nothing the
+def _in_place(packet: av.Packet, fd: int) -> bool:
+    """Whether ``packet`` is the bytes of the open file ``fd`` at its position, with nothing the
     demuxer adds (side data: a new parameter set or palette; decryption changes the bytes)."""
     if packet.pos is None or packet.pos < 0 or next(iter(packet.iter_sidedata()), None) is not None:
         return False
     try:
-        return os.pread(raw.fileno(), packet.size, packet.pos) == bytes(packet)
+        return os.pread(fd, packet.size, packet.pos) == bytes(packet)
     except OSError:
         return False
 

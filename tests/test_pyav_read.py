@@ -192,11 +192,11 @@ def test_a_packet_is_read_in_place_only_if_the_file_holds_it_as_the_demuxer_retu
     path, other = videos["h264_bframes"][0], videos["h264_open_gop"][0]
     with pyav.av.open(path) as container, open(path, "rb") as raw, open(other, "rb") as wrong:
         packet = next(p for p in container.demux(video=0) if p.size)
-        assert _in_place(packet, raw) and not _in_place(packet, wrong)
+        assert _in_place(packet, raw.fileno()) and not _in_place(packet, wrong.fileno())
         side_data = PacketSideData(packet_sidedata_type_from_literal("new_extradata"), 4)
         side_data.update(b"\0\0\0\1")
         packet.set_sidedata(side_data)
-        assert not _in_place(packet, raw)
+        assert not _in_place(packet, raw.fileno())
 
 
 def test_packets_read_in_place_live_in_memory_ffmpeg_owns(videos, monkeypatch):
