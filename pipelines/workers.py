@@ -258,10 +258,10 @@ def cat_for_transfer(tensors: list[torch.Tensor],
         return torch.cat(tensors), None
     first = tensors[0]
     shape = (sum(len(t) for t in tensors), *first.shape[1:])
-    numel = math.prod(shape)
-    lent = slots.lend(numel * first.element_size()) if slots is not None else None
+    nbytes = math.prod(shape) * first.element_size()
+    lent = slots.lend(nbytes) if slots is not None else None
     if lent is None:
-        storage, lease = _new_shared(numel * first.element_size()), None
+        storage, lease = _new_shared(nbytes), None
     else:
         storage, lease = lent
     into = first.new_empty(0).set_(storage, 0, shape)
