@@ -236,19 +236,24 @@ class _ClipReader:
                 skip_to = None
             last_in = packet.pts == drain_at and packet.size > 0
             ctx.skip_frame = "DEFAULT" if packet.pts in want else "NONREF"
-            frames = self._decode(packet)
-            if last_in:  # every wanted packet is in: flush the rest out (a seek resets the decoder)
-                frames = [*frames, *self._decode(None)]
-            for frame in frames:
-                pts = frame.pts
-                if pts in missing:
-                    self._store(pts, frame)
-                    missing.discard(pts)
-                    if not missing:  # not "pts past the last wanted": a muxer's pts may go back
+            for frame in self._decode(packet):
+                if self._take(frame, missing):
+                    return missing
+            if last_in:  # every wanted packet is in: drain what the decoder holds back (a seek resets it)
+                for frame in self._decode(None):
+                    if self._take(frame, missing):
                         return missing
-            if last_in:
                 return missing
         return missing
+
+    def _take(self, frame: av.VideoFrame, missing: set[int]) -> bool:
+        """Stores ``frame`` if it is one of the ``missing``; True once none is missing (not "pts
+        past the last wanted": a muxer's pts may go back)."""
+        pts = frame.pts
+        if pts in missing:
+            self._store(pts, frame)
+            missing.discard(pts)
+        return not missing
 
     def read_segment(self, frames: np.ndarray) -> None:
         """Decodes the sorted unique presentation positions ``frames`` (one seek)."""
