@@ -1,9 +1,9 @@
 """Where one training clip's CPU time goes, measured inside a DataLoader worker (one decoding
 thread, as the PyAV pipeline's workers decode): setting up its decoder (opening the file, or
 for an mp4 whose packets are read in place, the decoder alone), reading its frames (set-up,
-seeks, decoding, RGB conversion), the RGB conversion alone, the crop and resize, the RandAugment
-policy's decisions executed instead of the plain crop, the batch's hand-over in shared memory,
-and what the training process then
+seeks, decoding, RGB conversion: of the crop box alone for a clip without the policy), the RGB
+conversion alone, the crop and resize, the RandAugment policy's decisions executed instead of
+the plain crop, the batch's hand-over in shared memory, and what the training process then
 spends on the clip on a CPU (normalising it to float). CPU time per clip, each part timed on its
 own over the same clips, beside what decoding the clip's frames from its keyframe costs at the
 rate of a decode from the start (the throughput benchmark's decode ceiling).
@@ -65,8 +65,11 @@ class _Measure(torch.utils.data.Dataset):
             reader.ctx.open(strict=False)
             reader.close()
 
+        def read(path, spec):  # as the pipeline reads: a clip without the policy, its crop box alone
+            return read_frames(path, spec.frame_indices, crop=None if spec.augment else spec.crop)
+
         before = read_stats()
-        out = {"clips": len(clips), "read": cpu_ms(lambda p, s: read_frames(p, s.frame_indices))}
+        out = {"clips": len(clips), "read": cpu_ms(read)}
         cost = read_stats() - before
         out.update(decoded_frames=cost.frames / len(clips), packets=cost.packets / len(clips),
                    seeks=cost.seeks / len(clips), open=cpu_ms(open_only),
@@ -81,14 +84,16 @@ class _Measure(torch.utils.data.Dataset):
             if len(decoded) >= 512:
                 break
         out["sequential_frame"] = 1e3 * (time.process_time() - t0) / len(decoded)
-        t0 = time.process_time()
-        for f in decoded:
-            _to_rgb(f)
-        out["rgb"] = 1e3 * (time.process_time() - t0) / len(decoded) * a.num_frames
-        frames = [read_frames(p, s.frame_indices) for p, s in clips]
         specs = [s for _, s in clips]
+        boxes = [None if s.augment else s.crop for s in specs]
         t0 = time.process_time()
-        cropped = [crop_resize(f, s.crop, a.input_size, s.flip) for f, s in zip(frames, specs)]
+        for i, f in enumerate(decoded):
+            _to_rgb(f, boxes[i // a.num_frames % len(boxes)])
+        out["rgb"] = 1e3 * (time.process_time() - t0) / len(decoded) * a.num_frames
+        frames = [read(p, s) for p, s in clips]
+        t0 = time.process_time()
+        cropped = [crop_resize(f, s.crop if s.augment else (0, 0, *s.crop[2:]), a.input_size, s.flip)
+                   for f, s in zip(frames, specs)]
         out["crop_resize"] = 1e3 * (time.process_time() - t0) / len(clips)
         # Handing batches of 8 clips over: into a new shared-memory segment each, as torch's
         # default collate does, or into one the training process gave back (BatchSlots).
@@ -116,7 +121,7 @@ class _Measure(torch.utils.data.Dataset):
         for b in batches:
             thwc_uint8_to_bcthw(b, "cpu")
         out["normalise"] = 1e3 * (time.process_time() - t0) / sum(len(b) for b in batches)
-        if a.auto_augment:
+        if a.auto_augment:  # (the frames are whole: clips with the policy are read whole)
             t0 = time.process_time()
             for f, s in zip(frames, specs):
                 augment_clip(f, s.augment, s.crop, a.input_size, s.flip)
@@ -142,7 +147,7 @@ def main(argv=None) -> dict:
           f"{r['packets']:.1f} packets, {r['seeks']:.1f} seeks)")
     print(f"    of which setting up the decoder   {r['open']:7.2f}   ({r['in_place']:.0%} of the files' packets read "
           "in place, without the demuxer)")
-    print(f"    of which the RGB conversion       {r['rgb']:7.2f}")
+    print(f"    of which the RGB conversion       {r['rgb']:7.2f}   (of the crop box, without the policy)")
     print(f"  against the same {r['packets']:.1f} frames decoded from the start (the decode ceiling's "
           f"rate, {r['sequential_frame']:.3f} ms a frame): {r['sequential_frame'] * r['packets']:.2f}")
     print(f"  crop and resize to {args.input_size}              {r['crop_resize']:7.2f}")

@@ -155,17 +155,21 @@ def step_fn(model, opt, get_batch, device, precision):
     return step
 
 
-def full_decode_read(path: str, frame_indices):
+def full_decode_read(path: str, frame_indices, crop=None):
     """The reference implementation's decode strategy: decode every frame of the file, order
-    them by pts, convert the sampled ones. Plugged into our pipeline (same workers, sampler and
-    transforms), it isolates what frame-exact seeking buys over it."""
+    them by pts, convert the sampled ones (and cut the crop box). Plugged into our pipeline (same
+    workers, sampler and transforms), it isolates what frame-exact seeking buys over it."""
     import av
     import numpy as np
 
     with av.open(path) as c:
         frames = {f.pts: f for f in c.decode(video=0)}
     ordered = [frames[k] for k in sorted(frames)]
-    return np.stack([ordered[i].to_ndarray(format="rgb24") for i in frame_indices])
+    out = np.stack([ordered[i].to_ndarray(format="rgb24") for i in frame_indices])
+    if crop is not None:
+        top, left, h, w = crop
+        out = np.ascontiguousarray(out[:, top:top + h, left:left + w])
+    return out
 
 
 class ReferenceLoader:

@@ -54,11 +54,15 @@ def read_stats() -> ReadStats:
 _local = threading.local()
 
 
-def _to_rgb(frame: av.VideoFrame) -> np.ndarray:
-    """``frame.to_ndarray(format="rgb24")``, through one reformatter per thread.
+def _to_rgb(frame: av.VideoFrame, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """``frame.to_ndarray(format="rgb24")``, through one reformatter per thread, or its ``box``
+    (top, left, height, width) alone: a view, or None where the frame does not hold the box.
 
     ``to_ndarray`` sets up a new swscale context for every frame, which costs more than
-    decoding a small frame; a reused reformatter keeps its context (same pixels).
+    decoding a small frame; a reused reformatter keeps its context (same pixels). Of an 8-bit
+    4:2:0 frame, only the box's pixels are converted (on average half a training crop's frame):
+    swscale converts each pixel from its own luma and chroma samples, so the converted box,
+    widened to whole chroma samples, holds the pixels the whole frame's conversion does.
     """
     # One thread, and one context per process: a threaded swscale context used across a fork
     # (DataLoader workers) waits forever on threads the child does not have. Parallelism comes
@@ -67,7 +71,26 @@ def _to_rgb(frame: av.VideoFrame) -> np.ndarray:
     if pid != os.getpid():
         fmt = VideoReformatter()
         _local.owner = (os.getpid(), fmt)
-    return fmt.reformat(frame, format="rgb24", threads=1).to_ndarray()
+    if box is None:
+        return fmt.reformat(frame, format="rgb24", threads=1).to_ndarray()
+    top, left, h, w = box
+    if top < 0 or left < 0 or top + h > frame.height or left + w > frame.width:
+        return None
+    if frame.format.name in _CROPPED_IN_YUV and frame.width % 2 == 0 and frame.height % 2 == 0:
+        t0, l0 = top & ~1, left & ~1  # the box widened to whole chroma samples
+        b1, r1 = top + h + (top + h) % 2, left + w + (left + w) % 2
+        y, u, v = (np.frombuffer(p, np.uint8).reshape(p.height, p.line_size) for p in frame.planes)
+        part = av.VideoFrame.from_dlpack([y[t0:b1, l0:r1], u[t0 // 2:b1 // 2, l0 // 2:r1 // 2],
+                                          v[t0 // 2:b1 // 2, l0 // 2:r1 // 2]], format=frame.format.name)
+        part.colorspace, part.color_range = frame.colorspace, frame.color_range
+        rgb = fmt.reformat(part, format="rgb24", threads=1).to_ndarray()
+        return rgb[top - t0:top - t0 + h, left - l0:left - l0 + w]
+    return fmt.reformat(frame, format="rgb24", threads=1).to_ndarray()[top:top + h, left:left + w]
+
+
+# 8-bit 4:2:0 formats whose box _to_rgb converts alone, in frames of an even size (swscale
+# converts frames of an odd size another way, interpolating chroma across the box's edges).
+_CROPPED_IN_YUV = {"yuv420p", "yuvj420p"}
 
 
 def _decoder_threads() -> str:
@@ -91,8 +114,10 @@ _STANDALONE_DECODERS = {"h264", "hevc", "vp9", "av1", "libdav1d"}
 class _ClipReader:
     """Decodes one request: owns the decoder (and the open container, if any) and the output array."""
 
-    def __init__(self, path: str, index: FrameIndex, rows: dict[int, list[int]], num_rows: int):
+    def __init__(self, path: str, index: FrameIndex, rows: dict[int, list[int]], num_rows: int,
+                 box: tuple[int, int, int, int] | None = None):
         self.path, self.index, self.rows, self.num_rows = path, index, rows, num_rows
+        self.box = box  # (top, left, height, width): the part of each frame kept, or None for all of it
         self.out: np.ndarray | None = None
         self.container: av.container.InputContainer | None = None
         self.stream: av.VideoStream | None = None
@@ -165,7 +190,10 @@ class _ClipReader:
             yield packet
 
     def _store(self, key: int, frame: av.VideoFrame) -> None:
-        rgb = _to_rgb(frame)
+        rgb = _to_rgb(frame, self.box)
+        if rgb is None:
+            raise VideoReadError(self.path, f"its {frame.width}x{frame.height} frames do not hold the crop box "
+                                 f"(top, left, height, width) {self.box}")
         if self.out is None:
             self.out = np.empty((self.num_rows, *rgb.shape), dtype=np.uint8)
         elif rgb.shape != self.out.shape[1:]:
@@ -347,18 +375,20 @@ def _segments(index: FrameIndex, frames: np.ndarray) -> list[np.ndarray]:
     return [frames[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def read_frames(path: str, frame_indices: Sequence[int]) -> np.ndarray:
+def read_frames(path: str, frame_indices: Sequence[int], crop: tuple[int, int, int, int] | None = None) -> np.ndarray:
     """Frames ``frame_indices`` (presentation order, from 0) of ``path`` as uint8 [T, H, W, 3] RGB.
 
-    Rows follow ``frame_indices``: repeated and unsorted indices are allowed. Raises
+    Rows follow ``frame_indices``: repeated and unsorted indices are allowed. With ``crop``
+    (top, left, height, width), only that box of each frame is returned, [T, height, width, 3]:
+    a training clip's crop, for which the rest of the frame is never copied. Raises
     FileNotFoundError for a missing file, IndexError for an index outside the video and
-    VideoReadError when the file cannot be read.
+    VideoReadError when the file cannot be read (or its frames do not hold the crop box).
     """
     index = frame_index(path)
     path = os.path.abspath(os.fspath(path))
     positions = requested_positions(path, frame_indices, index.num_frames)
     if len(positions) == 0:
-        return np.empty((0, index.height, index.width, 3), dtype=np.uint8)
+        return np.empty((0, *(crop[2:] if crop else (index.height, index.width)), 3), dtype=np.uint8)
     frames = np.unique(positions)
     # Output rows per decoded frame, keyed the way frames are matched: by pts, or by count.
     by_pts = index.matched_by_pts
@@ -366,7 +396,7 @@ def read_frames(path: str, frame_indices: Sequence[int]) -> np.ndarray:
     rows: dict[int, list[int]] = {}
     for row, key in enumerate(keys.tolist()):
         rows.setdefault(key, []).append(row)
-    reader = _ClipReader(path, index, rows, len(positions))
+    reader = _ClipReader(path, index, rows, len(positions), crop)
     try:
         reader.reopen()
         if by_pts:

@@ -26,13 +26,21 @@ def apply_spec(frames: np.ndarray, spec: ClipSpec, size: int) -> torch.Tensor:
     return crop_resize(frames, spec.crop, size, spec.flip)
 
 
-def decode_clips(read_frames: Callable[[str, Sequence[int]], np.ndarray], path: str, specs: Sequence[ClipSpec],
+def decode_clips(read_frames: Callable[..., np.ndarray], path: str, specs: Sequence[ClipSpec],
                  size: int) -> torch.Tensor:
     """Decode and transform the clips of ``specs`` from one video: ``[V, T, size, size, 3]`` uint8.
 
-    Views share frames (three crops of one temporal window), so each frame is decoded once.
+    Views share frames (three crops of one temporal window), so each frame is decoded once. Of
+    a clip without RandAugment (whose ops see the whole frame), only the crop box is read.
     """
     wanted = sorted({i for s in specs for i in s.frame_indices})
+    if len(specs) == 1 and not specs[0].augment:
+        spec = specs[0]
+        frames = read_frames(path, wanted, crop=spec.crop)
+        if list(spec.frame_indices) != wanted:
+            frames = frames[[wanted.index(i) for i in spec.frame_indices]]
+        # The frames are the box, contiguous: the resize reads them without another copy.
+        return crop_resize(frames, (0, 0, *spec.crop[2:]), size, spec.flip)[None]
     frames = read_frames(path, wanted)
     row = {f: r for r, f in enumerate(wanted)}
 

@@ -39,7 +39,7 @@ __all__ = ["BatchSlots", "DecodingPipeline", "ClipDataset", "SharedMemoryFull", 
 
 log = logging.getLogger(__name__)
 
-ReadFrames = Callable[[str, Sequence[int]], np.ndarray]
+ReadFrames = Callable[..., np.ndarray]  # (path, frame indices, crop=None) -> [T, H, W, 3] uint8
 
 
 class ClipDataset(torch.utils.data.Dataset):

@@ -177,6 +177,38 @@ def test_clip_is_the_samplers_decision(demo_data):
     torch.testing.assert_close(got.permute(1, 2, 3, 0), expect.float(), atol=1e-3, rtol=0)
 
 
+def test_a_clip_without_randaugment_reads_only_its_crop_box(demo_data):
+    """A training clip without RandAugment has its frames read as the crop box alone; the clip is
+    the one resized from the box of whole frames. A clip with the policy, and evaluation's views
+    (several crops of the same frames), read whole frames."""
+    from pipelines.augment import crop_resize
+    from pipelines.randaugment import AugOp
+    from pipelines.sampling import ClipSpec
+    from pipelines.transforms import decode_clips
+
+    path = read_list(demo_data.train_list, data_root=demo_data.root)[0].path
+    crops = []
+
+    def spy(path, indices, crop=None):
+        crops.append(crop)
+        return read_frames(path, indices, crop=crop)
+
+    height, width = read_frames(path, [0]).shape[1:3]
+    for frames, crop, flip in (((7, 1, 5, 5), (3, 7, 41, 55), True), ((0, 2, 4, 6), (1, 0, height - 1, width), False)):
+        spec = ClipSpec(index=0, view=0, frame_indices=frames, crop=crop, flip=flip, aug_seed=0)
+        want = crop_resize(read_frames(path, frames), crop, 48, flip)
+        crops.clear()
+        got = decode_clips(spy, path, [spec], 48)
+        assert crops == [crop] and got.shape == (1, 4, 48, 48, 3) and torch.equal(got[0], want)
+    solarize = ClipSpec(index=0, view=0, frame_indices=(0, 2), crop=(3, 7, 41, 55), flip=False, aug_seed=0,
+                        augment=(AugOp("Solarize", 1.0, 128),))
+    views = [ClipSpec(index=0, view=v, frame_indices=(0, 2), crop=(0, 16 * v, 40, 40), flip=False, aug_seed=0)
+             for v in range(2)]
+    crops.clear()
+    decode_clips(spy, path, [solarize], 48), decode_clips(spy, path, views, 48)
+    assert crops == [None, None]
+
+
 def test_crop_resize_matches_resizing_in_float():
     """The uint8 resize stays within one level of an antialiased bilinear resize in float."""
     import torch.nn.functional as F
@@ -389,10 +421,10 @@ def test_segments_past_the_end_of_their_video_are_reported_by_line(demo_data, tm
         load_dataset(cfg(demo_data, list_path=str(tmp_path / "segments.txt"), max_bad_fraction=0.0))
 
 
-def _logged_read(log_path, path, frame_indices):
+def _logged_read(log_path, path, frame_indices, crop=None):
     with open(log_path, "a") as f:
         f.write(f"{os.path.basename(path)} {' '.join(map(str, frame_indices))}\n")
-    return read_frames(path, frame_indices)
+    return read_frames(path, frame_indices, crop=crop)
 
 
 def test_training_workers_run_ahead_into_the_next_epoch_with_the_same_clips(demo_data, tmp_path):

@@ -249,6 +249,58 @@ def test_av1_frames_are_read_whatever_the_first_packet_asks_the_decoder_to_skip(
         assert np.array_equal(read_frames(path, want), ref[want]), want
 
 
+def _boxes(height: int, width: int, seed: int) -> list[tuple[int, int, int, int]]:
+    """Crop boxes (top, left, height, width): odd and even corners and sizes, the whole frame,
+    one pixel, and boxes that reach the last row or column."""
+    rng = np.random.default_rng(seed)
+    boxes = [(0, 0, height, width), (height - 1, width - 1, 1, 1), (1, 1, height - 1, width - 1),
+             (0, 1, height, width - 2), (3, 5, 7, 9)]
+    for _ in range(24):
+        h, w = int(rng.integers(1, height + 1)), int(rng.integers(1, width + 1))
+        boxes.append((int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w))
+    return boxes
+
+
+@pytest.mark.parametrize("name", ["h264_bframes", "vp9_webm", "hevc_bframes_mp4", "mpeg4_bframes_mp4"])
+def test_a_crop_box_holds_the_pixels_of_the_whole_frames(videos, name):
+    """``crop`` keeps a box of each frame (of an 8-bit 4:2:0 frame, only the box is converted
+    to RGB): the pixels are those of the whole frames, whatever the box's corners."""
+    path, ref, _ = videos[name]
+    want = [17, 3, 3, 40]
+    for box in _boxes(64, 96, seed=len(name)):
+        top, left, h, w = box
+        got = read_frames(path, want, crop=box)
+        assert got.shape == (4, h, w, 3) and got.flags.c_contiguous, box
+        assert np.array_equal(got, ref[want, top:top + h, left:left + w]), box
+
+
+def test_a_crop_box_of_odd_sized_10_bit_and_full_range_frames(tmp_path):
+    """Frames of an odd size (their last chroma sample covers one column or row), 10-bit and
+    full-range frames (converted whole, then cut), BT.709: the box of the whole frames."""
+    paths = [
+        encode_frames(str(tmp_path / "odd.webm"), photo_frames(6, 65, 97), gop=3),
+        encode_frames(str(tmp_path / "ten.mp4"), photo_frames(6, 64, 96), "libx264", pix_fmt="yuv420p10le", gop=3),
+        encode_frames(str(tmp_path / "full.mp4"), photo_frames(6, 64, 96), "libx264", pix_fmt="yuvj420p", gop=3),
+        encode_frames(str(tmp_path / "bt709.mp4"), photo_frames(6, 64, 96), "libx264", gop=3,
+                      options={"colorspace": "bt709", "color_range": "tv"}),
+    ]
+    for path in paths:
+        ref = decode_all(path)[1]
+        height, width = ref.shape[1:3]
+        for box in _boxes(height, width, seed=height):
+            top, left, h, w = box
+            assert np.array_equal(read_frames(path, [5, 1], crop=box), ref[[5, 1], top:top + h, left:left + w]), \
+                (path, box)
+
+
+def test_a_crop_box_outside_the_frames_is_refused_by_name(videos):
+    path = videos["h264_bframes"][0]
+    for box in ((60, 0, 5, 10), (0, 90, 10, 7), (-1, 0, 4, 4)):
+        with pytest.raises(VideoReadError, match=r"b\.mp4: its 96x64 frames do not hold the crop box"):
+            read_frames(path, [2], crop=box)
+    assert read_frames(path, [], crop=(0, 0, 5, 7)).shape == (0, 5, 7, 3)
+
+
 def test_file_change_invalidates_index(tmp_path):
     path = str(tmp_path / "v.mp4")
     write_video(path, 20, gop=5)
