@@ -28,6 +28,10 @@ VIDEOS = {
     "mpeg4_bframes_mp4": ("m4.mp4", 60, dict(codec="mpeg4", gop=12, options={"bf": "2", "q:v": "3"}), 0),
     "h264_fragmented_mp4": ("frag.mp4", 60, dict(bframes=3, gop=12, container_options={
         "movflags": "frag_keyframe+empty_moov"}), 0),
+    # Every frame an IDR picture: sparse reads decode them one after another without a flush.
+    "h264_all_intra": ("intra.mp4", 40, dict(gop=1), 0),
+    "hevc_all_intra": ("hintra.mp4", 40, dict(codec="libx265", gop=1, options={
+        "x265-params": "keyint=1:min-keyint=1:scenecut=0:log-level=error"}), 0),
 }
 
 
@@ -299,6 +303,38 @@ def test_a_crop_box_outside_the_frames_is_refused_by_name(videos):
         with pytest.raises(VideoReadError, match=r"b\.mp4: its 96x64 frames do not hold the crop box"):
             read_frames(path, [2], crop=box)
     assert read_frames(path, [], crop=(0, 0, 5, 7)).shape == (0, 5, 7, 3)
+
+
+def test_only_idr_pictures_are_decoded_without_a_flush_before_them(videos, monkeypatch):
+    """Before each keyframe of a sparse read the decoder is flushed, as a seek would, except
+    before an IDR picture (H.264, HEVC) where the decoder holds no frame back: an IDR restarts the
+    decoder itself. Open-GOP keyframes (x264's recovery points, x265's CRA pictures) are not
+    IDR pictures, nor is anything but the first packet of a closed H.264 GOP."""
+    def first_slices(name):
+        path = videos[name][0]
+        index = frame_index(path)
+        size = pyav._nal_length_size(index.codec, index.extradata)
+        with pyav.av.open(path) as c:
+            packets = [p for p in c.demux(video=0) if p.size]
+        return [pyav._is_idr(p, index.codec, size) for p in packets], [p.is_keyframe for p in packets]
+
+    idr, key = first_slices("h264_bframes")
+    assert idr == key and sum(idr) == 5  # closed GOPs of 12
+    for name in ("h264_open_gop", "hevc_bframes_mp4"):
+        idr, key = first_slices(name)
+        assert idr[0] and not any(idr[1:]) and sum(key) > 1, name
+    for name in ("h264_all_intra", "hevc_all_intra"):
+        assert all(first_slices(name)[0]), name
+    assert pyav._nal_length_size("vp9", b"\x01" * 30) is None
+    checked = []
+    real = pyav._is_idr
+    monkeypatch.setattr(pyav, "_is_idr", lambda *a: checked.append(real(*a)) or checked[-1])
+    monkeypatch.setattr(pyav, "_decoder_threads", lambda: "NONE")
+    for name in ("h264_all_intra", "hevc_all_intra", "h264_open_gop"):
+        path, ref, _ = videos[name]
+        for want in ([3, 9, 17, 31], [39, 0, 20, 20, 21]):
+            assert np.array_equal(read_frames(path, want), ref[want]), (name, want)
+    assert checked == [True] * 10  # 3 + 2 segments after the first per all-intra file (20, 21 are one)
 
 
 def test_file_change_invalidates_index(tmp_path):
