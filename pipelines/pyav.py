@@ -30,14 +30,16 @@ __all__ = ["FrameIndex", "ReadStats", "VideoReadError", "frame_index", "read_fra
 @dataclasses.dataclass
 class ReadStats:
     """What :func:`read_frames` cost in this process (DataLoader workers count their own): files
-    opened, seeks, packets given to the decoder, frames it returned (B-frames nobody needs are
-    skipped, so fewer than the packets), and opens that decode with FFmpeg's threads."""
+    opened (or decoders set up), seeks, packets given to the decoder, frames it returned
+    (B-frames nobody needs are skipped, so fewer than the packets), opens that decode with
+    FFmpeg's threads, and reads that took over the decoder the previous read left set up."""
 
     opens: int = 0
     seeks: int = 0
     packets: int = 0
     frames: int = 0
     threaded: int = 0
+    reused: int = 0
 
     def __sub__(self, other: ReadStats) -> ReadStats:
         return ReadStats(*(a - b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
@@ -166,8 +168,16 @@ class _ClipReader:
         self.fd: int | None = None  # the file, where packets are read from it by the index's offsets
         # Packets read in place: only for frames matched by pts (the others are counted from the start).
         self.in_place = index.offset is not None and index.matched_by_pts
+        self.fed = False  # the decoder has been given packets since its last reset
         self.drained = False  # the decoder has been sent the end of the stream since its last reset
         self.nal_length_size = _nal_length_size(index.codec, index.extradata)
+        self.kept_as: tuple | None = None  # the key the decoder is kept by for the next read, if it may be
+
+    def finish(self) -> None:
+        """Ends a read that succeeded: the decoder is kept for the next read with the same set-up."""
+        if self.kept_as is not None:
+            _local.decoder = (self.kept_as, self.ctx, self.fed, self.drained)
+        self.close()
 
     def close(self) -> None:
         if self.container is not None:
@@ -180,9 +190,26 @@ class _ClipReader:
     def reopen(self) -> None:
         self.close()
         index = self.index
+        threads = _decoder_threads()
+        self.kept_as = None
         if self.in_place and index.codec in _STANDALONE_DECODERS:
             # The packets come from the file's bytes: the decoder alone, set up as the container
             # would set it up (opening an mp4 costs about 0.5 ms, as much as a small frame's decoding).
+            # The last read's decoder is taken over where it was set up the same way (files a
+            # re-encoded dataset made share it): a new one costs its set-up and its first frame's
+            # memory, about 5% of an all-intra clip's decoding. Only a single-threaded one (in
+            # DataLoader workers): a frame-threaded decoder freed in a fork's child waits forever
+            # for threads the child does not have. Per process; not after a read that failed.
+            key = (os.getpid(), threads, index.codec, index.extradata, index.colorspace, index.color_range,
+                   index.pix_fmt, index.width, index.height)
+            kept = getattr(_local, "decoder", None)
+            _local.decoder = None
+            if kept is not None and kept[0] == key:
+                self.kept_as, (_, self.ctx, self.fed, self.drained) = key, kept
+                self.fresh = True
+                _stats.reused += 1
+                return
+            self.kept_as = key if threads == "NONE" else None
             self.ctx = av.CodecContext.create(index.codec, "r")
             if index.extradata:
                 self.ctx.extradata = index.extradata
@@ -195,12 +222,12 @@ class _ClipReader:
             self.container = open_video(self.path, index.container_format, probe=not index.matched_by_pts)
             self.stream = self.container.streams[index.stream_index]
             self.ctx = self.stream.codec_context
-        threads = _decoder_threads()
         self.ctx.thread_type = threads
         # Opened now, before a packet nobody wants sets skip_frame: libdav1d (AV1) takes it once,
         # when it opens, and would then drop every non-reference frame of the read.
         self.ctx.open(strict=False)
         self.fresh = True
+        self.fed = self.drained = False
         _stats.opens += 1
         _stats.threaded += threads != "NONE"
 
@@ -278,16 +305,18 @@ class _ClipReader:
             index = self.index
             last = int(index.decode_pos[np.searchsorted(index.pts, drain_at)])  # pts are unique here
             packets = self._packets_in_place(int(index.decode_pos[key]) if key is not None else 0, last)
-            if not self.fresh:
-                first = next(packets)
+            if self.fed:
+                first = next(packets, None)  # none where the keyframe comes after the wanted frames
                 # An IDR picture needs no reset where the decoder holds no frame back (no drain
                 # pending, no reordering, no frame threads): it drops every reference itself.
                 holds_none = (not self.drained and not ctx.has_b_frames
                               and ctx.thread_type == av.codec.context.ThreadType.NONE)
-                if not (holds_none and _is_idr(first, index.codec, self.nal_length_size)):
+                if first is None or not (holds_none and _is_idr(first, index.codec, self.nal_length_size)):
                     ctx.flush_buffers()  # as a seek does
                     self.drained = False
-                packets = itertools.chain([first], packets)
+                if first is not None:
+                    packets = itertools.chain([first], packets)
+            self.fed = True
             _stats.seeks += key is not None
         else:
             if seek_ts is not None:
@@ -457,8 +486,10 @@ def read_frames(path: str, frame_indices: Sequence[int], crop: tuple[int, int, i
             reader.read_sequential(int(frames[-1]))
     except av.FFmpegError as e:
         raise VideoReadError(path, f"decoding failed: {e}") from e
-    finally:
+    except BaseException:
         reader.close()
+        raise
+    reader.finish()
     return reader.out
 
 

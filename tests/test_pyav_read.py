@@ -116,7 +116,7 @@ def test_a_read_seeks_only_past_frames_nobody_wants(tmp_path):
     dense = np.arange(3, 9)  # across the keyframe at 5: decoding on reaches it, no seek
     got, cost = _cost(lambda: read_frames(path, dense))
     assert np.array_equal(got, ref[dense])
-    assert cost.seeks == 0 and cost.opens == 1 and cost.frames <= 9  # frames 0-8 at most, each once
+    assert cost.seeks == 0 and cost.opens + cost.reused == 1 and cost.frames <= 9  # frames 0-8 at most, each once
     sparse = np.array([0, 1, 8, 9])  # the keyframe at 5 skips frames 2-4
     got, cost = _cost(lambda: read_frames(path, sparse))
     assert np.array_equal(got, ref[sparse])
@@ -176,7 +176,7 @@ def test_mp4_packets_are_read_in_place_where_the_file_holds_them_as_they_are(vid
     not in the index) nor in matroska, MPEG-TS or raw streams, which frame their packets."""
     in_place = {name for name in VIDEOS if frame_index(videos[name][0]).offset is not None}
     assert in_place == {"h264_bframes", "h264_open_gop", "h264_start_pts", "h264_with_audio", "hevc_bframes_mp4",
-                        "vp9_mp4", "mpeg4_bframes_mp4", "h264_fragmented_mp4"}
+                        "vp9_mp4", "mpeg4_bframes_mp4", "h264_fragmented_mp4", "h264_all_intra", "hevc_all_intra"}
     path = videos["h264_with_audio"][0]  # video packets between audio ones
     index = frame_index(path)
     with open(path, "rb") as f, pyav.av.open(path) as container:
@@ -326,6 +326,7 @@ def test_only_idr_pictures_are_decoded_without_a_flush_before_them(videos, monke
     for name in ("h264_all_intra", "hevc_all_intra"):
         assert all(first_slices(name)[0]), name
     assert pyav._nal_length_size("vp9", b"\x01" * 30) is None
+    monkeypatch.setattr(pyav._local, "decoder", None, raising=False)  # no decoder left by earlier reads
     checked = []
     real = pyav._is_idr
     monkeypatch.setattr(pyav, "_is_idr", lambda *a: checked.append(real(*a)) or checked[-1])
@@ -334,7 +335,34 @@ def test_only_idr_pictures_are_decoded_without_a_flush_before_them(videos, monke
         path, ref, _ = videos[name]
         for want in ([3, 9, 17, 31], [39, 0, 20, 20, 21]):
             assert np.array_equal(read_frames(path, want), ref[want]), (name, want)
-    assert checked == [True] * 10  # 3 + 2 segments after the first per all-intra file (20, 21 are one)
+    # Per all-intra file: 3 segments after the first, then the next read's 3 (20 and 21 are one
+    # segment) with the decoder the first left; open GOPs reorder, so they are flushed unchecked.
+    assert checked == [True] * 12
+
+
+def test_the_next_read_takes_over_a_decoder_set_up_the_same_way(tmp_path, monkeypatch):
+    """A read whose decoder is set up as the previous read's was (codec, set-up bytes, colour
+    tags, size: files of one re-encoded dataset) takes that decoder over instead of setting up a
+    new one, and reads the same frames; after a read that failed, it sets up a new one."""
+    monkeypatch.setattr(pyav, "_decoder_threads", lambda: "NONE")
+    a, b = (write_video(str(tmp_path / f"{n}.mp4"), 30, gop=1, pattern=p) for n, p in (("a", "bars"), ("b", "field")))
+    c = write_video(str(tmp_path / "c.mp4"), 30, gop=1, size=(64, 48))
+    d = write_video(str(tmp_path / "d.mp4"), 30, gop=10, bframes=2)
+    refs = {path: decode_all(path)[1] for path in (a, b, c, d)}
+    plan = [(a, [3, 9, 27], 0), (b, [0, 1, 29], 1), (a, [5], 1), (c, [2, 20], 0), (a, [7, 8], 0), (d, [25, 4], 0),
+            (d, [9, 11, 29], 1), (d, [0, 1], 1), (a, [1], 0)]
+    for path, want, reused in plan:
+        got, cost = _cost(lambda: read_frames(path, want))
+        assert np.array_equal(got, refs[path][want]), (path, want)
+        assert (cost.reused, cost.opens) == (reused, 1 - reused), (path, want)
+    with pytest.raises(VideoReadError, match="do not hold the crop box"):
+        read_frames(a, [2], crop=(0, 0, 65, 10))
+    got, cost = _cost(lambda: read_frames(a, [4, 2]))
+    assert np.array_equal(got, refs[a][[4, 2]]) and (cost.reused, cost.opens) == (0, 1)
+    # A frame-threaded decoder (the main process's) is not kept: freed in a DataLoader worker
+    # forked from this process, it would wait forever for its threads (the test suite hung).
+    monkeypatch.setattr(pyav, "_decoder_threads", lambda: "AUTO")
+    assert np.array_equal(read_frames(a, [6]), refs[a][[6]]) and pyav._local.decoder is None
 
 
 def test_file_change_invalidates_index(tmp_path):
