@@ -63,8 +63,8 @@ def _to_rgb(frame: av.VideoFrame, box: tuple[int, int, int, int] | None = None) 
 
     ``to_ndarray`` sets up a new swscale context for every frame, which costs more than
     decoding a small frame; a reused reformatter keeps its context (same pixels). Of an 8-bit
-    4:2:0 frame, only the box's pixels are converted (on average half a training crop's frame):
-    swscale converts each pixel from its own luma and chroma samples, so the converted box,
+    4:2:0 frame, only the box's pixels are converted (a training crop holds about half the frame
+    on average): swscale converts each pixel from its own luma and chroma samples, so the converted box,
     widened to whole chroma samples, holds the pixels the whole frame's conversion does.
     """
     # One thread, and one context per process: a threaded swscale context used across a fork
@@ -477,6 +477,7 @@ def read_frames(path: str, frame_indices: Sequence[int], crop: tuple[int, int, i
     for row, key in enumerate(keys.tolist()):
         rows.setdefault(key, []).append(row)
     reader = _ClipReader(path, index, rows, len(positions), crop)
+    done = False
     try:
         reader.reopen()
         if by_pts:
@@ -484,12 +485,11 @@ def read_frames(path: str, frame_indices: Sequence[int], crop: tuple[int, int, i
                 reader.read_segment(segment)
         else:
             reader.read_sequential(int(frames[-1]))
+        done = True
     except av.FFmpegError as e:
         raise VideoReadError(path, f"decoding failed: {e}") from e
-    except BaseException:
-        reader.close()
-        raise
-    reader.finish()
+    finally:
+        reader.finish() if done else reader.close()  # a failed read's decoder is not kept
     return reader.out
 
 

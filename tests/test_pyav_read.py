@@ -305,6 +305,26 @@ def test_a_crop_box_outside_the_frames_is_refused_by_name(videos):
     assert read_frames(path, [], crop=(0, 0, 5, 7)).shape == (0, 5, 7, 3)
 
 
+@pytest.mark.parametrize("name", ["h264_bframes", "h264_mkv", "mpeg4_bframes_mp4"])  # decoder alone, demuxed, opened
+def test_a_read_that_fails_leaves_no_file_open(videos, monkeypatch, name):
+    """A read that fails in the decoder (an FFmpeg error, reported as a VideoReadError) or
+    around it closes what it opened: a worker reads thousands of files."""
+    path = videos[name][0]
+    read_frames(path, [1])  # indexed
+    fds = len(os.listdir("/proc/self/fd"))
+
+    def broken(self, packet):
+        raise pyav.av.error.InvalidDataError(-1094995529, "Invalid data found when processing input")
+
+    with pytest.raises(VideoReadError, match="decoding failed"):
+        with monkeypatch.context() as m:
+            m.setattr(pyav._ClipReader, "_decode", broken)
+            read_frames(path, [5, 30])
+    with pytest.raises(VideoReadError, match="do not hold the crop box"):
+        read_frames(path, [5, 30], crop=(0, 0, 65, 9))
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
 def test_only_idr_pictures_are_decoded_without_a_flush_before_them(videos, monkeypatch):
     """Before each keyframe of a sparse read the decoder is flushed, as a seek would, except
     before an IDR picture (H.264, HEVC) where the decoder holds no frame back: an IDR restarts the
