@@ -40,6 +40,7 @@ class _Measure(torch.utils.data.Dataset):
         from pipelines.dataset import clip_specs
         from pipelines.index import frame_index, open_video
         from pipelines.pyav import _ClipReader, _to_rgb, read_frames, read_stats
+        from pipelines.transforms import read_box
         from pipelines.workers import BatchSlots, cat_for_transfer
 
         a = self.args
@@ -66,7 +67,7 @@ class _Measure(torch.utils.data.Dataset):
             reader.close()
 
         def read(path, spec):  # as the pipeline reads: a clip without the policy, its crop box alone
-            return read_frames(path, spec.frame_indices, crop=None if spec.augment else spec.crop)
+            return read_frames(path, spec.frame_indices, crop=read_box(spec))
 
         before = read_stats()
         out = {"clips": len(clips), "read": cpu_ms(read)}
@@ -85,15 +86,15 @@ class _Measure(torch.utils.data.Dataset):
                 break
         out["sequential_frame"] = 1e3 * (time.process_time() - t0) / len(decoded)
         specs = [s for _, s in clips]
-        boxes = [None if s.augment else s.crop for s in specs]
+        boxes = [read_box(s) for s in specs]
         t0 = time.process_time()
         for i, f in enumerate(decoded):
             _to_rgb(f, boxes[i // a.num_frames % len(boxes)])
         out["rgb"] = 1e3 * (time.process_time() - t0) / len(decoded) * a.num_frames
         frames = [read(p, s) for p, s in clips]
         t0 = time.process_time()
-        cropped = [crop_resize(f, s.crop if s.augment else (0, 0, *s.crop[2:]), a.input_size, s.flip)
-                   for f, s in zip(frames, specs)]
+        cropped = [crop_resize(f, s.crop if box is None else (0, 0, *box[2:]), a.input_size, s.flip)
+                   for f, s, box in zip(frames, specs, boxes)]
         out["crop_resize"] = 1e3 * (time.process_time() - t0) / len(clips)
         # Handing batches of 8 clips over: into a new shared-memory segment each, as torch's
         # default collate does, or into one the training process gave back (BatchSlots).

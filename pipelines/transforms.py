@@ -16,7 +16,7 @@ import torch
 from .augment import augment_clip, crop_resize
 from .sampling import ClipSpec
 
-__all__ = ["apply_spec", "crop_resize", "decode_clips"]
+__all__ = ["apply_spec", "crop_resize", "decode_clips", "read_box"]
 
 
 def apply_spec(frames: np.ndarray, spec: ClipSpec, size: int) -> torch.Tensor:
@@ -26,27 +26,33 @@ def apply_spec(frames: np.ndarray, spec: ClipSpec, size: int) -> torch.Tensor:
     return crop_resize(frames, spec.crop, size, spec.flip)
 
 
+def read_box(spec: ClipSpec) -> tuple[int, int, int, int] | None:
+    """What of each frame a clip needs read: its crop box, or None (the whole frame) for a clip
+    with RandAugment, whose ops see the whole frame."""
+    return None if spec.augment else spec.crop
+
+
 def decode_clips(read_frames: Callable[..., np.ndarray], path: str, specs: Sequence[ClipSpec],
                  size: int) -> torch.Tensor:
     """Decode and transform the clips of ``specs`` from one video: ``[V, T, size, size, 3]`` uint8.
 
     Views share frames (three crops of one temporal window), so each frame is decoded once. Of
-    a clip without RandAugment (whose ops see the whole frame), only the crop box is read.
+    a clip without RandAugment, only the crop box is read (``read_box``).
     """
-    wanted = sorted({i for s in specs for i in s.frame_indices})
-    if len(specs) == 1 and not specs[0].augment:
+    if len(specs) == 1:  # the reader returns its rows in the clip's order, repeats included
         spec = specs[0]
-        frames = read_frames(path, wanted, crop=spec.crop)
-        if list(spec.frame_indices) != wanted:
-            frames = frames[[wanted.index(i) for i in spec.frame_indices]]
+        box = read_box(spec)
+        frames = read_frames(path, spec.frame_indices, crop=box)
+        if box is None:
+            return apply_spec(frames, spec, size)[None]
         # The frames are the box, contiguous: the resize reads them without another copy.
-        return crop_resize(frames, (0, 0, *spec.crop[2:]), size, spec.flip)[None]
+        return crop_resize(frames, (0, 0, *box[2:]), size, spec.flip)[None]
+    wanted = sorted({i for s in specs for i in s.frame_indices})
     frames = read_frames(path, wanted)
     row = {f: r for r, f in enumerate(wanted)}
 
     def clip(spec: ClipSpec) -> torch.Tensor:
-        # A training clip's frames are usually the decoded ones, in order: no copy then.
         own = frames if list(spec.frame_indices) == wanted else frames[[row[i] for i in spec.frame_indices]]
         return apply_spec(own, spec, size)
 
-    return clip(specs[0])[None] if len(specs) == 1 else torch.stack([clip(s) for s in specs])
+    return torch.stack([clip(s) for s in specs])
