@@ -12,6 +12,7 @@ raises :class:`VideoReadError` naming it.
 from __future__ import annotations
 
 import base64
+import bisect
 import errno
 import functools
 import os
@@ -108,15 +109,22 @@ class FrameIndex:
         return self.has_pts and not self.shared_pts
 
     @functools.cached_property
-    def _keys_by_decode(self) -> tuple[np.ndarray, np.ndarray]:
-        """(presentation positions, decode positions) of the keyframes, in decode order."""
-        pos = np.flatnonzero(self.keyframe)
+    def keyframe_positions(self) -> np.ndarray:
+        """The presentation positions of the keyframes, ascending."""
+        return np.flatnonzero(self.keyframe)
+
+    @functools.cached_property
+    def _keys_by_decode(self) -> tuple[list[int], list[int]]:
+        """(presentation positions, decode positions) of the keyframes, in decode order: lists,
+        which a reader walks a few items of per seek (numpy's per-call cost is larger there)."""
+        pos = self.keyframe_positions
         dec = self.decode_pos[pos]
         order = np.argsort(dec, kind="stable")
-        return pos[order], dec[order]
+        return pos[order].tolist(), dec[order].tolist()
 
-    def start_keyframes(self, first: int, min_decode_pos: int) -> np.ndarray:
-        """Keyframes to start decoding from to get every frame from ``first`` on, best first.
+    def start_keyframes(self, first: int, min_decode_pos: int, limit: int | None = None) -> list[int]:
+        """Keyframes to start decoding from to get every frame from ``first`` on, best first
+        (the first ``limit`` of them).
 
         A start keyframe displays at or before ``first`` and decodes at or before every wanted
         frame (``min_decode_pos``); the latest such keyframe in decode order decodes least.
@@ -124,8 +132,13 @@ class FrameIndex:
         it), so for those the previous keyframe is chosen, from which they decode correctly.
         """
         pos, dec = self._keys_by_decode
-        ok = (pos <= first) & (dec <= min_decode_pos)
-        return pos[ok][::-1]
+        found: list[int] = []
+        for i in range(bisect.bisect_right(dec, min_decode_pos) - 1, -1, -1):
+            if pos[i] <= first:
+                found.append(pos[i])
+                if len(found) == limit:
+                    break
+        return found
 
 
 def _video_stream(container: av.container.InputContainer, path: str) -> av.VideoStream:

@@ -172,6 +172,7 @@ class _ClipReader:
         self.drained = False  # the decoder has been sent the end of the stream since its last reset
         self.nal_length_size = _nal_length_size(index.codec, index.extradata)
         self.kept_as: tuple | None = None  # the key the decoder is kept by for the next read, if it may be
+        self.one_thread = True  # the decoder runs on the calling thread (no frame threads holding frames back)
 
     def finish(self) -> None:
         """Ends a read that succeeded: the decoder is kept for the next read with the same set-up."""
@@ -191,6 +192,7 @@ class _ClipReader:
         self.close()
         index = self.index
         threads = _decoder_threads()
+        self.one_thread = threads == "NONE"
         self.kept_as = None
         if self.in_place and index.codec in _STANDALONE_DECODERS:
             # The packets come from the file's bytes: the decoder alone, set up as the container
@@ -284,15 +286,16 @@ class _ClipReader:
         return packet.dts is not None and key_dts != NO_TS and packet.dts <= key_dts
 
     def _attempt(
-        self, want: set[int], drain_at: int, key: int | None, seek_ts: int | None
+        self, want: set[int], drain_at: int, last: int, key: int | None, seek_ts: int | None
     ) -> set[int] | None:
         """Decodes from keyframe ``key`` (``seek_ts`` in stream time base) or from the start.
 
-        ``drain_at`` is the pts of the wanted frame whose packet decodes last: once that packet
-        is in, the decoder is drained instead of fed more packets to push out the frames it
-        holds back for reordering (B-frames; frame threads hold one per thread). Packets of
-        frames nobody wants are decoded with ``skip_frame = "NONREF"``: a frame no other frame
-        predicts from (most B-frames, a third of a typical H.264 stream) is then not decoded.
+        ``drain_at`` is the pts of the wanted frame whose packet decodes last (at decode position
+        ``last``): once that packet is in, the decoder is drained instead of fed more packets to
+        push out the frames it holds back for reordering (B-frames; frame threads hold one per
+        thread). Packets of frames nobody wants are decoded with ``skip_frame = "NONREF"``: a
+        frame no other frame predicts from (most B-frames, a third of a typical H.264 stream) is
+        then not decoded.
         Returns the wanted pts that did not come out, or None when the seek landed after the
         keyframe (the demuxer seeks by dts, or ignores keyframe flags: MPEG-TS). Packets read in
         place need no seek: the index says where each one is.
@@ -303,14 +306,12 @@ class _ClipReader:
         stream, ctx = self.stream, self.ctx
         if in_place:  # the packets from the keyframe on, read where the index says they are
             index = self.index
-            last = int(index.decode_pos[np.searchsorted(index.pts, drain_at)])  # pts are unique here
             packets = self._packets_in_place(int(index.decode_pos[key]) if key is not None else 0, last)
             if self.fed:
                 first = next(packets, None)  # none where the keyframe comes after the wanted frames
                 # An IDR picture needs no reset where the decoder holds no frame back (no drain
                 # pending, no reordering, no frame threads): it drops every reference itself.
-                holds_none = (not self.drained and not ctx.has_b_frames
-                              and ctx.thread_type == av.codec.context.ThreadType.NONE)
+                holds_none = not self.drained and not ctx.has_b_frames and self.one_thread
                 if first is None or not (holds_none and _is_idr(first, index.codec, self.nal_length_size)):
                     ctx.flush_buffers()  # as a seek does
                     self.drained = False
@@ -366,13 +367,20 @@ class _ClipReader:
     def read_segment(self, frames: np.ndarray) -> None:
         """Decodes the sorted unique presentation positions ``frames`` (one seek)."""
         index = self.index
-        want = set(index.pts[frames].tolist())
-        drain_at = int(index.pts[frames[np.argmax(index.decode_pos[frames])]])
-        keys = index.start_keyframes(int(frames[0]), int(index.decode_pos[frames].min()))
+        first = int(frames[0])
+        if len(frames) == 1:  # a sparse clip's segment: the same, without numpy's per-call cost
+            drain_at, last = int(index.pts[first]), int(index.decode_pos[first])
+            want, min_decode_pos = {drain_at}, last
+        else:
+            want = set(index.pts[frames].tolist())
+            decode_pos = index.decode_pos[frames]
+            i = int(decode_pos.argmax())
+            drain_at, last = int(index.pts[frames[i]]), int(decode_pos[i])
+            min_decode_pos = int(decode_pos.min())
         attempts: list[tuple[int | None, int | None]] = []
         # The best keyframe, then one earlier (the first may not decode what we need), each by
         # pts and, where the container has it, by dts; then the start of the file.
-        for key in keys[:2].tolist():
+        for key in index.start_keyframes(first, min_decode_pos, limit=2):
             if index.decode_pos[key] == 0 and self.fresh:
                 break  # the first packet: decoding from the start is the same, without a seek
             attempts.append((key, int(index.pts[key])))
@@ -383,7 +391,7 @@ class _ClipReader:
         for key, seek_ts in attempts:
             if key is not None and key == failed_key:
                 continue  # it landed right but frames were missing: another ts will not help
-            missing = self._attempt(want, drain_at, key, seek_ts)
+            missing = self._attempt(want, drain_at, last, key, seek_ts)
             if missing is None:
                 continue
             if not missing:
@@ -439,17 +447,17 @@ def _segments(index: FrameIndex, frames: np.ndarray) -> list[np.ndarray]:
     reached by decoding on, without a seek and a new demux.
     """
     dec = index.decode_pos[frames]
-    suffix_min = np.minimum.accumulate(dec[::-1])[::-1]
+    suffix_min = np.minimum.accumulate(dec[::-1])[::-1].tolist()
     # Only a frame with a keyframe shown since the previous wanted frame can start a segment;
     # a dense read then costs one check per GOP, not per frame.
-    key_pos = np.flatnonzero(index.keyframe)
-    gop = np.searchsorted(key_pos, frames, side="right")
+    gop = np.searchsorted(index.keyframe_positions, frames, side="right")
+    dec = dec.tolist()
     bounds = [0]
     for j in np.flatnonzero(gop[1:] != gop[:-1]).tolist():
         j += 1
-        seg_max_dec = dec[bounds[-1] : j].max()
-        keys = index.start_keyframes(int(frames[j]), int(suffix_min[j]))
-        if len(keys) and index.decode_pos[keys[0]] > seg_max_dec + 1:
+        seg_max_dec = max(dec[bounds[-1]:j])
+        keys = index.start_keyframes(int(frames[j]), suffix_min[j], limit=1)
+        if keys and index.decode_pos[keys[0]] > seg_max_dec + 1:
             bounds.append(j)
     bounds.append(len(frames))
     return [frames[a:b] for a, b in zip(bounds[:-1], bounds[1:])]

@@ -476,12 +476,27 @@ def test_bad_landing_falls_back(videos, monkeypatch):
     assert np.array_equal(read_frames(path, [40, 30]), ref[[40, 30]])
 
 
+def test_start_keyframes_are_those_that_decode_every_wanted_frame_latest_first(videos):
+    """Every keyframe shown at or before the first wanted frame and decoded at or before every
+    wanted one, the latest in decode order first, on closed and open GOPs and shifted
+    timestamps; ``limit`` keeps the first of them."""
+    for name in ("h264_bframes", "h264_open_gop", "h264_start_pts", "h264_edit_list", "vp9_webm"):
+        index = frame_index(videos[name][0])
+        keys = [int(k) for k in np.flatnonzero(index.keyframe)]
+        for first in range(index.num_frames):
+            for min_decode_pos in {int(index.decode_pos[first]), max(0, int(index.decode_pos[first]) - 3)}:
+                want = sorted((k for k in keys if k <= first and index.decode_pos[k] <= min_decode_pos),
+                              key=lambda k: -int(index.decode_pos[k]))
+                assert index.start_keyframes(first, min_decode_pos) == want, (name, first, min_decode_pos)
+                assert index.start_keyframes(first, min_decode_pos, limit=1) == want[:1]
+
+
 @pytest.mark.parametrize("name", ["h264_bframes", "h264_mkv"])  # packets read in place, and demuxed
 def test_missing_frames_retry_from_earlier(videos, monkeypatch, name):
     # A start keyframe after the wanted frames decodes none of them: the reader must notice.
     path, ref, _ = videos[name]
     monkeypatch.setattr(pyav.FrameIndex, "start_keyframes",
-                        lambda self, first, min_decode_pos: np.array([48, 24]))
+                        lambda self, first, min_decode_pos, limit=None: [48, 24][:limit])
     assert np.array_equal(read_frames(path, [30, 5]), ref[[30, 5]])
 
 
