@@ -11,6 +11,7 @@ raises :class:`VideoReadError` naming it.
 
 from __future__ import annotations
 
+import array
 import base64
 import bisect
 import errno
@@ -114,13 +115,15 @@ class FrameIndex:
         return np.flatnonzero(self.keyframe)
 
     @functools.cached_property
-    def _keys_by_decode(self) -> tuple[list[int], list[int]]:
-        """(presentation positions, decode positions) of the keyframes, in decode order: lists,
-        which a reader walks a few items of per seek (numpy's per-call cost is larger there)."""
+    def _keys_by_decode(self) -> tuple[array.array, array.array]:
+        """(presentation positions, decode positions) of the keyframes, in decode order.
+
+        Python arrays (8 bytes an item, as numpy's): a reader bisects them and walks a few items
+        per seek, where numpy's per-call cost is larger than the work."""
         pos = self.keyframe_positions
         dec = self.decode_pos[pos]
         order = np.argsort(dec, kind="stable")
-        return pos[order].tolist(), dec[order].tolist()
+        return array.array("q", pos[order].tolist()), array.array("q", dec[order].tolist())
 
     def start_keyframes(self, first: int, min_decode_pos: int, limit: int | None = None) -> list[int]:
         """Keyframes to start decoding from to get every frame from ``first`` on, best first
