@@ -40,7 +40,7 @@ class _Measure(torch.utils.data.Dataset):
         from pipelines.dataset import clip_specs
         from pipelines.index import frame_index, open_video
         from pipelines.pyav import _ClipReader, _to_rgb, read_frames, read_stats
-        from pipelines.transforms import read_box
+        from pipelines.transforms import crop_in_read, read_box
         from pipelines.workers import BatchSlots, cat_for_transfer
 
         a = self.args
@@ -93,8 +93,7 @@ class _Measure(torch.utils.data.Dataset):
         out["rgb"] = 1e3 * (time.process_time() - t0) / len(decoded) * a.num_frames
         frames = [read(p, s) for p, s in clips]
         t0 = time.process_time()
-        cropped = [crop_resize(f, s.crop if box is None else (0, 0, *box[2:]), a.input_size, s.flip)
-                   for f, s, box in zip(frames, specs, boxes)]
+        cropped = [crop_resize(f, crop_in_read(s), a.input_size, s.flip) for f, s in zip(frames, specs)]
         out["crop_resize"] = 1e3 * (time.process_time() - t0) / len(clips)
         # Handing batches of 8 clips over: into a new shared-memory segment each, as torch's
         # default collate does, or into one the training process gave back (BatchSlots).

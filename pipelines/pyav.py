@@ -74,21 +74,21 @@ def _to_rgb(frame: av.VideoFrame, box: tuple[int, int, int, int] | None = None) 
     if pid != os.getpid():
         fmt = VideoReformatter()
         _local.owner = (os.getpid(), fmt)
-    if box is None:
-        return fmt.reformat(frame, format="rgb24", threads=1).to_ndarray()
-    top, left, h, w = box
-    if top < 0 or left < 0 or top + h > frame.height or left + w > frame.width:
-        return None
-    if frame.format.name in _CROPPED_IN_YUV and frame.width % 2 == 0 and frame.height % 2 == 0:
-        t0, l0 = top & ~1, left & ~1  # the box widened to whole chroma samples
-        b1, r1 = top + h + (top + h) % 2, left + w + (left + w) % 2
-        y, u, v = (np.frombuffer(p, np.uint8).reshape(p.height, p.line_size) for p in frame.planes)
-        part = av.VideoFrame.from_dlpack([y[t0:b1, l0:r1], u[t0 // 2:b1 // 2, l0 // 2:r1 // 2],
-                                          v[t0 // 2:b1 // 2, l0 // 2:r1 // 2]], format=frame.format.name)
-        part.colorspace, part.color_range = frame.colorspace, frame.color_range
-        rgb = fmt.reformat(part, format="rgb24", threads=1).to_ndarray()
-        return rgb[top - t0:top - t0 + h, left - l0:left - l0 + w]
-    return fmt.reformat(frame, format="rgb24", threads=1).to_ndarray()[top:top + h, left:left + w]
+    if box is not None:
+        top, left, h, w = box
+        if top < 0 or left < 0 or top + h > frame.height or left + w > frame.width:
+            return None
+        if frame.format.name in _CROPPED_IN_YUV and frame.width % 2 == 0 and frame.height % 2 == 0:
+            t0, l0 = top & ~1, left & ~1  # the box widened to whole chroma samples
+            b1, r1 = top + h + (top + h) % 2, left + w + (left + w) % 2
+            y, u, v = (np.frombuffer(p, np.uint8).reshape(p.height, p.line_size) for p in frame.planes)
+            part = av.VideoFrame.from_dlpack([y[t0:b1, l0:r1], u[t0 // 2:b1 // 2, l0 // 2:r1 // 2],
+                                              v[t0 // 2:b1 // 2, l0 // 2:r1 // 2]], format=frame.format.name)
+            part.colorspace, part.color_range = frame.colorspace, frame.color_range
+            rgb = fmt.reformat(part, format="rgb24", threads=1).to_ndarray()
+            return rgb[top - t0:top - t0 + h, left - l0:left - l0 + w]
+    rgb = fmt.reformat(frame, format="rgb24", threads=1).to_ndarray()
+    return rgb if box is None else rgb[top:top + h, left:left + w]
 
 
 # 8-bit 4:2:0 formats whose box _to_rgb converts alone, in frames of an even size (swscale

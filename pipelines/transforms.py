@@ -16,7 +16,7 @@ import torch
 from .augment import augment_clip, crop_resize
 from .sampling import ClipSpec
 
-__all__ = ["apply_spec", "crop_resize", "decode_clips", "read_box"]
+__all__ = ["apply_spec", "crop_in_read", "crop_resize", "decode_clips", "read_box"]
 
 
 def apply_spec(frames: np.ndarray, spec: ClipSpec, size: int) -> torch.Tensor:
@@ -30,6 +30,12 @@ def read_box(spec: ClipSpec) -> tuple[int, int, int, int] | None:
     """What of each frame a clip needs read: its crop box, or None (the whole frame) for a clip
     with RandAugment, whose ops see the whole frame."""
     return None if spec.augment else spec.crop
+
+
+def crop_in_read(spec: ClipSpec) -> tuple[int, int, int, int]:
+    """The clip's crop box in the frames as ``read_box`` has them read: the box itself where
+    whole frames are read, else all of what was read."""
+    return spec.crop if read_box(spec) is None else (0, 0, *spec.crop[2:])
 
 
 def decode_clips(read_frames: Callable[..., np.ndarray], path: str, specs: Sequence[ClipSpec],
@@ -46,7 +52,7 @@ def decode_clips(read_frames: Callable[..., np.ndarray], path: str, specs: Seque
         if box is None:
             return apply_spec(frames, spec, size)[None]
         # The frames are the box, contiguous: the resize reads them without another copy.
-        return crop_resize(frames, (0, 0, *box[2:]), size, spec.flip)[None]
+        return crop_resize(frames, crop_in_read(spec), size, spec.flip)[None]
     wanted = sorted({i for s in specs for i in s.frame_indices})
     frames = read_frames(path, wanted)
     row = {f: r for r, f in enumerate(wanted)}
