@@ -264,6 +264,17 @@ def test_same_key_same_spec_regardless_of_call_order():
     assert all(0 <= s.aug_seed < 2**31 for s in forward.values())
 
 
+def test_each_draw_is_numpys_default_stream_of_seed_epoch_index_and_stream():
+    """A clip's draws are ``default_rng([seed, epoch, index, stream])``'s, whatever builds the
+    generator: the clips a run trained on stay those of the runs before it."""
+    from pipelines.sampling import _rng
+
+    for key in [(0, 0, 0, 0), (3, 2, 123456, 1), (2**40, 7, 9, 3)]:
+        ours, numpys = _rng(*key), np.random.default_rng(list(key))
+        assert ours.integers(0, 2**31, size=64).tolist() == numpys.integers(0, 2**31, size=64).tolist()
+        assert ours.random() == numpys.random()
+
+
 def test_epochs_and_seeds_change_the_draws():
     a = ClipSampler(num_frames=8, sampling_rate=4, seed=0)
     b = ClipSampler(num_frames=8, sampling_rate=4, seed=1)
