@@ -58,20 +58,26 @@ def opencv():
 
 
 def crop_resize(frames: np.ndarray | torch.Tensor, crop: tuple[int, int, int, int], size: int | tuple[int, int],
-                flip: bool = False) -> torch.Tensor:
+                flip: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """``[T, H, W, 3]`` uint8 -> the crop box resized to ``[T, size, size, 3]`` (or ``size`` =
-    (h, w)) uint8, bilinear with an antialiasing filter, as DALI's resize."""
+    (h, w)) uint8, bilinear with an antialiasing filter, as DALI's resize; into ``out`` (a
+    contiguous uint8 tensor of that shape: a batch's rows) where given."""
     x = torch.as_tensor(frames)
     top, left, h, w = crop
     x = x[:, top:top + h, left:left + w].permute(0, 3, 1, 2)
     size = (size, size) if isinstance(size, int) else tuple(size)
+    if out is not None and not flip and (h, w) != size:
+        # Written where the batch wants it (channels last, as the kernel writes): no copy after.
+        torch.ops.aten._upsample_bilinear2d_aa.out(x, list(size), False, None, None, out=out.permute(0, 3, 1, 2))
+        return out
     if (h, w) != size:
         # uint8 in and out: PyTorch's uint8 kernel (the one torchvision resizes uint8 images
         # with), within one level of resizing in float and several times faster on the CPU.
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-    if flip:
-        x = x.flip(-1)
-    return x.permute(0, 2, 3, 1).contiguous()
+    x = x.permute(0, 2, 3, 1)
+    if out is not None:
+        return torch.ops.aten.flip.out(x, [2], out=out) if flip else out.copy_(x)
+    return x.flip(2) if flip else x.contiguous()
 
 
 # -- geometry ----------------------------------------------------------------------------------

@@ -39,8 +39,9 @@ def crop_in_read(spec: ClipSpec) -> tuple[int, int, int, int]:
 
 
 def decode_clips(read_frames: Callable[..., np.ndarray], path: str, specs: Sequence[ClipSpec],
-                 size: int) -> torch.Tensor:
-    """Decode and transform the clips of ``specs`` from one video: ``[V, T, size, size, 3]`` uint8.
+                 size: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode and transform the clips of ``specs`` from one video: ``[V, T, size, size, 3]`` uint8,
+    written into ``out`` (a contiguous tensor of that shape: a batch's rows) where given.
 
     Views share frames (three crops of one temporal window), so each frame is decoded once. Of
     a clip without RandAugment, only the crop box is read (``read_box``).
@@ -50,9 +51,10 @@ def decode_clips(read_frames: Callable[..., np.ndarray], path: str, specs: Seque
         box = read_box(spec)
         frames = read_frames(path, spec.frame_indices, crop=box)
         if box is None:
-            return apply_spec(frames, spec, size)[None]
+            clip = apply_spec(frames, spec, size)
+            return clip[None] if out is None else out.copy_(clip[None])
         # The frames are the box, contiguous: the resize reads them without another copy.
-        return crop_resize(frames, crop_in_read(spec), size, spec.flip)[None]
+        return crop_resize(frames, crop_in_read(spec), size, spec.flip, None if out is None else out[0])[None]
     wanted = sorted({i for s in specs for i in s.frame_indices})
     frames = read_frames(path, wanted)
     row = {f: r for r, f in enumerate(wanted)}
@@ -61,4 +63,8 @@ def decode_clips(read_frames: Callable[..., np.ndarray], path: str, specs: Seque
         own = frames if list(spec.frame_indices) == wanted else frames[[row[i] for i in spec.frame_indices]]
         return apply_spec(own, spec, size)
 
-    return torch.stack([clip(s) for s in specs])
+    if out is None:
+        return torch.stack([clip(s) for s in specs])
+    for i, s in enumerate(specs):
+        out[i].copy_(clip(s))
+    return out

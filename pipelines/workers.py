@@ -43,7 +43,13 @@ ReadFrames = Callable[..., np.ndarray]  # (path, frame indices, crop=None) -> [T
 
 
 class ClipDataset(torch.utils.data.Dataset):
-    """Map-style dataset keyed by ``(epoch, index)``; returns a dict per item (see ``collate``)."""
+    """Map-style dataset keyed by ``(epoch, index)``; returns a dict per item (see ``collate``).
+
+    ``slots`` (set by :class:`DecodingPipeline`): the workers' batch memory, which a batch's
+    clips are written into as they are made (``__getitems__``).
+    """
+
+    slots: BatchSlots | None = None
 
     def __init__(self, records: Sequence[VideoRecord], infos: Sequence[VideoInfo], sampler: ClipSampler,
                  read_frames: ReadFrames, *, train: bool, replace: bool | None = None):
@@ -55,25 +61,75 @@ class ClipDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def load(self, key: tuple[int, int]) -> tuple[torch.Tensor, list[ClipSpec]]:
-        """Decode and transform one item: ``[V, T, S, S, 3]`` uint8 and its specs."""
+    def load(self, key: tuple[int, int], into: torch.Tensor | None = None) -> tuple[torch.Tensor, list[ClipSpec]]:
+        """Decode and transform one item: ``[V, T, S, S, 3]`` uint8 and its specs; written into
+        the first V rows of ``into`` where it has them."""
         record, info = self.records[key[1]], self.infos[key[1]]
         specs = clip_specs(self.sampler, self.train, key, record, info)
-        return decode_clips(self.read_frames, record.path, specs, self.sampler.size), specs
+        out = into[:len(specs)] if into is not None and len(into) >= len(specs) else None
+        return decode_clips(self.read_frames, record.path, specs, self.sampler.size, out), specs
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
+        return self.item(key)
+
+    def item(self, key: tuple[int, int], into: torch.Tensor | None = None) -> dict:
+        """One item (see ``load``), or its failures."""
         epoch, index = key
         failures = []
         # Training replaces a video that fails (the same replacement in every backend); evaluation skips it.
         tries = replacements(self.sampler.seed, epoch, index, len(self.records)) if self.replace else (index,)
         for index in tries:
             try:
-                clips, specs = self.load((epoch, index))
+                clips, specs = self.load((epoch, index), into)
                 return {"clips": clips, "label": self.records[index].label, "index": [s.index for s in specs],
                         "view": [epoch] if self.train else [s.view for s in specs], "failures": failures}
             except Exception as e:  # noqa: BLE001 -- any decoder failure is a bad video, reported below
                 failures.append((self.records[index].path, f"{type(e).__name__}: {e}"))
         return {"clips": None, "failures": failures}
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[dict]:
+        """A batch's items (the DataLoader's batched fetch). In a worker, each item's clips are
+        resized straight into the rows of a lent slot of ``slots``, one item after another: the
+        batch then leaves the worker without being copied (``collate``)."""
+        s = self.sampler
+        views = 1 if self.train else s.num_temporal_views * s.num_spatial_views
+        shape = (len(keys) * views, s.num_frames, s.size, s.size, 3)
+        try:
+            lent = self.slots.lend(math.prod(shape)) if self.slots is not None else None
+        except SharedMemoryFull:
+            lent = None  # collate tries again, and reports it
+        if lent is None:
+            return [self.item(key) for key in keys]
+        storage, lease = lent
+        rows = torch.empty(0, dtype=torch.uint8).set_(storage, 0, shape)
+        items, at = [], 0
+        for key in keys:
+            item = self.item(key, None if rows is None else rows[at:])
+            clips = item["clips"]
+            if rows is not None and clips is not None:
+                if at + len(clips) <= len(rows) and clips.data_ptr() == rows[at].data_ptr():
+                    at += len(clips)
+                else:  # more views than foreseen: collated as without a slot
+                    self.slots.give_back(lease.slot, lease.token)
+                    for it in items:  # off the slot, which collate may lend again
+                        it["clips"] = None if it["clips"] is None else it["clips"].clone()
+                    rows = None
+            items.append(item)
+        if rows is None:
+            return items
+        if at == 0:  # every video failed
+            self.slots.give_back(lease.slot, lease.token)
+            return items
+        return _LaidOut(items, rows[:at], lease)
+
+
+class _LaidOut(list):
+    """A batch's items whose clips are, in order, the rows of ``rows``: memory of a lent slot
+    that ``lease`` gives back (``ClipDataset.__getitems__``)."""
+
+    def __init__(self, items: list[dict], rows: torch.Tensor, lease: _Lease):
+        super().__init__(items)
+        self.rows, self.lease = rows, lease
 
 
 class WorkerSignals:
@@ -280,11 +336,14 @@ def collate(items: list[dict], slots: BatchSlots | None = None) -> dict:
     good = [it for it in items if it["clips"] is not None]
     out = {"failures": [f for it in items for f in it["failures"]]}
     if good:
-        try:
-            out["clips"], lease = cat_for_transfer([it["clips"] for it in good], slots)
-        except SharedMemoryFull as e:  # raised again by the training process, as one line
-            out["shm_full"] = e.strerror
-            return out
+        if isinstance(items, _LaidOut):  # written in place by the worker
+            out["clips"], lease = items.rows, items.lease
+        else:
+            try:
+                out["clips"], lease = cat_for_transfer([it["clips"] for it in good], slots)
+            except SharedMemoryFull as e:  # raised again by the training process, as one line
+                out["shm_full"] = e.strerror
+                return out
         if lease is not None:
             out["lease"] = lease
         out["labels"] = np.array([it["label"] for it in good for _ in it["index"]], dtype=np.int64)
@@ -314,6 +373,7 @@ class DecodingPipeline:
         # Each worker has up to `prefetch` batches in flight, and the training process reads one
         # more: as much shared memory as the batches in flight took before slots, now kept.
         slots = BatchSlots(cfg.num_workers, prefetch + 1) if cfg.num_workers > 0 else None
+        self.dataset.slots = slots
         self.loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=cfg.batch_size, sampler=self.stream or self.keys, num_workers=cfg.num_workers,
             collate_fn=functools.partial(collate, slots=slots), pin_memory=torch.device(cfg.device).type == "cuda",

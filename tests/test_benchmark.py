@@ -221,9 +221,10 @@ def test_clip_cost_times_each_part_of_a_clip_in_a_worker(demo_data, capsys):
     assert r["read"] > r["open"] > 0 and r["read"] > r["rgb"] > 0 and r["sequential_frame"] > 0
     assert r["crop_resize"] > 0 and r["augment"] > 0 and r["normalise"] > 0
     assert r["handover_new"] > 0 and r["handover_reused"] > 0  # the benchmark checks the slot was reused
+    assert r["crop_resize_into_batch"] > 0
     out = capsys.readouterr().out
     assert "for the policy" in out and "the RGB conversion" in out and "normalising to float" in out
-    assert "new shared memory" in out
+    assert "new shared memory" in out and "into the batch's shared memory" in out
 
 
 def test_encodings_compares_decode_cost_size_and_fidelity(tmp_path, capsys):

@@ -382,10 +382,10 @@ def test_undecodable_videos_past_the_limit_leave_the_cache_incomplete(data, tmp_
 
     load = ClipDataset.load
 
-    def two_break(self, key):
+    def two_break(self, key, into=None):
         if key[1] in (2, 5):
             raise OSError("simulated decoding failure")
-        return load(self, key)
+        return load(self, key, into)
 
     monkeypatch.setattr(ClipDataset, "load", two_break)
     out = tmp_path / "features"

@@ -119,6 +119,51 @@ def test_worker_batches_reuse_shared_memory_only_once_the_training_process_gives
     assert len(seen) == 12 and set(seen) <= {0, 1, 2}  # every batch in a lent slot
 
 
+def test_a_workers_clips_are_made_in_the_batchs_shared_memory(demo_data, tmp_path, monkeypatch):
+    """In a worker, each clip is resized straight into the rows of a lent slot, one item after
+    another, and collate hands that memory over without copying it: the batch is the one made
+    without slots, in training (flipped clips among them) and in evaluation (six views per
+    video; a video that fails leaves no gap)."""
+    import types
+
+    from pipelines import workers
+    from pipelines.dataset import clip_specs
+
+    root = tmp_path / "d"
+    shutil.copytree(demo_data.root, root)
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: types.SimpleNamespace(id=0))
+    monkeypatch.setattr(workers, "_lenders", {})
+    for split, kw in (("train", dict(hflip=0.5)), ("val", dict(train=False, num_spatial_views=3, num_temporal_views=2))):
+        pipe = build_pipeline("pyav", cfg(demo_data, list_path=str(root / f"{split}.txt"), data_root=str(root), **kw))
+        ds = pipe.dataset
+        keys = [(1, i) for i in range(8)]
+        if split == "train":
+            assert 0 < sum(clip_specs(ds.sampler, True, k, ds.records[k[1]], ds.infos[k[1]])[0].flip for k in keys) < 8
+        else:  # corrupted after probing: skipped
+            with open(ds.records[2].path, "wb") as f:
+                f.write(b"corrupted")
+        plain = workers.collate([ds[k] for k in keys])
+        ds.slots = workers.BatchSlots(num_workers=1, per_worker=2)
+        items = ds.__getitems__(keys)
+        batch = workers.collate(items)
+        assert isinstance(items, workers._LaidOut) and "lease" in batch
+        assert batch["clips"].data_ptr() == items.rows.data_ptr()
+        views = 1 if split == "train" else 6
+        assert batch["clips"].shape == plain["clips"].shape == (len(plain["index"]), 4, 48, 48, 3)
+        assert len(plain["index"]) == (8 if split == "train" else 7) * views
+        assert torch.equal(batch["clips"], plain["clips"])
+        for name in ("labels", "index", "view"):
+            assert batch[name].tolist() == plain[name].tolist()
+        assert len(batch["failures"]) == len(plain["failures"]) == (split == "val")
+    # Clips not made in place (more views than the slot has rows for): the batch is collated as
+    # without slots, from clips taken off the slot first, and the same.
+    load = ds.load
+    monkeypatch.setattr(ds, "load", lambda key, into=None: load(key))
+    items = ds.__getitems__(keys)
+    assert not isinstance(items, workers._LaidOut)
+    assert torch.equal(workers.collate(items, ds.slots)["clips"], plain["clips"])
+
+
 def test_a_restarted_workers_slots_are_its_own(monkeypatch):
     """A worker that replaces another (same id, after a restart) takes over the slots its
     predecessor left lent, and a late lease of the predecessor does not free them."""

@@ -499,10 +499,10 @@ def test_an_evaluation_that_fails_costs_no_steps(tiny_vit, demo_data, tmp_path, 
 
     load = ClipDataset.load
 
-    def val_breaks(self, key):
+    def val_breaks(self, key, into=None):
         if not self.train:
             raise OSError("simulated decoding failure")
-        return load(self, key)
+        return load(self, key, into)
 
     monkeypatch.setattr(ClipDataset, "load", val_breaks)
     out = tmp_path / "run"
