@@ -45,6 +45,11 @@ def test_benchmark_reports_every_stage(tmp_path, capsys, tiny_vit, demo_data):
     assert len(os.listdir(tmp_path / "feature_cache")) == 1  # built under --work_dir, nowhere else
     pyav = rows["data", "pyav"]
     assert pyav["frames_per_clip"] >= 4 and pyav["ceiling_clips_per_s"] > 0
+    # The ceiling is the faster of its measurements on either side of the pass.
+    before, after = pyav["decode_fps_before_after"]
+    assert min(before, after) > 0 and pyav["decode_fps"] == max(before, after)
+    assert pyav["ceiling_clips_per_s"] == pytest.approx(pyav["decode_fps"] / pyav["frames_per_clip"])
+    assert "before and" in out and "after the pass" in out
     # The reader decodes each clip's 4 frames at least; never more than the frames it needs.
     assert 4 <= pyav["pyav_decoded_frames_per_clip"] <= pyav["frames_per_clip"]
     assert pyav["main_cpu_ms_per_clip"] > 0  # no worker processes here (--num_workers 0)
