@@ -109,7 +109,7 @@ class ClipDataset(torch.utils.data.Dataset):
             if rows is not None and clips is not None:
                 if at + len(clips) <= len(rows) and clips.data_ptr() == rows[at].data_ptr():
                     at += len(clips)
-                else:  # more views than foreseen: collated as without a slot
+                else:  # more views than foreseen, or not made in place: collated as without a slot
                     self.slots.give_back(lease.slot, lease.token)
                     for it in items:  # off the slot, which collate may lend again
                         it["clips"] = None if it["clips"] is None else it["clips"].clone()

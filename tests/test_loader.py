@@ -133,7 +133,8 @@ def test_a_workers_clips_are_made_in_the_batchs_shared_memory(demo_data, tmp_pat
     shutil.copytree(demo_data.root, root)
     monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: types.SimpleNamespace(id=0))
     monkeypatch.setattr(workers, "_lenders", {})
-    for split, kw in (("train", dict(hflip=0.5)), ("val", dict(train=False, num_spatial_views=3, num_temporal_views=2))):
+    evaluation = dict(train=False, num_spatial_views=3, num_temporal_views=2)
+    for split, kw in (("train", dict(hflip=0.5)), ("val", evaluation)):
         pipe = build_pipeline("pyav", cfg(demo_data, list_path=str(root / f"{split}.txt"), data_root=str(root), **kw))
         ds = pipe.dataset
         keys = [(1, i) for i in range(8)]
