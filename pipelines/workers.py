@@ -92,7 +92,7 @@ class ClipDataset(torch.utils.data.Dataset):
         resized straight into the rows of a lent slot of ``slots``, one item after another: the
         batch then leaves the worker without being copied (``collate``)."""
         s = self.sampler
-        views = 1 if self.train else s.num_temporal_views * s.num_spatial_views
+        views = 1 if self.train else s.num_views
         shape = (len(keys) * views, s.num_frames, s.size, s.size, 3)
         try:
             lent = self.slots.lend(math.prod(shape)) if self.slots is not None else None
