@@ -355,9 +355,44 @@ def test_only_idr_pictures_are_decoded_without_a_flush_before_them(videos, monke
         path, ref, _ = videos[name]
         for want in ([3, 9, 17, 31], [39, 0, 20, 20, 21]):
             assert np.array_equal(read_frames(path, want), ref[want]), (name, want)
-    # Per all-intra file: 3 segments after the first, then the next read's 3 (20 and 21 are one
-    # segment) with the decoder the first left; open GOPs reorder, so they are flushed unchecked.
-    assert checked == [True] * 12
+    # Per all-intra file: the 3 frames after the first, then the next read's 4, each read alone
+    # with the decoder the first left; open GOPs reorder, so they are flushed unchecked.
+    assert checked == [True] * 14
+
+
+def test_an_all_intra_read_decodes_each_frame_from_its_own_packet(videos, monkeypatch):
+    """Of a file whose keyframes are IDR pictures and whose decoder holds no frame back (an
+    all-intra H.264 or HEVC file), a read decodes each wanted keyframe from its packet alone,
+    with no seek of the general path; a frame that does not come out is decoded again by it."""
+    monkeypatch.setattr(pyav, "_decoder_threads", lambda: "NONE")
+    segments = []
+    real_segment = pyav._ClipReader.read_segment
+    monkeypatch.setattr(pyav._ClipReader, "read_segment", lambda self, f: segments.append(f.tolist()) or real_segment(self, f))
+    for name in ("h264_all_intra", "hevc_all_intra"):
+        path, ref, _ = videos[name]
+        for want in ([3, 9, 17, 31], [39, 0, 20, 20, 21], [5, 4, 3]):
+            got, cost = _cost(lambda: read_frames(path, want))
+            assert np.array_equal(got, ref[want]), (name, want)
+            assert cost.packets == cost.frames == len(set(want)), (name, want)
+    assert segments == []
+    # B-frames: a keyframe is no frame a decoder that reorders gives back at once (general path).
+    path, ref, _ = videos["h264_bframes"]
+    assert np.array_equal(read_frames(path, [0, 12, 24, 30]), ref[[0, 12, 24, 30]]) and segments
+    # A frame that does not come out of its packet: the general path decodes it, and the rest.
+    path, ref, _ = videos["h264_all_intra"]
+    real_decode, lost, pts20 = pyav._ClipReader._decode, [], int(frame_index(path).pts[20])
+
+    def loses_one(self, packet):
+        frames = real_decode(self, packet)
+        if packet is not None and packet.pts == pts20 and not lost:
+            lost.append(frames)
+            return []
+        return frames
+
+    monkeypatch.setattr(pyav._ClipReader, "_decode", loses_one)
+    segments.clear()
+    assert np.array_equal(read_frames(path, [8, 20, 33]), ref[[8, 20, 33]])
+    assert lost and len(lost[0]) == 1 and segments == [[20], [33]]
 
 
 def test_the_next_read_takes_over_a_decoder_set_up_the_same_way(tmp_path, monkeypatch):
@@ -365,6 +400,7 @@ def test_the_next_read_takes_over_a_decoder_set_up_the_same_way(tmp_path, monkey
     tags, size: files of one re-encoded dataset) takes that decoder over instead of setting up a
     new one, and reads the same frames; after a read that failed, it sets up a new one."""
     monkeypatch.setattr(pyav, "_decoder_threads", lambda: "NONE")
+    monkeypatch.setattr(pyav._local, "decoder", None, raising=False)  # none left by earlier tests' reads
     a, b = (write_video(str(tmp_path / f"{n}.mp4"), 30, gop=1, pattern=p) for n, p in (("a", "bars"), ("b", "field")))
     c = write_video(str(tmp_path / "c.mp4"), 30, gop=1, size=(64, 48))
     d = write_video(str(tmp_path / "d.mp4"), 30, gop=10, bframes=2)
