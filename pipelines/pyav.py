@@ -273,9 +273,11 @@ class _ClipReader:
         (``read_segment``) gives each its own seek, its attempts and its bookkeeping (together
         0.15-0.2 ms of a 5.5-5.7 ms clip here, in process). Here a frame is its packet, decoded
         by a decoder that holds no frame back (one thread, no reordering, not drained), which an
-        IDR picture resets by itself (``_is_idr``): the frame comes straight out. Anything else
-        (a frame that is no keyframe, a decoder that reorders, a frame that did not come out) is
-        left to the general path from that frame on, with the decoder flushed where it was fed.
+        IDR picture resets by itself (``_is_idr``): the frame comes straight out, or with the
+        decoder drained where a new decoder turns out to reorder. Anything else (a frame that is
+        no keyframe, a decoder that reorders or was drained, a frame that did not come out) is
+        left to the general path from that frame on, with the decoder flushed where a frame went
+        missing.
         """
         index, ctx = self.index, self.ctx
         if not (self.in_place and self.container is None and self.one_thread and self.nal_length_size):
@@ -292,6 +294,9 @@ class _ClipReader:
             _stats.seeks += not (self.fresh and decode_pos[f] == 0)  # as read_segment counts them
             self.fed, self.fresh = True, False
             out = self._decode(packet)
+            if not out:  # held back (a new decoder learns of reordering from its first picture):
+                self.drained = True  # drained out, as the general path drains a segment's last packet
+                out = self._decode(None)
             if len(out) != 1 or out[0].pts != packet.pts:
                 ctx.flush_buffers()  # whatever it holds: the general path decodes this frame again
                 self.drained = False
