@@ -265,6 +265,13 @@ class _ClipReader:
         packet.is_keyframe = bool(index.keyframe[i])
         return packet
 
+    def _takes_as_is(self, packet: av.Packet) -> bool:
+        """Whether the decoder, fed before, may be given ``packet`` without a flush: an IDR picture
+        needs no reset where the decoder holds no frame back (no drain pending, no reordering, no
+        frame threads), since it drops every reference itself."""
+        holds_none = not self.drained and not self.ctx.has_b_frames and self.one_thread
+        return holds_none and _is_idr(packet, self.index.codec, self.nal_length_size)
+
     def read_alone(self, frames: list[int]) -> int:
         """Decodes the leading ``frames`` (sorted unique presentation positions) that are IDR
         keyframes, each from its own packet alone; returns how many it read.
@@ -273,7 +280,7 @@ class _ClipReader:
         (``read_segment``) gives each its own seek, its attempts and its bookkeeping (together
         0.15-0.2 ms of a 5.5-5.7 ms clip here, in process). Here a frame is its packet, decoded
         by a decoder that holds no frame back (one thread, no reordering, not drained), which an
-        IDR picture resets by itself (``_is_idr``): the frame comes straight out, or with the
+        IDR picture resets by itself (``_takes_as_is``): the frame comes straight out, or with the
         decoder drained where a new decoder turns out to reorder. Anything else (a frame that is
         no keyframe, a decoder that reorders or was drained, a frame that did not come out) is
         left to the general path from that frame on, with the decoder flushed where a frame went
@@ -286,10 +293,10 @@ class _ClipReader:
         keyframe, decode_pos = index.keyframe, index.decode_pos
         done = 0
         for f in frames:
-            if not keyframe[f] or (self.fed and (self.drained or ctx.has_b_frames)):
+            if not keyframe[f]:
                 break
             packet = self._packet(f)
-            if self.fed and not _is_idr(packet, index.codec, self.nal_length_size):
+            if self.fed and not self._takes_as_is(packet):
                 break
             _stats.seeks += not (self.fresh and decode_pos[f] == 0)  # as read_segment counts them
             self.fed, self.fresh = True, False
@@ -354,10 +361,7 @@ class _ClipReader:
             packets = self._packets_in_place(int(index.decode_pos[key]) if key is not None else 0, last)
             if self.fed:
                 first = next(packets, None)  # none where the keyframe comes after the wanted frames
-                # An IDR picture needs no reset where the decoder holds no frame back (no drain
-                # pending, no reordering, no frame threads): it drops every reference itself.
-                holds_none = not self.drained and not ctx.has_b_frames and self.one_thread
-                if first is None or not (holds_none and _is_idr(first, index.codec, self.nal_length_size)):
+                if first is None or not self._takes_as_is(first):
                     ctx.flush_buffers()  # as a seek does
                     self.drained = False
                 if first is not None:
