@@ -41,6 +41,16 @@ class VideoReadError(RuntimeError):
         self.reason = reason
 
 
+def ffmpeg_reason(e: Exception) -> str:
+    """What went wrong in ``e``, for a :class:`VideoReadError` that names the file itself:
+    FFmpeg's message and its last log line, without the error number and the file name PyAV's
+    own text adds (``[Errno 1094995529] Invalid data found when processing input: '/path'``)."""
+    if not isinstance(e, av.FFmpegError) or not e.strerror:
+        return str(e)
+    log = e.log
+    return e.strerror + (f" ([{log[1].strip()}] {log[2].strip()})" if log else "")
+
+
 @dataclass(frozen=True, eq=False)
 class FrameIndex:
     """Where every frame of a file is, from one demux pass; frame k is the k-th pts.
@@ -178,7 +188,7 @@ def open_video(path: str, container_format: str | None = None, probe: bool = Tru
     except FileNotFoundError:
         raise FileNotFoundError(errno.ENOENT, "video file not found", path) from None
     except (av.FFmpegError, OSError, ValueError) as e:
-        raise VideoReadError(path, f"cannot open: {e}") from e
+        raise VideoReadError(path, f"cannot open: {ffmpeg_reason(e)}") from e
 
 
 def _declared_frames(container: av.container.InputContainer, stream: av.VideoStream, fps: float) -> int:
@@ -223,7 +233,7 @@ def _build_index(path: str) -> FrameIndex:
                     offset.append(packet.pos)
                     size.append(packet.size)
         except av.FFmpegError as e:
-            raise VideoReadError(path, f"cannot demux: {e}") from e
+            raise VideoReadError(path, f"cannot demux: {ffmpeg_reason(e)}") from e
         finally:
             if fd >= 0:
                 os.close(fd)

@@ -20,7 +20,7 @@ import numpy as np
 from av.video.reformatter import VideoReformatter
 
 from .base import PipelineConfig
-from .index import NO_TS, FrameIndex, VideoReadError, frame_index, open_video, requested_positions
+from .index import NO_TS, FrameIndex, VideoReadError, ffmpeg_reason, frame_index, open_video, requested_positions
 from .workers import DecodingPipeline
 
 __all__ = ["FrameIndex", "ReadStats", "VideoReadError", "frame_index", "read_frames",  # the index's, for callers
@@ -545,7 +545,7 @@ def read_frames(path: str, frame_indices: Sequence[int], crop: tuple[int, int, i
             reader.read_sequential(int(frames[-1]))
         done = True
     except av.FFmpegError as e:
-        raise VideoReadError(path, f"decoding failed: {e}") from e
+        raise VideoReadError(path, f"decoding failed: {ffmpeg_reason(e)}") from e
     finally:
         reader.finish() if done else reader.close()  # a failed read's decoder is not kept
     return reader.out

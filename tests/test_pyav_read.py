@@ -325,6 +325,23 @@ def test_a_read_that_fails_leaves_no_file_open(videos, monkeypatch, name):
     assert len(os.listdir("/proc/self/fd")) == fds
 
 
+def test_a_decoding_error_reads_as_ffmpeg_words_and_its_log(videos, monkeypatch):
+    """A decoder's failure names the file once, with FFmpeg's message and its last log line, not
+    PyAV's ``[Errno -1094995529] ...`` form."""
+    path = videos["h264_bframes"][0]
+    read_frames(path, [1])
+
+    def broken(self, packet):
+        raise pyav.av.error.InvalidDataError(-1094995529, "Invalid data found when processing input",
+                                             None, (16, "h264", "no frame!\n"))
+
+    with monkeypatch.context() as m:
+        m.setattr(pyav._ClipReader, "_decode", broken)
+        with pytest.raises(VideoReadError) as caught:
+            read_frames(path, [5, 30])
+    assert str(caught.value) == f"{path}: decoding failed: Invalid data found when processing input ([h264] no frame!)"
+
+
 def test_only_idr_pictures_are_decoded_without_a_flush_before_them(videos, monkeypatch):
     """Before each keyframe of a sparse read the decoder is flushed, as a seek would, except
     before an IDR picture (H.264, HEVC) where the decoder holds no frame back: an IDR restarts the
