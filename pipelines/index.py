@@ -47,8 +47,13 @@ def ffmpeg_reason(e: Exception) -> str:
     own text adds (``[Errno 1094995529] Invalid data found when processing input: '/path'``)."""
     if not isinstance(e, av.FFmpegError) or not e.strerror:
         return str(e)
-    log = e.log
-    return e.strerror + (f" ([{log[1].strip()}] {log[2].strip()})" if log else "")
+    log = e.log  # (level, the logging component, its message), or None
+    if not log or len(log) < 3:
+        return e.strerror
+    component, message = (str(part or "").strip() for part in log[1:3])
+    if not message:
+        return e.strerror
+    return f"{e.strerror} ({f'[{component}] ' if component else ''}{message})"
 
 
 @dataclass(frozen=True, eq=False)

@@ -342,6 +342,17 @@ def test_a_decoding_error_reads_as_ffmpeg_words_and_its_log(videos, monkeypatch)
     assert str(caught.value) == f"{path}: decoding failed: Invalid data found when processing input ([h264] no frame!)"
 
 
+def test_ffmpeg_reason_takes_the_log_line_as_it_comes():
+    from pipelines.index import ffmpeg_reason
+
+    error = pyav.av.error.InvalidDataError
+    message = "Invalid data found when processing input"
+    assert ffmpeg_reason(error(-1094995529, message, "/a/b.mp4")) == message
+    assert ffmpeg_reason(error(-1094995529, message, None, (16, None, None))) == message
+    assert ffmpeg_reason(error(-1094995529, message, None, (16, None, "bad\n"))) == f"{message} (bad)"
+    assert ffmpeg_reason(ValueError("not FFmpeg's")) == "not FFmpeg's"
+
+
 def test_only_idr_pictures_are_decoded_without_a_flush_before_them(videos, monkeypatch):
     """Before each keyframe of a sparse read the decoder is flushed, as a seek would, except
     before an IDR picture (H.264, HEVC) where the decoder holds no frame back: an IDR restarts the
