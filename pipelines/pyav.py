@@ -538,8 +538,8 @@ def read_frames(path: str, frame_indices: Sequence[int], crop: tuple[int, int, i
     try:
         reader.reopen()
         if by_pts:
-            done = reader.read_alone(frames.tolist())
-            for segment in _segments(index, frames[done:]) if done < len(frames) else ():
+            alone = reader.read_alone(frames.tolist())
+            for segment in _segments(index, frames[alone:]) if alone < len(frames) else ():
                 reader.read_segment(segment)
         else:
             reader.read_sequential(int(frames[-1]))

@@ -424,6 +424,20 @@ def test_an_all_intra_read_decodes_each_frame_from_its_own_packet(videos, monkey
     segments.clear()
     assert np.array_equal(read_frames(path, [8, 20, 33]), ref[[8, 20, 33]])
     assert lost and len(lost[0]) == 1 and segments == [[20], [33]]
+    # Frames read alone, then a failure on the general path: the read failed, and its decoder
+    # is not kept for the next one.
+    monkeypatch.setattr(pyav._local, "decoder", None)
+
+    def fails_after_8(self, packet):
+        if packet is not None and packet.pts != int(frame_index(path).pts[8]):
+            raise pyav.av.error.InvalidDataError(-1094995529, "Invalid data found when processing input")
+        return real_decode(self, packet)
+
+    monkeypatch.setattr(pyav._ClipReader, "_decode", fails_after_8)
+    monkeypatch.setattr(pyav._ClipReader, "_takes_as_is", lambda self, packet: False)  # 20 goes to the general path
+    with pytest.raises(VideoReadError, match="decoding failed"):
+        read_frames(path, [8, 20])
+    assert pyav._local.decoder is None
 
 
 def test_the_next_read_takes_over_a_decoder_set_up_the_same_way(tmp_path, monkeypatch):
