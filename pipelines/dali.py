@@ -52,7 +52,7 @@ from .base import (CLIP_MEAN, CLIP_STD, Batch, PipelineConfig, check_bad_videos,
 from .dali_augment import augment_columns, augment_graph, column_types, untraced_definition
 from .dataset import clip_specs, load_dataset, make_sampler
 from .epoch import EpochKeys, batches_per_epoch, replacements, training_epoch
-from .index import VideoReadError, frame_index, requested_positions
+from .index import VideoReadError, failure_reason, frame_index, requested_positions
 
 __all__ = ["CPU_CODECS", "GPU_CODECS", "DALIPipeline", "UnsupportedCodecError", "colour_correction", "nvdec_problem",
            "read_frames", "to_torch"]
@@ -540,8 +540,7 @@ class DALIPipeline:
                     data = self._read(index)
                     break
                 except (OSError, VideoReadError) as e:
-                    reason = e.reason if isinstance(e, VideoReadError) else f"{type(e).__name__}: {e}"
-                    failures.append((self.records[index].path, reason))
+                    failures.append((self.records[index].path, failure_reason(e)))
             self._record_failures((number, slot), failures)
             if data is None:
                 continue
@@ -617,7 +616,7 @@ class DALIPipeline:
                 try:
                     _decode(path, frames, self.device_id)
                 except Exception as e:  # noqa: BLE001 -- whatever DALI says, this file is what fails
-                    self.known_bad[path] = e.reason if isinstance(e, VideoReadError) else str(e)
+                    self.known_bad[path] = failure_reason(e)
                     found = True
             if found:
                 return

@@ -24,7 +24,7 @@ from fractions import Fraction
 import av
 import numpy as np
 
-__all__ = ["FRAME_RECORD", "NO_TS", "FrameIndex", "VideoReadError", "frame_index", "index_meta", "index_records",
+__all__ = ["FRAME_RECORD", "NO_TS", "FrameIndex", "VideoReadError", "failure_reason", "frame_index", "index_meta", "index_records",
            "open_video", "register_shared_indexes", "requested_positions"]
 
 NO_TS = np.iinfo(np.int64).min  # a packet without dts (mkv often omits it)
@@ -39,6 +39,16 @@ class VideoReadError(RuntimeError):
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
+
+
+def failure_reason(e: BaseException) -> str:
+    """Why a video failed, for a line that names the video already: a :class:`VideoReadError`'s
+    reason and an OSError's message without the path they carry; anything else with its type."""
+    if isinstance(e, VideoReadError):
+        return e.reason
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return f"{type(e).__name__}: {e}"
 
 
 def ffmpeg_reason(e: Exception) -> str:

@@ -92,7 +92,7 @@ def _probe_one(path: str) -> tuple[dict | None, str | None, frame_indexes.FrameI
         index = frame_indexes.frame_index(path)
         return asdict(video_info(index)), None, index
     except (frame_indexes.VideoReadError, OSError) as e:
-        return None, str(e), None
+        return None, frame_indexes.failure_reason(e), None
 
 
 def _load_cache(cache_path: str) -> tuple[dict[str, dict], str | None, str | None]:

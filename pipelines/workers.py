@@ -27,6 +27,7 @@ from .base import (Batch, PipelineConfig, check_bad_videos, report_bad_videos, r
                    summarise_bad_videos, thwc_uint8_to_bcthw)
 from .dataset import clip_specs, load_dataset, make_sampler
 from .epoch import EpochKeys, KeyStream, batches_per_epoch, replacements, training_epoch
+from .index import failure_reason
 from .lists import VideoRecord
 from .sampling import ClipSampler, ClipSpec
 from .transforms import decode_clips
@@ -84,7 +85,7 @@ class ClipDataset(torch.utils.data.Dataset):
                 return {"clips": clips, "label": self.records[index].label, "index": [s.index for s in specs],
                         "view": [epoch] if self.train else [s.view for s in specs], "failures": failures}
             except Exception as e:  # noqa: BLE001 -- any decoder failure is a bad video, reported below
-                failures.append((self.records[index].path, f"{type(e).__name__}: {e}"))
+                failures.append((self.records[index].path, failure_reason(e)))
         return {"clips": None, "failures": failures}
 
     def __getitems__(self, keys: list[tuple[int, int]]) -> list[dict]:

@@ -365,6 +365,9 @@ def test_video_failing_mid_epoch_is_replaced_counted_and_limited(demo_data, tmp_
     assert 5 not in torch.cat([b[2] for b in batches]).tolist()
     assert [p for p, _ in pipe.bad] == [str(root / "videos/train/00005.mp4")]
     assert "1 unreadable video(s) replaced" in caplog.text
+    # The report names the file once: the reason is the reader's, without the path again.
+    reason = pipe.bad[0][1]
+    assert reason.startswith("cannot open: ") and "00005.mp4" not in reason and "Errno" not in reason
     for i in (1, 2, 7, 9):
         (root / f"videos/train/0000{i}.mp4").write_bytes(b"")
     with pytest.raises(TooManyBadVideos, match="unreadable videos in one epoch"):

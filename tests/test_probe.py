@@ -54,12 +54,10 @@ def test_probe_videos_reports_failures(dataset, tmp_path):
     infos, failures = probe_videos(paths, cache_path=None)
     assert infos[0].num_frames == 48 and infos[1] is None and infos[2] is None
     assert [p for p, _ in failures] == [dataset["junk"], missing]
-    assert "junk.mp4" in failures[0][1]
-    # One line a person reads: the file once (VideoReadError's), FFmpeg's words without its
-    # error number or a second copy of the path.
-    reason = failures[0][1]
-    assert reason.count("junk.mp4") == 1 and "Errno" not in reason
-    assert reason == f"{dataset['junk']}: cannot open: Invalid data found when processing input"
+    # The pair names the file; its reason does not name it again (a report prints "path: reason"),
+    # and has FFmpeg's words without its error number.
+    assert failures[0][1] == "cannot open: Invalid data found when processing input"
+    assert failures[1][1] == "cannot stat: No such file or directory"
 
 
 def test_cache_hit_and_invalidation(dataset, tmp_path, monkeypatch):
