@@ -58,13 +58,14 @@ def decode_clips(read_frames: Callable[..., np.ndarray], path: str, specs: Seque
     wanted = sorted({i for s in specs for i in s.frame_indices})
     frames = read_frames(path, wanted)
     row = {f: r for r, f in enumerate(wanted)}
-
-    def clip(spec: ClipSpec) -> torch.Tensor:
-        own = frames if list(spec.frame_indices) == wanted else frames[[row[i] for i in spec.frame_indices]]
-        return apply_spec(own, spec, size)
-
-    if out is None:
-        return torch.stack([clip(s) for s in specs])
-    for i, s in enumerate(specs):
-        out[i].copy_(clip(s))
+    out = torch.empty((len(specs), len(specs[0].frame_indices), size, size, 3), dtype=torch.uint8) if out is None else out
+    for spec, dst in zip(specs, out):
+        rows = None if list(spec.frame_indices) == wanted else [row[i] for i in spec.frame_indices]
+        if spec.augment:
+            dst.copy_(apply_spec(frames if rows is None else frames[rows], spec, size))
+            continue
+        # Resized straight into its rows; of another temporal window's frames, only its box is copied.
+        top, left, h, w = spec.crop
+        own, crop = (frames, spec.crop) if rows is None else (frames[rows, top:top + h, left:left + w], (0, 0, h, w))
+        crop_resize(own, crop, size, spec.flip, dst)
     return out

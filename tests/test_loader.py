@@ -255,6 +255,29 @@ def test_a_clip_without_randaugment_reads_only_its_crop_box(demo_data):
     assert crops == [None, None]
 
 
+def test_evaluation_views_are_each_their_frames_crop_resized(tmp_path):
+    """Several views of one video (two temporal windows that share frames, crops that differ in
+    both directions, a flip, one view with RandAugment): each is what its own frames, cropped and
+    resized alone, give, whether written into given rows or returned."""
+    from videos import encode_frames, photo_frames
+
+    from pipelines.randaugment import AugOp
+    from pipelines.sampling import ClipSpec
+    from pipelines.transforms import apply_spec, crop_resize, decode_clips
+
+    path = encode_frames(str(tmp_path / "v.mp4"), photo_frames(8, 64, 96), "libx264", gop=4)
+    crops = ((0, 0, 48, 48), (8, 30, 48, 40), (16, 48, 40, 48))
+    specs = [ClipSpec(index=0, view=3 * t + c, frame_indices=frames, crop=crop, flip=c == 1, aug_seed=0)
+             for t, frames in enumerate(((0, 2, 4, 6), (3, 4, 5, 6))) for c, crop in enumerate(crops)]
+    specs.append(ClipSpec(index=0, view=6, frame_indices=(0, 2, 4, 6), crop=(2, 3, 44, 50), flip=False,
+                          aug_seed=0, augment=(AugOp("Solarize", 1.0, 128),)))
+    want = torch.stack([apply_spec(read_frames(path, sp.frame_indices), sp, 32) if sp.augment else
+                        crop_resize(read_frames(path, sp.frame_indices), sp.crop, 32, sp.flip) for sp in specs])
+    assert torch.equal(decode_clips(read_frames, path, specs, 32), want)
+    rows = torch.full((len(specs), 4, 32, 32, 3), 7, dtype=torch.uint8)
+    assert decode_clips(read_frames, path, specs, 32, out=rows) is rows and torch.equal(rows, want)
+
+
 def test_crop_resize_matches_resizing_in_float():
     """The uint8 resize stays within one level of an antialiased bilinear resize in float."""
     import torch.nn.functional as F
