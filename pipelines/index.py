@@ -24,8 +24,8 @@ from fractions import Fraction
 import av
 import numpy as np
 
-__all__ = ["FRAME_RECORD", "NO_TS", "FrameIndex", "VideoReadError", "failure_reason", "frame_index", "index_meta", "index_records",
-           "open_video", "register_shared_indexes", "requested_positions"]
+__all__ = ["FRAME_RECORD", "NO_TS", "FrameIndex", "VideoReadError", "failure_reason", "frame_index", "index_meta",
+           "index_records", "open_video", "register_shared_indexes", "requested_positions"]
 
 NO_TS = np.iinfo(np.int64).min  # a packet without dts (mkv often omits it)
 INDEX_CACHE_SIZE = 4096  # entries of a few KB each: a few tens of MB per process at most

@@ -58,7 +58,8 @@ def decode_clips(read_frames: Callable[..., np.ndarray], path: str, specs: Seque
     wanted = sorted({i for s in specs for i in s.frame_indices})
     frames = read_frames(path, wanted)
     row = {f: r for r, f in enumerate(wanted)}
-    out = torch.empty((len(specs), len(specs[0].frame_indices), size, size, 3), dtype=torch.uint8) if out is None else out
+    if out is None:
+        out = torch.empty((len(specs), len(specs[0].frame_indices), size, size, 3), dtype=torch.uint8)
     for spec, dst in zip(specs, out):
         rows = None if list(spec.frame_indices) == wanted else [row[i] for i in spec.frame_indices]
         if spec.augment:
