@@ -19,11 +19,13 @@ from .sampling import ClipSpec
 __all__ = ["apply_spec", "crop_in_read", "crop_resize", "decode_clips", "read_box"]
 
 
-def apply_spec(frames: np.ndarray, spec: ClipSpec, size: int) -> torch.Tensor:
-    """Decoded frames of ``spec.frame_indices`` -> the clip ``[T, size, size, 3]`` uint8."""
+def apply_spec(frames: np.ndarray, spec: ClipSpec, size: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Decoded frames of ``spec.frame_indices`` -> the clip ``[T, size, size, 3]`` uint8, written
+    into ``out`` (a contiguous tensor of that shape: a batch's rows) where given."""
     if spec.augment:
-        return augment_clip(frames, spec.augment, spec.crop, size, spec.flip)
-    return crop_resize(frames, spec.crop, size, spec.flip)
+        clip = augment_clip(frames, spec.augment, spec.crop, size, spec.flip)
+        return clip if out is None else out.copy_(clip)
+    return crop_resize(frames, spec.crop, size, spec.flip, out)
 
 
 def read_box(spec: ClipSpec) -> tuple[int, int, int, int] | None:
@@ -50,23 +52,25 @@ def decode_clips(read_frames: Callable[..., np.ndarray], path: str, specs: Seque
         spec = specs[0]
         box = read_box(spec)
         frames = read_frames(path, spec.frame_indices, crop=box)
-        if box is None:
-            clip = apply_spec(frames, spec, size)
-            return clip[None] if out is None else out.copy_(clip[None])
-        # The frames are the box, contiguous: the resize reads them without another copy.
-        return crop_resize(frames, crop_in_read(spec), size, spec.flip, None if out is None else out[0])[None]
+        dst = None if out is None else out[0]
+        # Where the frames are the box, contiguous, the resize reads them without another copy.
+        clip = (apply_spec(frames, spec, size, dst) if box is None else
+                crop_resize(frames, crop_in_read(spec), size, spec.flip, dst))
+        return clip[None] if out is None else out
     wanted = sorted({i for s in specs for i in s.frame_indices})
     frames = read_frames(path, wanted)
     row = {f: r for r, f in enumerate(wanted)}
     if out is None:
         out = torch.empty((len(specs), len(specs[0].frame_indices), size, size, 3), dtype=torch.uint8)
-    for spec, dst in zip(specs, out):
-        rows = None if list(spec.frame_indices) == wanted else [row[i] for i in spec.frame_indices]
-        if spec.augment:
-            dst.copy_(apply_spec(frames if rows is None else frames[rows], spec, size))
+    for spec, dst in zip(specs, out):  # each resized straight into its rows
+        if list(spec.frame_indices) == wanted:
+            apply_spec(frames, spec, size, dst)
             continue
-        # Resized straight into its rows; of another temporal window's frames, only its box is copied.
-        top, left, h, w = spec.crop
-        own, crop = (frames, spec.crop) if rows is None else (frames[rows, top:top + h, left:left + w], (0, 0, h, w))
-        crop_resize(own, crop, size, spec.flip, dst)
+        own = [row[i] for i in spec.frame_indices]
+        box = read_box(spec)
+        if box is None:
+            apply_spec(frames[own], spec, size, dst)
+        else:  # of another temporal window's frames, only the box is copied
+            top, left, h, w = box
+            crop_resize(frames[own, top:top + h, left:left + w], crop_in_read(spec), size, spec.flip, dst)
     return out

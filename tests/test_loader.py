@@ -263,7 +263,7 @@ def test_evaluation_views_are_each_their_frames_crop_resized(tmp_path):
 
     from pipelines.randaugment import AugOp
     from pipelines.sampling import ClipSpec
-    from pipelines.transforms import apply_spec, crop_resize, decode_clips
+    from pipelines.transforms import apply_spec, decode_clips
 
     path = encode_frames(str(tmp_path / "v.mp4"), photo_frames(8, 64, 96), "libx264", gop=4)
     crops = ((0, 0, 48, 48), (8, 30, 48, 40), (16, 48, 40, 48))
@@ -271,8 +271,7 @@ def test_evaluation_views_are_each_their_frames_crop_resized(tmp_path):
              for t, frames in enumerate(((0, 2, 4, 6), (3, 4, 5, 6))) for c, crop in enumerate(crops)]
     specs.append(ClipSpec(index=0, view=6, frame_indices=(0, 2, 4, 6), crop=(2, 3, 44, 50), flip=False,
                           aug_seed=0, augment=(AugOp("Solarize", 1.0, 128),)))
-    want = torch.stack([apply_spec(read_frames(path, sp.frame_indices), sp, 32) if sp.augment else
-                        crop_resize(read_frames(path, sp.frame_indices), sp.crop, 32, sp.flip) for sp in specs])
+    want = torch.stack([apply_spec(read_frames(path, sp.frame_indices), sp, 32) for sp in specs])
     assert torch.equal(decode_clips(read_frames, path, specs, 32), want)
     rows = torch.full((len(specs), 4, 32, 32, 3), 7, dtype=torch.uint8)
     assert decode_clips(read_frames, path, specs, 32, out=rows) is rows and torch.equal(rows, want)
